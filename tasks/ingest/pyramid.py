@@ -1,0 +1,85 @@
+"""Multiscale pyramid planning and block-mean downsampling (pure functions, arrays in/out).
+
+A level is computed from the level above by averaging 2-blocks along the axes that are
+downsampled at that level. An axis is downsampled while its pixel size is within a factor two of
+the finest spatial pixel size (so anisotropic EM stacks, 50 nm in Z vs 4 nm in Y/X, keep every Z
+section, while isotropic MRI halves all three axes), as nnU-Net plans its pooling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PyramidPlan:
+    shapes: list[tuple[int, ...]]  # spatial shape of every level, level 0 first
+    factors: list[tuple[int, ...]]  # per level > 0: the factor (1 or 2) per spatial axis from the level above
+    spacings: list[tuple[float, ...]]  # physical pixel size of every level, spatial axes
+
+    @property
+    def levels(self) -> int:
+        return len(self.shapes)
+
+    def slab_multiple(self) -> int:
+        """Slabs along the first spatial axis must be a multiple of this, so that every level's
+        slab starts on a whole pixel."""
+        m = 1
+        for f in self.factors:
+            m *= f[0]
+        return m
+
+
+def plan_pyramid(
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...] | None,
+    chunks: tuple[int, ...],
+    max_levels: int = 6,
+) -> PyramidPlan:
+    """Levels until the downsampled axes fit in one chunk (at most ``max_levels``).
+
+    ``shape``, ``spacing`` and ``chunks`` are spatial only, in array order (Z, Y, X) or (Y, X).
+    """
+    spacing = tuple(float(s) for s in spacing) if spacing else tuple(1.0 for _ in shape)
+    shapes, factors, spacings = [tuple(shape)], [], [spacing]
+    while len(shapes) < max_levels:
+        cur, sp = shapes[-1], spacings[-1]
+        finest = min(sp)
+        f = tuple(2 if (sp[a] <= 2 * finest and cur[a] > 1) else 1 for a in range(len(cur)))
+        # Stop once every axis we would halve already fits in one chunk.
+        if all(cur[a] <= chunks[a] for a in range(len(cur)) if f[a] == 2) or all(x == 1 for x in f):
+            break
+        shapes.append(tuple(-(-n // k) for n, k in zip(cur, f)))
+        factors.append(f)
+        spacings.append(tuple(s * k for s, k in zip(sp, f)))
+    return PyramidPlan(shapes=shapes, factors=factors, spacings=spacings)
+
+
+def downsample_mean(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Average non-overlapping blocks of ``factors`` over the trailing axes of ``block``.
+
+    Leading axes (channels) are left alone. An odd trailing edge is averaged over the pixels it
+    has (edge pixels are replicated, which gives the same mean). Integer inputs are rounded half
+    up and returned in their own dtype; NaN in float inputs propagates to the block it lies in.
+    """
+    lead = block.ndim - len(factors)
+    pad = [(0, 0)] * lead + [(0, (-n) % f) for n, f in zip(block.shape[lead:], factors)]
+    if any(p[1] for p in pad):
+        block = np.pad(block, pad, mode="edge")
+    shape = list(block.shape[:lead])
+    axes = []
+    for i, (n, f) in enumerate(zip(block.shape[lead:], factors)):
+        shape += [n // f, f]
+        axes.append(lead + 2 * i + 1)
+    count = int(np.prod(factors))
+    view = block.reshape(shape)
+    if np.issubdtype(block.dtype, np.floating):
+        acc = np.float64 if block.dtype == np.float64 else np.float32
+        return (view.sum(axis=tuple(axes), dtype=acc) / count).astype(block.dtype, copy=False)
+    if block.dtype == np.bool_:
+        return view.sum(axis=tuple(axes), dtype=np.int32) * 2 >= count
+    total = view.sum(axis=tuple(axes), dtype=np.int64)
+    # floor((total + count/2) / count): round half up, exact in integers.
+    return ((total + count // 2) // count).astype(block.dtype)

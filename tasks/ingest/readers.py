@@ -1,0 +1,442 @@
+"""Streaming readers for the three source formats.
+
+Each reader opens its own files (use it as a context manager) and exposes one scan as a
+channel-first array in OME-NGFF axis order: (C, Z, Y, X) for volumes, (C, Y, X) for rasters.
+``read_slab(start, stop)`` returns the half-open range [start, stop) of the first spatial axis
+(Z, or Y for rasters) with every channel, so a caller can stream a scan of any length through a
+bounded buffer. Nothing here knows about Zarr.
+
+NIfTI voxel order is (i, j, k) with i fastest; we store it as (Z, Y, X) = (k, j, i), and keep the
+affine in the attributes so export can undo the transposition exactly.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import ScanError
+
+SLICE_SUFFIXES = (".png", ".tif", ".tiff")
+NIFTI_UNITS = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders '2.png' before '10.png' (slice index order, not lexical)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def json_number(value: float | None) -> float | str | None:
+    """A float for JSON attributes: NaN and infinities as the strings Zarr uses for fill values."""
+    if value is None:
+        return None
+    value = float(value)
+    if np.isnan(value):
+        return "NaN"
+    if np.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
+
+
+class ScanReader(ABC):
+    """One scan, channel-first, streamed slab by slab along the first spatial axis."""
+
+    axes: str  # "czyx" or "cyx"
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    spacing: tuple[float, ...] | None = None  # physical size of a pixel, spatial axes in array order
+    unit: str | None = None  # OME-NGFF unit name of spacing, e.g. "millimeter"
+    path: str  # what error messages name
+
+    def __init__(self) -> None:
+        self.warnings: list[str] = []
+
+    @abstractmethod
+    def read_slab(self, start: int, stop: int) -> np.ndarray:
+        """Array of shape (C, stop - start, *rest) for [start, stop) of the first spatial axis."""
+
+    @abstractmethod
+    def attributes(self) -> dict[str, Any]:
+        """JSON-able spatial metadata of the source (affine, CRS, units, ...)."""
+
+    def close(self) -> None:  # pragma: no cover - overridden where something is open
+        pass
+
+    def __enter__(self) -> "ScanReader":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        warnings.warn(f"{self.path}: {message}", stacklevel=3)
+
+    def _check_shape(self) -> None:
+        if any(n == 0 for n in self.shape):
+            raise ScanError(self.path, f"has a zero-length axis (shape {self.shape}, axes {self.axes.upper()})")
+
+
+class NiftiReader(ScanReader):
+    """NIfTI-1/2 (.nii, .nii.gz), 3D or 4D; several files of one grid become channels.
+
+    Data are read through ``img.dataobj`` slab by slab along k, so an uncompressed .nii is
+    memory-mapped and a .nii.gz is decompressed once, front to back (the file handle is kept
+    open so successive slabs continue where the last one stopped).
+    """
+
+    def __init__(self, paths: list[Path]):
+        super().__init__()
+        import nibabel as nib
+
+        self.paths = [Path(p) for p in paths]
+        self.path = str(self.paths[0]) if len(self.paths) == 1 else str(self.paths[0].parent)
+        self._images = []
+        for p in self.paths:
+            try:
+                img = nib.load(str(p), keep_file_open=True)
+            except Exception as exc:  # nibabel raises many types for bad files
+                raise ScanError(p, f"not a readable NIfTI file ({_describe(exc)})") from None
+            if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+                raise ScanError(p, f"not a NIfTI image (nibabel read it as {type(img).__name__})")
+            if any(n == 0 for n in img.shape):
+                raise ScanError(p, f"has a zero-length axis (shape {img.shape})")
+            if len(img.shape) == 5 and img.shape[3] == 1:  # (i, j, k, 1, c) vector images are rare
+                raise ScanError(p, f"5D NIfTI (shape {img.shape}) is not supported")
+            if len(img.shape) not in (3, 4):
+                raise ScanError(p, f"expected a 3D or 4D volume, got shape {img.shape}")
+            self._images.append(img)
+        first = self._images[0]
+        for p, img in zip(self.paths[1:], self._images[1:]):
+            if img.shape[:3] != first.shape[:3]:
+                raise ScanError(p, f"grid {img.shape[:3]} differs from {self.paths[0].name} {first.shape[:3]}")
+            if not np.allclose(img.affine, first.affine, atol=1e-4):
+                raise ScanError(p, f"affine differs from {self.paths[0].name}; channels must share one grid")
+        self._channels_per_file = [img.shape[3] if len(img.shape) == 4 else 1 for img in self._images]
+        i, j, k = first.shape[:3]
+        self.axes = "czyx"
+        self.shape = (sum(self._channels_per_file), k, j, i)
+        # The scaled dtype (scl_slope/inter applied) is only known by reading: one voxel is enough.
+        dtypes = [self._read_file(n, 0, 1)[:, :1, :1, :1].dtype for n in range(len(self._images))]
+        self.dtype = np.result_type(*dtypes)
+        zooms = first.header.get_zooms()[:3]
+        self.spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
+        self.unit = NIFTI_UNITS.get(first.header.get_xyzt_units()[0])
+
+    def _read_file(self, index: int, start: int, stop: int) -> np.ndarray:
+        img = self._images[index]
+        try:
+            if len(img.shape) == 3:
+                block = np.asarray(img.dataobj[:, :, start:stop])[np.newaxis]  # (1, i, j, k)
+            else:
+                block = np.moveaxis(np.asarray(img.dataobj[:, :, start:stop, :]), 3, 0)  # (t, i, j, k)
+        except Exception as exc:  # EOFError / zlib.error / OSError for truncated files
+            raise ScanError(self.paths[index], f"cannot read slices {start}-{stop - 1} ({_describe(exc)})") from None
+        return block.transpose(0, 3, 2, 1)  # (c, k, j, i) = (C, Z, Y, X)
+
+    def read_slab(self, start: int, stop: int) -> np.ndarray:
+        parts = [self._read_file(n, start, stop) for n in range(len(self._images))]
+        out = np.empty((self.shape[0], stop - start) + self.shape[2:], dtype=self.dtype)
+        c = 0
+        for part in parts:
+            out[c : c + part.shape[0]] = part
+            c += part.shape[0]
+        return out
+
+    def attributes(self) -> dict[str, Any]:
+        import nibabel as nib
+
+        first = self._images[0]
+        header = first.header
+        sform, sform_code = header.get_sform(coded=True)
+        qform, qform_code = header.get_qform(coded=True)
+        space, time = header.get_xyzt_units()
+        return {
+            "format": "nifti",
+            "array_axes_from_nifti": "array[c, z, y, x] = nifti[i=x, j=y, k=z, t=c]",
+            "affine": first.affine.tolist(),
+            "sform": None if sform is None else sform.tolist(),
+            "sform_code": int(sform_code),
+            "qform": None if qform is None else qform.tolist(),
+            "qform_code": int(qform_code),
+            "zooms": [float(z) for z in header.get_zooms()],
+            "xyzt_units": [space, time],
+            "axcodes": list(nib.aff2axcodes(first.affine)),
+            "nifti_shape": [int(n) for n in first.shape],
+            "channels_per_file": self._channels_per_file,
+            "descrip": header["descrip"].item().decode("latin-1", "replace").strip("\x00 "),
+        }
+
+    def close(self) -> None:
+        for img in self._images:
+            img.uncache()
+            opener = getattr(img.dataobj, "_opener", None)
+            if opener is not None:
+                opener.close_if_mine()
+        self._images = []
+
+
+class TiffStackReader(ScanReader):
+    """A TIFF file: a multi-page stack (Z, Y, X[, S]) or one 2D page (Y, X[, S]).
+
+    Read through tifffile's Zarr view of the file, so a slab touches only its own pages (or
+    strips / tiles of a single large page).
+    """
+
+    def __init__(self, path: Path):
+        super().__init__()
+        import tifffile
+        import zarr
+
+        self.path = str(path)
+        try:
+            self._tif = tifffile.TiffFile(str(path))
+            series = self._tif.series[0]
+            series_axes = series.axes
+            self._array = zarr.open_array(series.aszarr(), mode="r")
+        except Exception as exc:
+            raise ScanError(path, f"not a readable TIFF file ({_describe(exc)})") from None
+        self._samples_last = series_axes.endswith("S")
+        spatial = series_axes[:-1] if self._samples_last else series_axes
+        if not spatial.endswith("YX") or len(spatial) > 3:
+            raise ScanError(path, f"unsupported TIFF axes '{series_axes}'; expected YX, ZYX or either with samples")
+        channels = series.shape[-1] if self._samples_last else 1
+        spatial_shape = tuple(series.shape[: len(spatial)])
+        self.axes = "czyx" if len(spatial) == 3 else "cyx"
+        self.shape = (channels, *spatial_shape)
+        self.dtype = np.dtype(series.dtype)
+        self._series_axes = series_axes
+        self._check_shape()
+
+    def read_slab(self, start: int, stop: int) -> np.ndarray:
+        try:
+            block = np.asarray(self._array[start:stop])
+        except Exception as exc:
+            raise ScanError(self.path, f"cannot read rows/pages {start}-{stop - 1} ({_describe(exc)})") from None
+        return np.moveaxis(block, -1, 0) if self._samples_last else block[np.newaxis]
+
+    def attributes(self) -> dict[str, Any]:
+        page = self._tif.pages[0]
+        attrs: dict[str, Any] = {"format": "tiff", "tiff_axes": self._series_axes}
+        res = page.tags.get("XResolution")
+        unit = page.tags.get("ResolutionUnit")
+        if res is not None and unit is not None and int(unit.value) in (2, 3):
+            num, den = res.value
+            if num:
+                per_unit = {2: 25400.0, 3: 10000.0}[int(unit.value)]  # micrometres per inch / per cm
+                attrs["pixel_size_micrometer_from_tags"] = per_unit * den / num
+        return attrs
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+class SliceFolderReader(ScanReader):
+    """A folder of 2D slices (PNG or TIFF), one per Z, in natural sort order."""
+
+    # PIL mode -> (dtype, channels)
+    _PIL_MODES = {
+        "L": (np.uint8, 1), "I;16": (np.uint16, 1), "I;16B": (np.uint16, 1), "I": (np.int32, 1),
+        "F": (np.float32, 1), "RGB": (np.uint8, 3), "RGBA": (np.uint8, 4), "1": (np.bool_, 1),
+    }
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.path = str(folder)
+        self.files = sorted(
+            (p for p in Path(folder).iterdir() if p.suffix.lower() in SLICE_SUFFIXES and not p.name.startswith(".")),
+            key=lambda p: natural_key(p.name),
+        )
+        if not self.files:
+            raise ScanError(folder, "folder holds no image slices (*.png, *.tif, *.tiff)")
+        first_shape = None
+        for f in self.files:
+            shape, dtype = self._probe(f)
+            if first_shape is None:
+                first_shape, first_dtype, first_file = shape, dtype, f
+            elif (shape, dtype) != (first_shape, first_dtype):
+                raise ScanError(
+                    f, f"slice has shape {shape} {dtype} but {first_file.name} has {first_shape} {first_dtype}; "
+                    "all slices of a stack must match"
+                )
+        (height, width, channels) = first_shape
+        self.axes = "czyx"
+        self.shape = (channels, len(self.files), height, width)
+        self.dtype = np.dtype(first_dtype)
+        self._check_shape()
+
+    @classmethod
+    def _probe(cls, file: Path) -> tuple[tuple[int, int, int], np.dtype]:
+        """(height, width, channels) and dtype from the header only."""
+        try:
+            if file.suffix.lower() == ".png":
+                from PIL import Image
+
+                with Image.open(file) as im:
+                    if im.mode not in cls._PIL_MODES:
+                        raise ScanError(file, f"unsupported PNG mode '{im.mode}'")
+                    dtype, channels = cls._PIL_MODES[im.mode]
+                    return (im.height, im.width, channels), np.dtype(dtype)
+            import tifffile
+
+            with tifffile.TiffFile(str(file)) as tif:
+                series = tif.series[0]
+                shape = series.shape
+                if len(shape) == 2:
+                    return (shape[0], shape[1], 1), np.dtype(series.dtype)
+                if len(shape) == 3 and series.axes.endswith("S"):
+                    return (shape[0], shape[1], shape[2]), np.dtype(series.dtype)
+                raise ScanError(file, f"slice must be 2D, got axes '{series.axes}' shape {shape}")
+        except ScanError:
+            raise
+        except Exception as exc:
+            raise ScanError(file, f"not a readable image slice ({_describe(exc)})") from None
+
+    def _read_one(self, file: Path) -> np.ndarray:
+        try:
+            if file.suffix.lower() == ".png":
+                from PIL import Image
+
+                with Image.open(file) as im:
+                    im.load()
+                    arr = np.asarray(im)
+            else:
+                import tifffile
+
+                arr = tifffile.imread(str(file))
+        except Exception as exc:
+            raise ScanError(file, f"cannot read slice ({_describe(exc)})") from None
+        if arr.shape[:2] != self.shape[2:]:
+            raise ScanError(file, f"slice has shape {arr.shape[:2]}, expected {self.shape[2:]}")
+        return arr.reshape(arr.shape[0], arr.shape[1], -1)
+
+    def read_slab(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((self.shape[0], stop - start) + self.shape[2:], dtype=self.dtype)
+        for z, file in enumerate(self.files[start:stop]):
+            out[:, z] = np.moveaxis(self._read_one(file), -1, 0)
+        return out
+
+    def attributes(self) -> dict[str, Any]:
+        return {"format": "slices", "slice_files": [f.name for f in self.files]}
+
+
+class GeoTiffReader(ScanReader):
+    """GeoTIFF / COG through rasterio windowed reads: every band, any dtype, nodata kept."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        import rasterio
+        from rasterio.errors import NotGeoreferencedWarning
+
+        self.path = str(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._src = rasterio.open(str(path))
+        except Exception as exc:
+            raise ScanError(path, f"not a readable GeoTIFF ({_describe(exc)})") from None
+        src = self._src
+        self.axes = "cyx"
+        self.shape = (src.count, src.height, src.width)
+        self.dtype = np.result_type(*[np.dtype(d) for d in src.dtypes])
+        self._check_shape()
+        self.spacing = (abs(src.transform.e), abs(src.transform.a))
+        self.unit = None
+        if src.crs is None:
+            self._warn("GeoTIFF has no CRS; stored with crs: null")
+        elif src.crs.is_projected:
+            units = (src.crs.linear_units or "").lower()
+            self.unit = "meter" if units in ("metre", "meter", "m") else None
+
+    def read_slab(self, start: int, stop: int) -> np.ndarray:
+        from rasterio.windows import Window
+
+        try:
+            return self._src.read(window=Window(0, start, self.shape[2], stop - start), out_dtype=self.dtype)
+        except Exception as exc:
+            raise ScanError(self.path, f"cannot read rows {start}-{stop - 1} ({_describe(exc)})") from None
+
+    def attributes(self, band_names: list[str] | None = None) -> dict[str, Any]:
+        src = self._src
+        descriptions = [d or None for d in src.descriptions]
+        return {
+            "format": "geotiff",
+            "crs_wkt": src.crs.to_wkt() if src.crs is not None else None,
+            "crs_epsg": src.crs.to_epsg() if src.crs is not None else None,
+            "transform": list(src.transform)[:6],  # affine a, b, c, d, e, f (rasterio order)
+            "transform_gdal": list(src.transform.to_gdal()),
+            "bounds": list(src.bounds),
+            "nodata": [json_number(v) for v in src.nodatavals],
+            "band_dtypes": list(src.dtypes),
+            "band_names": descriptions,
+            "colorinterp": [c.name for c in src.colorinterp],
+            "units": list(src.units),
+        }
+
+    def close(self) -> None:
+        self._src.close()
+
+
+def open_reader(sources: list[Path], kind: str) -> ScanReader:
+    """Open the reader ``kind`` (nifti | tiff | slices | geotiff) over one scan's sources."""
+    for s in sources:
+        if not Path(s).exists():
+            raise ScanError(s, "does not exist")
+    if kind == "nifti":
+        for s in sources:
+            if Path(s).is_dir():
+                raise ScanError(s, "is a folder; a NIfTI scan is one file per channel")
+        return NiftiReader(sources)
+    if len(sources) != 1:
+        raise ScanError(sources[0], f"the {kind} reader takes one source, got {len(sources)}")
+    source = Path(sources[0])
+    if kind == "slices":
+        if not source.is_dir():
+            raise ScanError(source, "is not a folder of slices")
+        return SliceFolderReader(source)
+    if source.is_dir():
+        raise ScanError(source, f"is a folder; the {kind} reader takes a file")
+    if kind == "tiff":
+        return TiffStackReader(source)
+    if kind == "geotiff":
+        return GeoTiffReader(source)
+    raise ValueError(f"unknown reader kind {kind!r}")
+
+
+def default_reader_kind(modality: str, sources: list[Path]) -> str:
+    """The reader a modality uses for these sources."""
+    if modality == "mri":
+        return "nifti"
+    if modality == "satellite":
+        return "geotiff"
+    return "slices" if len(sources) == 1 and Path(sources[0]).is_dir() else "tiff"
+
+
+def guess_modality(source: Path) -> str:
+    """Modality from the source alone (CLI without --modality): NIfTI → mri, folder → em,
+    TIFF with GeoTIFF keys → satellite, other TIFF → em."""
+    source = Path(source)
+    name = source.name.lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "mri"
+    if source.is_dir():
+        return "em"
+    if name.endswith((".tif", ".tiff")):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(str(source)) as tif:
+                return "satellite" if tif.pages[0].tags.get("GeoKeyDirectoryTag") is not None else "em"
+        except Exception:
+            return "em"  # the reader will name the problem
+    raise ScanError(source, "cannot tell the modality from the name; pass --modality mri|em|satellite")

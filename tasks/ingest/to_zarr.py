@@ -1,0 +1,379 @@
+"""Ingest one scan into a Zarr v3 scan group, streaming slab by slab.
+
+Layout written (see README, "Zarr layout"):
+
+    SCAN.zarr/                      group; attrs["tilewise"] = metadata, provenance, completion mark
+      image/                        OME-NGFF 0.5 multiscale image, axes (c, z, y, x) or (c, y, x)
+        0/ 1/ ...                   pyramid levels, Blosc-zstd, chunks aligned across levels
+      labels/reference              class indices (uint8), spatial axes only, when labels exist
+
+Peak memory is a few slabs (one being read ahead, one being written), where a slab is one chunk
+row along the first spatial axis (Z, or Y for rasters): it depends on the chunk size and the
+cross-section, never on the number of slices or rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from tasks import storage
+from tasks.errors import ScanError
+from tasks.ingest.discover import LabelSpec, ScanSpec
+from tasks.ingest.pyramid import PyramidPlan, downsample_mean, plan_pyramid
+from tasks.ingest.readers import ScanReader, default_reader_kind, json_number, open_reader
+from tasks.version import tilewise_version
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Spatial chunk shape per modality, array order. MRI: isotropic cubes that hold a 3D U-Net tile;
+# EM: thin slabs of whole-ish sections (2D models read few sections at a time); satellite: the
+# COG-style 512 x 512 block.
+DEFAULT_CHUNKS = {"mri": (64, 64, 64), "em": (8, 512, 512), "satellite": (512, 512)}
+COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    scan_id: str
+    store: str
+    status: str  # "ingested" | "unchanged"
+    shape: tuple[int, ...] = ()
+    seconds: float = 0.0
+    message: str = ""
+
+
+def sha256_file(path: Path, block: int = 8 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_files(sources: tuple[Path, ...]) -> list[Path]:
+    files: list[Path] = []
+    for s in sources:
+        if s.is_dir():
+            files.extend(sorted(p for p in s.iterdir() if p.is_file() and not p.name.startswith(".")))
+        elif s.exists():
+            files.append(s)
+    return files
+
+
+def _stat_files(files: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _options_digest(spec: ScanSpec, kind: str, chunks: tuple[int, ...]) -> str:
+    options = {
+        "format_version": FORMAT_VERSION,
+        "reader": kind,
+        "chunks": list(chunks),
+        "spacing": spec.spacing,
+        "unit": spec.unit,
+        "channel_names": spec.channel_names,
+        "labels": None if spec.labels is None else {
+            "sources": [str(p) for p in spec.labels.sources],
+            "mapping": {str(k): v for k, v in sorted(spec.labels.mapping.items())},
+            "classes": list(spec.labels.classes),
+        },
+    }
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+def _unchanged(record: dict[str, Any] | None, files: list[dict[str, Any]], options: str) -> bool:
+    """True when a complete group was made from these very bytes with these options.
+
+    Size and mtime equal: unchanged without reading. Otherwise the bytes decide (a copied or
+    touched file with the same content is still the same scan).
+    """
+    if not record or not record.get(storage.COMPLETE_KEY):
+        return False
+    done = record[storage.COMPLETE_KEY]
+    if done.get("options_digest") != options:
+        return False
+    old = {f["path"]: f for f in record.get("source", {}).get("files", [])}
+    if set(old) != {f["path"] for f in files}:
+        return False
+    for f in files:
+        o = old[f["path"]]
+        if (o["size"], o["mtime_ns"]) != (f["size"], f["mtime_ns"]):
+            if o["size"] != f["size"] or o.get("sha256") != sha256_file(Path(f["path"])):
+                return False
+    return True
+
+
+def chunks_for(spec: ScanSpec, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial chunk shape: the catalog's, else the modality default, fitted to the scan's rank."""
+    wanted = spec.chunks or DEFAULT_CHUNKS[spec.modality]
+    if len(wanted) < len(spatial_shape):
+        wanted = (1,) * (len(spatial_shape) - len(wanted)) + tuple(wanted)
+    wanted = tuple(wanted)[-len(spatial_shape):]
+    return tuple(max(1, min(c, n)) for c, n in zip(wanted, spatial_shape))
+
+
+def _axes_metadata(axes: str, unit: str | None) -> list[dict[str, str]]:
+    out = []
+    for name in axes:
+        if name == "c":
+            out.append({"name": "c", "type": "channel"})
+        else:
+            item = {"name": name, "type": "space"}
+            if unit:
+                item["unit"] = unit
+            out.append(item)
+    return out
+
+
+class _SlabStats:
+    """Counts of NaN / ±Inf and the value range, accumulated slab by slab."""
+
+    def __init__(self, floating: bool):
+        self.floating = floating
+        self.nan = self.posinf = self.neginf = 0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def update(self, slab: np.ndarray) -> None:
+        if slab.size == 0:
+            return
+        if self.floating:
+            nan = np.isnan(slab)
+            self.nan += int(nan.sum())
+            self.posinf += int(np.isposinf(slab).sum())
+            self.neginf += int(np.isneginf(slab).sum())
+            finite = slab[np.isfinite(slab)] if self.nan or self.posinf or self.neginf else slab
+            if finite.size:
+                self.min = min(self.min, float(finite.min()))
+                self.max = max(self.max, float(finite.max()))
+        else:
+            self.min = min(self.min, float(slab.min()))
+            self.max = max(self.max, float(slab.max()))
+
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"min": json_number(self.min) if self.min != math.inf else None,
+                             "max": json_number(self.max) if self.max != -math.inf else None}
+        if self.floating:
+            d.update(nan_count=self.nan, posinf_count=self.posinf, neginf_count=self.neginf)
+        return d
+
+
+def _slabs(length: int, step: int):
+    for start in range(0, length, step):
+        yield start, min(start + step, length)
+
+
+def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, np.ndarray], None]) -> None:
+    """Read slab n+1 in a background thread while slab n is being written."""
+    bounds = list(_slabs(reader.shape[1], step))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-read") as pool:
+        pending: Future | None = pool.submit(reader.read_slab, *bounds[0]) if bounds else None
+        for i, (start, stop) in enumerate(bounds):
+            slab = pending.result()
+            pending = pool.submit(reader.read_slab, *bounds[i + 1]) if i + 1 < len(bounds) else None
+            consume(start, stop, slab)
+            del slab
+
+
+class _PyramidWriter:
+    """Writes a slab to level 0 and its block means to every lower level."""
+
+    def __init__(self, image: zarr.Group, channels: int, dtype: np.dtype, plan: PyramidPlan,
+                 chunks: tuple[int, ...], dimension_names: tuple[str, ...]):
+        self.plan = plan
+        self.arrays = [
+            image.create_array(
+                str(level), shape=(channels, *shape), dtype=dtype,
+                chunks=(1, *(min(c, n) for c, n in zip(chunks, shape))),
+                compressors=COMPRESSOR, fill_value=0, dimension_names=dimension_names,
+            )
+            for level, shape in enumerate(plan.shapes)
+        ]
+
+    def write(self, start: int, slab: np.ndarray) -> None:
+        self.arrays[0][:, start : start + slab.shape[1]] = slab
+        for level, factors in enumerate(self.plan.factors, start=1):
+            slab = downsample_mean(slab, factors)
+            start //= factors[0]
+            self.arrays[level][:, start : start + slab.shape[1]] = slab
+
+
+def _map_labels(values: np.ndarray, mapping: dict[int, int], path: str) -> np.ndarray:
+    uniq, inverse = np.unique(values, return_inverse=True)
+    targets = np.empty(len(uniq), dtype=np.uint8)
+    for i, v in enumerate(uniq):
+        if not float(v).is_integer() or int(v) not in mapping:
+            known = ", ".join(str(k) for k in sorted(mapping))
+            raise ScanError(path, f"label value {v} is not in the label mapping ({known})")
+        targets[i] = mapping[int(v)]
+    return targets[inverse].reshape(values.shape)
+
+
+def _write_labels(group: zarr.Group, labels: LabelSpec, modality: str, image_shape: tuple[int, ...],
+                  chunks: tuple[int, ...]) -> dict[str, Any]:
+    kind = default_reader_kind(modality, list(labels.sources))
+    with open_reader(list(labels.sources), kind) as reader:
+        spatial = tuple(reader.shape[1:])
+        if spatial != image_shape or reader.shape[0] != 1:
+            raise ScanError(reader.path, f"label shape {reader.shape[1:]} (channels {reader.shape[0]}) "
+                                         f"does not match the image's spatial shape {image_shape}")
+        arr = group.require_group("labels").create_array(
+            "reference", shape=spatial, dtype="uint8", chunks=chunks, compressors=COMPRESSOR,
+            fill_value=0, dimension_names=tuple(reader.axes[1:]),
+        )
+        counts = np.zeros(len(labels.classes), dtype=np.int64)
+
+        def consume(start: int, stop: int, slab: np.ndarray) -> None:
+            mapped = _map_labels(slab[0], labels.mapping, reader.path)
+            counts[:] += np.bincount(mapped.ravel(), minlength=len(counts))[: len(counts)]
+            arr[start:stop] = mapped
+
+        _stream(reader, chunks[0], consume)
+        arr.attrs["tilewise"] = {
+            "classes": list(labels.classes),
+            "mapping": {str(k): v for k, v in sorted(labels.mapping.items())},
+            "source": [str(p) for p in labels.sources],
+            "class_voxels": counts.tolist(),
+        }
+        return {"classes": list(labels.classes), "class_voxels": counts.tolist(),
+                "source": [str(p) for p in labels.sources]}
+
+
+def ingest_scan(
+    spec: ScanSpec,
+    store: str | Path,
+    *,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> IngestResult:
+    """Ingest ``spec`` into the scan group at ``store`` (local path or fsspec URL).
+
+    A complete group made from the same bytes with the same options is left alone (status
+    "unchanged"); anything else there (an older version, a half-written group) is replaced.
+    Raises :class:`ScanError` naming the file and the problem for bad input; on any failure the
+    partial group is removed, so nothing incomplete is left looking like a result.
+    """
+    store = str(store)
+    t0 = time.perf_counter()
+    kind = spec.reader_kind or default_reader_kind(spec.modality, list(spec.sources))
+    files = _source_files(spec.sources) + (_source_files(spec.labels.sources) if spec.labels else [])
+    with open_reader(list(spec.sources), kind) as reader:
+        spatial_shape = tuple(reader.shape[1:])
+        chunks = chunks_for(spec, spatial_shape)
+        options = _options_digest(spec, kind, chunks)
+        stats_files = _stat_files(files)
+        record = storage.read_record(store)
+        if not force and _unchanged(record, stats_files, options):
+            return IngestResult(spec.scan_id, store, "unchanged", tuple(reader.shape), time.perf_counter() - t0)
+        if storage.exists(store):
+            if record and record.get(storage.COMPLETE_KEY):
+                storage.clear_complete(store)  # the old result stops being 'complete' first
+                log.info("%s: source or options changed; re-ingesting", store)
+            else:
+                log.warning("%s: replacing an incomplete group (an earlier run did not finish)", store)
+            storage.remove(store)
+        try:
+            result = _write_scan(spec, store, reader, kind, chunks, options, stats_files, progress)
+        except BaseException:
+            storage.remove(store)
+            raise
+    return IngestResult(spec.scan_id, store, "ingested", result, time.perf_counter() - t0)
+
+
+def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunks: tuple[int, ...],
+                options: str, stats_files: list[dict[str, Any]],
+                progress: Callable[[int, int], None] | None) -> tuple[int, ...]:
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_multiscales_metadata
+
+    spacing = spec.spacing or reader.spacing
+    if spacing is not None and len(spacing) != len(chunks):
+        raise ScanError(reader.path, f"spacing {tuple(spacing)} has {len(spacing)} values but the scan has "
+                                     f"{len(chunks)} spatial axes ({reader.axes[1:].upper()})")
+    unit = spec.unit or reader.unit
+    plan = plan_pyramid(tuple(reader.shape[1:]), spacing, chunks)
+    multiple = plan.slab_multiple()
+    step = chunks[0] * multiple // math.gcd(chunks[0], multiple)
+
+    # Hash the sources beside the ingest (hashlib releases the GIL); provenance needs the bytes'
+    # identity and reading them again afterwards would cost a second pass.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-hash") as hasher:
+        digests = [hasher.submit(sha256_file, Path(f["path"])) for f in stats_files]
+
+        group = storage.open_group(store, mode="w")
+        image = group.create_group("image")
+        writer = _PyramidWriter(image, reader.shape[0], reader.dtype, plan, chunks, tuple(reader.axes))
+        stats = _SlabStats(np.issubdtype(reader.dtype, np.floating))
+        total = reader.shape[1]
+
+        def consume(start: int, stop: int, slab: np.ndarray) -> None:
+            stats.update(slab)
+            writer.write(start, slab)
+            if progress is not None:
+                progress(stop, total)
+
+        _stream(reader, step, consume)
+        labels = (_write_labels(group, spec.labels, spec.modality, tuple(reader.shape[1:]), chunks)
+                  if spec.labels else None)
+
+        datasets = [
+            {"path": str(level), "coordinateTransformations": [
+                {"type": "scale", "scale": [1.0, *(float(s) for s in sp)]}]}
+            for level, sp in enumerate(plan.spacings)
+        ]
+        write_multiscales_metadata(image, datasets, fmt=FormatV05(), axes=_axes_metadata(reader.axes, unit),
+                                   name=spec.scan_id)
+        for f, d in zip(stats_files, digests):
+            f["sha256"] = d.result()
+
+    channel_names = list(spec.channel_names) if spec.channel_names else None
+    spatial = reader.attributes()
+    if channel_names is None and spatial.get("band_names") and all(spatial["band_names"]):
+        channel_names = spatial["band_names"]
+    record = {
+        "format_version": FORMAT_VERSION,
+        "kind": "scan",
+        "scan_id": spec.scan_id,
+        "dataset": spec.dataset,
+        "modality": spec.modality,
+        "axes": reader.axes,
+        "shape": list(reader.shape),
+        "dtype": str(reader.dtype),
+        "chunks": [1, *chunks],
+        "spacing": None if spacing is None else [float(s) for s in spacing],
+        "unit": unit,
+        "channel_names": channel_names,
+        "pyramid": {"levels": plan.levels, "shapes": [list(s) for s in plan.shapes], "downsampling": "block mean"},
+        "spatial": spatial,
+        "stats": stats.as_dict(),
+        "labels": labels,
+        "warnings": list(reader.warnings),
+        "source": {"reader": kind, "files": stats_files},
+        "provenance": {
+            "tilewise_version": tilewise_version(),
+            "ingested_at": datetime.now(timezone.utc).isoformat(),
+            "host": os.uname().nodename,
+        },
+    }
+    group.attrs[storage.ATTRS_KEY] = record
+    storage.mark_complete(group, {"at": datetime.now(timezone.utc).isoformat(), "options_digest": options})
+    return tuple(reader.shape)
