@@ -1,0 +1,18 @@
+"""Prefect flows that compose tasks/ (and the CLI that starts them).
+
+Importing this package sets the embedded defaults before Prefect is imported: Prefect's database
+lives under TILEWISE_HOME, and its telemetry is off (it logs 'database is locked' tracebacks
+against the embedded SQLite server otherwise). Variables the user set win.
+"""
+
+import os as _os
+
+from tasks.settings import tilewise_home as _home
+
+_os.environ.setdefault("PREFECT_HOME", str(_home() / "prefect"))
+_os.makedirs(_os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect makes only the last folder
+# The embedded server takes ~15 s to start on 2 busy cores; Prefect's default wait is 20 s.
+_os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+_os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+_os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+_os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")

@@ -1,0 +1,179 @@
+"""The ``tilewise`` command line.
+
+Heavy libraries (Prefect, Zarr writers, torch, MONAI) are imported inside the commands that need
+them, so ``tilewise --help`` and ``tilewise catalog validate`` answer at once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import flows  # noqa: F401  (sets the embedded Prefect defaults before Prefect is imported)
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Segment very large medical and satellite images: ingest, infer, calibrate, export.")
+catalog_app = typer.Typer(no_args_is_help=True, help="List and validate the data catalog.")
+run_app = typer.Typer(no_args_is_help=True, help="Run the scheduled jobs now.")
+app.add_typer(catalog_app, name="catalog")
+app.add_typer(run_app, name="run")
+
+out = Console()
+err = Console(stderr=True)
+
+CatalogOpt = typer.Option(None, "--catalog", help="catalog folder or file (default: the bundled sample catalog)")
+
+
+def _catalog_dir(path: Optional[Path]) -> Path:
+    from data_catalog import DEFAULT_CATALOG_DIR
+
+    return Path(path) if path else DEFAULT_CATALOG_DIR
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@catalog_app.command("validate")
+def catalog_validate(path: Optional[Path] = typer.Argument(None, help="catalog folder or YAML file")) -> None:
+    """Check catalog files; print every problem as FILE: FIELD: REASON and exit 1 if any."""
+    from data_catalog import CatalogError, load_catalog
+
+    try:
+        entries = load_catalog(_catalog_dir(path))
+    except CatalogError as exc:
+        for problem in exc.problems:
+            err.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    out.print(f"ok: {len(entries)} catalog entries valid ({', '.join(e.entry.name for e in entries)})")
+
+
+@catalog_app.command("list")
+def catalog_list(catalog: Optional[Path] = CatalogOpt) -> None:
+    """Datasets with their modality, scan count and labels."""
+    from data_catalog import CatalogError, load_catalog
+    from tasks.errors import ScanError
+    from tasks.ingest.discover import discover_scans
+
+    try:
+        entries = load_catalog(_catalog_dir(catalog))
+    except CatalogError as exc:
+        _fail(str(exc))
+    table = Table(title="tilewise catalog")
+    for column in ("dataset", "modality", "scans", "labels", "model", "schedule", "file"):
+        table.add_column(column)
+    for loaded in entries:
+        e = loaded.entry
+        try:
+            count = str(len(discover_scans(loaded)))
+        except ScanError as exc:
+            count = f"error: {exc}"
+        table.add_row(e.name, e.modality, count, "yes" if e.labels else "no",
+                      f"{e.model.name}@{e.model.alias}" if e.model else "-", e.schedule.cron, loaded.file.name)
+    out.print(table)
+
+
+def _parse_ints(text: Optional[str], what: str) -> Optional[tuple[int, ...]]:
+    if not text:
+        return None
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        _fail(f"{what} must be comma-separated integers, got {text!r}")
+    if any(v <= 0 for v in values):
+        _fail(f"{what} must be positive, got {text!r}")
+    return values
+
+
+@app.command()
+def ingest(
+    source: list[Path] = typer.Argument(..., help="scan file(s): one NIfTI/TIFF/GeoTIFF, a folder of slices, "
+                                                  "or several NIfTI files stacked as channels"),
+    store: str = typer.Option(..., "--store", help="output Zarr group (path or fsspec URL), e.g. scan.zarr"),
+    modality: Optional[str] = typer.Option(None, "--modality", help="mri | em | satellite (guessed if omitted)"),
+    chunks: Optional[str] = typer.Option(None, "--chunks", help="spatial chunk shape, e.g. 64,64,64 (Z,Y,X)"),
+    spacing: Optional[str] = typer.Option(None, "--spacing", help="pixel size Z,Y,X (or Y,X) when files lack it"),
+    unit: Optional[str] = typer.Option(None, "--unit", help="unit of --spacing, e.g. nanometer"),
+    force: bool = typer.Option(False, "--force", help="re-ingest even if the store is complete and unchanged"),
+) -> None:
+    """Ingest one scan into a Zarr group (OME-NGFF pyramid + metadata + completion mark)."""
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from tasks.errors import ScanError
+    from tasks.ingest import ScanSpec, ingest_scan
+    from tasks.ingest.readers import guess_modality
+
+    if modality is not None and modality not in ("mri", "em", "satellite"):
+        _fail(f"--modality must be mri, em or satellite, got {modality!r}")
+    try:
+        modality = modality or guess_modality(source[0])
+        space = None
+        if spacing:
+            try:
+                space = tuple(float(v) for v in spacing.split(","))
+            except ValueError:
+                _fail(f"--spacing must be comma-separated numbers, got {spacing!r}")
+        spec = ScanSpec(
+            scan_id=Path(str(store).rstrip("/")).name.removesuffix(".zarr"), modality=modality,
+            sources=tuple(Path(s) for s in source), chunks=_parse_ints(chunks, "--chunks"),
+            spacing=space, unit=unit,
+        )
+        with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total}",
+                      TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+            job = bar.add_task(f"ingest {spec.scan_id}", total=None)
+            result = ingest_scan(spec, store, force=force,
+                                 progress=lambda done, total: bar.update(job, completed=done, total=total))
+    except ScanError as exc:
+        _fail(str(exc))
+    shape = "x".join(str(n) for n in result.shape)
+    out.print(f"{result.status}: {result.store} ({modality}, shape {shape}, {result.seconds:.1f} s)")
+
+
+def _outcome_table(title: str, outcomes) -> Table:
+    table = Table(title=title)
+    for column in ("dataset", "scan", "step", "status", "seconds", "message"):
+        table.add_column(column, overflow="fold")
+    colours = {"failed": "red", "unchanged": "dim"}
+    for o in outcomes:
+        style = colours.get(o.status, "green")
+        table.add_row(o.dataset, o.scan_id, o.step, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", o.message)
+    return table
+
+
+@run_app.command("nightly")
+def run_nightly(
+    catalog: Optional[Path] = CatalogOpt,
+    dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="only these datasets (repeatable)"),
+    force: bool = typer.Option(False, "--force", help="redo every step even where the result is up to date"),
+) -> None:
+    """The nightly job over the catalog: ingest every new or changed scan (more steps to come)."""
+    from data_catalog import CatalogError, load_catalog
+
+    catalog_dir = _catalog_dir(catalog)
+    try:
+        load_catalog(catalog_dir)  # fail fast, before starting Prefect, on a broken catalog
+    except CatalogError as exc:
+        _fail(str(exc))
+    from flows.nightly import nightly_flow
+
+    state = nightly_flow(catalog=str(catalog_dir), datasets=dataset or None, force=force, return_state=True)
+    outcomes = state.result(raise_on_failure=False)
+    if not isinstance(outcomes, list):
+        _fail(f"nightly flow failed: {outcomes}")
+    out.print(_outcome_table("tilewise nightly", outcomes))
+    if state.is_failed():
+        _fail(state.message or "some scans failed")
+    out.print(f"[green]nightly: {len(outcomes)} scans ok[/]")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

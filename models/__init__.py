@@ -1,0 +1,1 @@
+"""Model builders and the MLflow registry (see the model-zoo issue)."""
