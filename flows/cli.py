@@ -134,6 +134,63 @@ def ingest(
     out.print(f"{result.status}: {result.store} ({modality}, shape {shape}, {result.seconds:.1f} s)")
 
 
+@app.command()
+def infer(
+    store: str = typer.Option(..., "--store", help="scan group made by ingest (SCAN.zarr)"),
+    model: str = typer.Option(..., "--model", help="models:/NAME@ALIAS, models:/NAME/VERSION or a TorchScript file "
+                                                   "(a JSON model card beside it is read when present)"),
+    tile: Optional[str] = typer.Option(None, "--tile", help="tile size, e.g. 96,96,96 (Z,Y,X) or 256,256"),
+    overlap: float = typer.Option(0.5, "--overlap", help="fraction of a tile shared with the next, in [0, 1)"),
+    batch: int = typer.Option(4, "--batch", help="tiles per forward pass"),
+    tta: bool = typer.Option(False, "--tta", help="average over all flips of the spatial axes"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
+    amp: str = typer.Option("none", "--amp", help="mixed precision: none | bf16 | fp16"),
+    blend: str = typer.Option("gaussian", "--blend", help="gaussian | constant"),
+    pad: str = typer.Option("reflect", "--pad", help="border context: reflect (mirror) | constant (zeros)"),
+    placement: str = typer.Option("even", "--placement", help="tile starts: even (nnU-Net) | monai"),
+    dtype: str = typer.Option("float16", "--dtype", help="probabilities: float16 | float32"),
+    memory_mb: int = typer.Option(1024, "--memory-mb", help="accumulator budget before spilling to disk"),
+    dask: Optional[str] = typer.Option(None, "--dask", help="scheduler address, or local[:N] for a local cluster"),
+) -> None:
+    """Sliding-window inference over a scan group; writes prediction/probabilities and labels."""
+    choices = {"--amp": (amp, ("none", "bf16", "fp16")), "--blend": (blend, ("gaussian", "constant")),
+               "--pad": (pad, ("reflect", "constant")), "--placement": (placement, ("even", "monai")),
+               "--dtype": (dtype, ("float16", "float32"))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            _fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    tile_size = None
+    if tile:
+        try:
+            tile_size = tuple(int(v) for v in tile.replace("x", ",").split(","))
+        except ValueError:
+            _fail(f"--tile must be comma-separated integers, got {tile!r}")
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from tasks.engine.infer import EngineConfig, infer_scan
+    from tasks.engine.model_io import load_model
+    from tasks.errors import ScanError
+
+    config = EngineConfig(tile=tile_size, overlap=overlap, batch=batch, tta=tta, device=device, amp=amp,
+                          blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb)
+    try:
+        if dask:
+            from tasks.engine.distributed import infer_distributed
+
+            result = infer_distributed(store, model, config, dask)
+        else:
+            loaded = load_model(model)
+            with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} tiles",
+                          TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
+                job = bar.add_task(f"infer {Path(store).name}", total=None)
+                result = infer_scan(store, loaded, config,
+                                    progress=lambda done, total: bar.update(job, completed=done, total=total))
+    except ScanError as exc:
+        _fail(str(exc))
+    out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles, {result.model_calls} model calls, "
+              f"{result.chunks_written} chunks, {result.seconds:.1f} s)")
+
+
 def _outcome_table(title: str, outcomes) -> Table:
     table = Table(title=title)
     for column in ("dataset", "scan", "step", "status", "seconds", "message"):

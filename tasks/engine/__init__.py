@@ -1,0 +1,1 @@
+"""The inference engine: out-of-core sliding-window inference with overlap-tile stitching."""

@@ -1,0 +1,52 @@
+"""Blending weights and the step from blended logits to probabilities (pure numpy).
+
+The Gaussian importance map is nnU-Net's and MONAI's (``monai.data.utils.compute_importance_map``):
+a separable Gaussian centred on the tile with sigma = ``sigma_scale`` * tile size per axis,
+normalised to a peak of 1, and clamped below at max(min, 1e-3) so border voxels never get zero
+weight. Logits are weighted by it, summed over tiles in float32 and divided by the summed weights;
+softmax (or sigmoid for a single output channel) comes after blending, as in both references.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+BlendMode = Literal["gaussian", "constant"]
+
+
+def importance_map(tile: tuple[int, ...], mode: BlendMode = "gaussian", sigma_scale: float = 0.125) -> np.ndarray:
+    """Weights of shape ``tile`` (float32)."""
+    if mode == "constant":
+        weights = np.ones(tile, dtype=np.float32)
+    else:
+        weights = np.ones((), dtype=np.float32)
+        for size in tile:
+            sigma = size * sigma_scale
+            x = np.arange(-(size - 1) / 2.0, (size - 1) / 2.0 + 1, dtype=np.float32)
+            g = np.exp(x**2 / np.float32(-2 * sigma**2)).astype(np.float32)
+            weights = weights[..., None] * g
+    floor = max(float(weights.min()), 1e-3)
+    return np.maximum(weights, np.float32(floor)).astype(np.float32)
+
+
+def probabilities(summed_logits: np.ndarray, summed_weights: np.ndarray) -> np.ndarray:
+    """Blended logits (K, ...) / weights (...) → class probabilities (K, ...), float32.
+
+    K == 1: sigmoid (one foreground class); K > 1: softmax over K, computed stably.
+    """
+    logits = summed_logits / summed_weights[None]
+    if logits.shape[0] == 1:
+        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+    logits -= logits.max(axis=0, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=0, keepdims=True)
+    return logits.astype(np.float32, copy=False)
+
+
+def labels_from(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Class index per voxel: argmax over K, or probability >= threshold for one class."""
+    if probs.shape[0] == 1:
+        return (probs[0] >= threshold).astype(np.uint8)
+    return probs.argmax(axis=0).astype(np.uint8)

@@ -1,0 +1,306 @@
+"""Out-of-core sliding-window inference over a scan group: Zarr in, Zarr out, resumable.
+
+The pieces (each testable alone): ``plan`` (where tiles go), ``tiles`` (reading them with border
+padding), ``runner`` (the network: device, AMP, TTA, output checks), ``accumulate`` (weighted
+logits per output chunk, finalised as soon as its last tile is in), and the writer below (one
+output chunk at a time, then its done mark). This module only drives them.
+
+Output, beside the scan's ``image`` (README, "Zarr layout"):
+
+    prediction/probabilities   (K, *spatial) float16|float32, chunks (1, *image chunks)
+    prediction/labels          (*spatial) uint8: argmax, or probability >= threshold for K == 1
+    prediction/done            one uint8 per output chunk, written after that chunk's data
+    prediction attrs["tilewise"]["complete"] written last, when every chunk is done
+
+A re-run with the same model and parameters skips the chunks already done (resume) or, when the
+prediction is complete, does nothing; other parameters replace the prediction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Literal
+
+import numpy as np
+import zarr
+
+from tasks import storage
+from tasks.engine.accumulate import Chunk, ChunkAccumulator
+from tasks.engine.blend import BlendMode, importance_map, labels_from, probabilities
+from tasks.engine.model_io import LoadedModel
+from tasks.engine.plan import Placement, TilePlan, plan_tiles
+from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
+from tasks.engine.tiles import PadMode, read_tile
+from tasks.errors import ScanError
+from tasks.ingest.to_zarr import COMPRESSOR
+from tasks.version import tilewise_version
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TILE = {2: (256, 256), 3: (96, 96, 96)}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of one inference run. Sizes are spatial, array order (Z, Y, X) or (Y, X)."""
+
+    tile: tuple[int, ...] | None = None  # None: the model card's, else 256² (2D) / 96³ (3D)
+    overlap: float = 0.5
+    blend: BlendMode = "gaussian"
+    sigma_scale: float = 0.125
+    pad: PadMode = "reflect"
+    placement: Placement = "even"
+    batch: int = 4
+    device: str | None = None  # None: cuda if present, else cpu
+    amp: AmpMode = "none"
+    tta: bool = False
+    channels_last: bool = False
+    output_dtype: Literal["float16", "float32"] = "float16"
+    threshold: float = 0.5
+    memory_budget_mb: int = 1024
+
+    def result_fields(self) -> dict:
+        """The options that change the numbers written (not device, batch or memory budget)."""
+        skip = {"device", "batch", "memory_budget_mb", "channels_last"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+@dataclass
+class InferResult:
+    store: str
+    status: str  # "inferred" | "resumed" | "unchanged" | "partial" (a region of a distributed run)
+    tiles: int = 0
+    model_calls: int = 0
+    chunks_written: int = 0
+    seconds: float = 0.0
+    spills: int = 0
+    peak_accumulator_mb: float = 0.0
+    classes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Prepared:
+    """Everything a run (or one Dask region of it) needs, decided once."""
+
+    store: str
+    plan: TilePlan
+    config: EngineConfig
+    squeeze_axis: int | None
+    classes: list[str]
+    digest: str
+    todo: set[Chunk]  # chunks not done yet
+    resumed: bool
+    model_identity: str
+
+
+def _fail(store: str, problem: str) -> ScanError:
+    return ScanError(store, problem)
+
+
+def _prediction(store: str) -> str:
+    return f"{str(store).rstrip('/')}/prediction"
+
+
+def resolve_tile(config: EngineConfig, model: LoadedModel, spatial: tuple[int, ...], store: str
+                 ) -> tuple[tuple[int, ...], int | None]:
+    """The tile over the scan's spatial axes and, for a 2D model on a 3D scan, the axis to squeeze."""
+    model_dims = model.card.spatial_dims or len(spatial)
+    tile = config.tile or (tuple(model.card.tile) if model.card.tile else DEFAULT_TILE[model_dims])
+    tile = tuple(int(t) for t in tile)
+    if any(t <= 0 for t in tile):
+        raise _fail(store, f"tile sizes must be positive, got {tile}")
+    squeeze = None
+    if model_dims == 2 and len(spatial) == 3:
+        if len(tile) == 2:
+            tile = (1, *tile)
+        if tile[0] != 1:
+            raise _fail(store, f"a 2D model on a 3D scan needs tiles of depth 1, got {tile}")
+        squeeze = 2  # (B, C, 1, Y, X) -> (B, C, Y, X)
+    elif model_dims != len(spatial):
+        raise _fail(store, f"a {model_dims}D model cannot run on a {len(spatial)}D scan")
+    if len(tile) != len(spatial):
+        raise _fail(store, f"tile {tile} has {len(tile)} sizes but the scan has {len(spatial)} spatial axes")
+    return tile, squeeze
+
+
+def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...]) -> str:
+    payload = {"model": model_identity, "config": config.result_fields(), "tile": list(tile)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelRunner | None = None) -> Prepared | None:
+    """Validate everything, create (or reopen) the output; None when the output is complete already."""
+    store = str(store)
+    if not 0.0 <= config.overlap < 1.0:
+        raise _fail(store, f"overlap must be in [0, 1), got {config.overlap}")
+    if config.batch < 1:
+        raise _fail(store, f"batch must be at least 1, got {config.batch}")
+    if not storage.is_complete(store):
+        raise _fail(store, "is not a complete scan group (no completion mark): ingest it first")
+    group = storage.open_group(store, mode="r")
+    image = group["image/0"]
+    channels, spatial = image.shape[0], tuple(image.shape[1:])
+    if model.card.in_channels is not None and model.card.in_channels != channels:
+        raise _fail(store, f"the model takes {model.card.in_channels} input channels but the image has {channels}")
+    tile, squeeze = resolve_tile(config, model, spatial, store)
+    chunks = tuple(image.chunks[1:])
+    plan = plan_tiles(spatial, tile, config.overlap, chunks, config.placement)
+    digest = _digest(model.identity, config, tile)
+
+    pred_url = _prediction(store)
+    record = storage.read_record(pred_url)
+    resumed = False
+    if record is not None and record.get("digest") == digest and "classes" in record:
+        if record.get(storage.COMPLETE_KEY):
+            return None
+        resumed = True
+        classes = list(record["classes"])
+    else:
+        if record is not None or storage.exists(pred_url):
+            log.info("%s: replacing a prediction made with another model or parameters", pred_url)
+            storage.remove(pred_url)
+        classes = list(model.card.classes or [])
+        if not classes:  # ask the model: run one tile
+            probe = runner or ModelRunner(model.module, device=config.device, squeeze_axis=squeeze)
+            first = next(plan.tiles())
+            batch = model.card.normalization.apply(read_tile(image, first, tile, config.pad)[None])
+            try:
+                logits = probe(batch, where=f" (tile at {first})")
+            except ModelOutputError as exc:
+                raise _fail(store, str(exc)) from None
+            classes = [f"class_{k}" for k in range(logits.shape[1])]
+        _create_output(pred_url, plan, len(classes), config, digest, classes, model.identity)
+
+    done = zarr.open_array(f"{pred_url}/done", mode="r")[...]
+    todo = {idx for idx in np.ndindex(*plan.chunk_grid) if not done[idx]}
+    return Prepared(store, plan, config, squeeze, classes, digest, todo, resumed, model.identity)
+
+
+def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineConfig, digest: str,
+                   names: list[str], model_identity: str) -> None:
+    group = storage.open_group(pred_url, mode="w")
+    axes = "zyx"[-plan.ndim:]
+    group.create_array("probabilities", shape=(classes, *plan.shape), dtype=config.output_dtype,
+                       chunks=(1, *plan.chunks), compressors=COMPRESSOR, fill_value=0,
+                       dimension_names=("c", *axes))
+    group.create_array("labels", shape=plan.shape, dtype="uint8", chunks=plan.chunks, compressors=COMPRESSOR,
+                       fill_value=0, dimension_names=tuple(axes))
+    group.create_array("done", shape=plan.chunk_grid, dtype="uint8", chunks=(1,) * plan.ndim, fill_value=0)
+    group.attrs[storage.ATTRS_KEY] = {
+        "kind": "prediction", "digest": digest, "classes": names, "model": model_identity,
+        "params": {**config.result_fields(), "tile": list(plan.tile)},
+        "tilewise_version": tilewise_version(),
+    }
+
+
+class _ChunkWriter:
+    def __init__(self, pred_url: str, plan: TilePlan, config: EngineConfig):
+        self.plan = plan
+        self.config = config
+        self.probs = zarr.open_array(f"{pred_url}/probabilities", mode="r+")
+        self.labels = zarr.open_array(f"{pred_url}/labels", mode="r+")
+        self.done = zarr.open_array(f"{pred_url}/done", mode="r+")
+
+    def write(self, index: Chunk, summed: np.ndarray, weights: np.ndarray) -> Chunk:
+        probs = probabilities(summed, weights)
+        box = self.plan.chunk_box(index)
+        self.probs[(slice(None),) + box] = probs.astype(self.config.output_dtype)
+        self.labels[box] = labels_from(probs, self.config.threshold)
+        self.done[index] = 1  # after the data: a done chunk is always a whole chunk
+        return index
+
+
+def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = None,
+               runner: ModelRunner | None = None,
+               progress: Callable[[int, int], None] | None = None) -> InferResult:
+    """Compute the output chunks ``chunks`` (default: every chunk not done yet), each tile once."""
+    t0 = time.perf_counter()
+    config, plan = prep.config, prep.plan
+    wanted = prep.todo if chunks is None else (set(chunks) & prep.todo)
+    group = storage.open_group(prep.store, mode="r")
+    image = group["image/0"]
+    runner = runner or ModelRunner(model.module, device=config.device, amp=config.amp, tta=config.tta,
+                                   channels_last=config.channels_last, squeeze_axis=prep.squeeze_axis)
+    if runner.squeeze_axis is None:
+        runner.squeeze_axis = prep.squeeze_axis
+    counts = plan.tiles_per_chunk()
+    origins = [o for o in plan.tiles() if any(c in wanted for c in plan.chunks_of_tile(o))]
+    batches = [origins[i: i + config.batch] for i in range(0, len(origins), config.batch)]
+    weights = importance_map(plan.tile, config.blend, config.sigma_scale)
+    acc = ChunkAccumulator(plan, len(prep.classes), {c: counts[c] for c in wanted},
+                           budget_bytes=config.memory_budget_mb << 20)
+    writer = _ChunkWriter(_prediction(prep.store), plan, config)
+    norm = model.card.normalization
+    calls_before = runner.calls
+
+    def read(batch):
+        return norm.apply(np.stack([read_tile(image, o, plan.tile, config.pad) for o in batch]))
+
+    written = 0
+    pending: list[Future] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="tilewise-read") as readers, \
+            ThreadPoolExecutor(2, thread_name_prefix="tilewise-write") as writers:
+        try:
+            nxt = readers.submit(read, batches[0]) if batches else None
+            for i, batch in enumerate(batches):
+                x = nxt.result()
+                nxt = readers.submit(read, batches[i + 1]) if i + 1 < len(batches) else None
+                try:
+                    logits = runner(x, where=f" (tiles from {batch[0]})")
+                except ModelOutputError as exc:
+                    raise _fail(prep.store, str(exc)) from None
+                if logits.shape[1] != len(prep.classes):
+                    raise _fail(prep.store, f"model gives {logits.shape[1]} classes, the prediction has "
+                                            f"{len(prep.classes)}")
+                for origin, tile_logits in zip(batch, logits):
+                    tile_logits *= weights
+                    for index, summed, wsum in acc.add(origin, tile_logits, weights):
+                        pending.append(writers.submit(writer.write, index, summed, wsum))
+                # Keep few finished chunks waiting for the encoder: memory stays bounded.
+                while len(pending) > 4:
+                    pending.pop(0).result()
+                    written += 1
+                if progress is not None:
+                    progress(min((i + 1) * config.batch, len(origins)), len(origins))
+        finally:
+            for f in pending:  # let started writes finish so every done mark sits on whole data
+                if f.exception() is None:
+                    written += 1
+            acc.close()
+        for f in pending:
+            f.result()
+    if acc.remaining:
+        raise _fail(prep.store, f"internal error: {len(acc.remaining)} chunks never completed")
+    return InferResult(prep.store, "partial", tiles=len(origins), model_calls=runner.calls - calls_before,
+                       chunks_written=written, seconds=time.perf_counter() - t0, spills=acc.spills,
+                       peak_accumulator_mb=acc.peak_bytes / 2**20, classes=prep.classes)
+
+
+def finish(prep: Prepared, extra: dict | None = None) -> None:
+    """Write the prediction's completion mark, once every chunk is done."""
+    pred = storage.open_group(_prediction(prep.store), mode="r+")
+    done = pred["done"][...]
+    if not done.all():
+        raise _fail(prep.store, f"{int((done == 0).sum())} output chunks are not done; not marking complete")
+    storage.mark_complete(pred, {"at": datetime.now(timezone.utc).isoformat(), **(extra or {})})
+
+
+def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConfig(), *,
+               runner: ModelRunner | None = None,
+               progress: Callable[[int, int], None] | None = None) -> InferResult:
+    """Run ``model`` over the scan group at ``store`` in one process (see module docstring)."""
+    t0 = time.perf_counter()
+    prep = prepare(store, model, config, runner)
+    if prep is None:
+        return InferResult(str(store), "unchanged")
+    result = run_chunks(prep, model, runner=runner, progress=progress)
+    finish(prep, {"tiles": result.tiles, "model_calls": result.model_calls})
+    result.status = "resumed" if prep.resumed else "inferred"
+    result.seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,124 @@
+"""Where the tiles go: tile positions, border padding, and which tiles touch which output chunk.
+
+Pure functions on integers; no arrays are read here. Coordinates are spatial, in array order
+(Z, Y, X) or (Y, X), in voxels of level 0.
+
+Two placements of tile starts along an axis are offered:
+
+- ``even`` (default), nnU-Net's: the fewest tiles whose step is at most ``tile * (1 - overlap)``,
+  spread evenly so the first tile starts at 0 and the last ends flush with the border
+  (Isensee et al., nnU-Net, Nature Methods 2021; ``compute_steps_for_sliding_window``).
+- ``monai``: MONAI ``sliding_window_inference``'s, a fixed step ``int(tile * (1 - overlap))`` with the
+  last tile pulled back to end flush (``monai.data.utils.dense_patch_slices``). Offered so results
+  can be compared with MONAI voxel for voxel.
+
+An axis shorter than the tile is padded up to the tile (MONAI's rule: ``diff // 2`` before, the
+rest after); the padded voxels come from mirroring (``reflect``) or zeros (``constant``). Only
+voxels inside the scan are ever written.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+Placement = Literal["even", "monai"]
+
+
+def even_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """nnU-Net's evenly spaced starts for an axis of ``size`` >= ``tile``."""
+    if size <= tile:
+        return [0]
+    target_step = tile * (1.0 - overlap)
+    count = int(math.ceil((size - tile) / target_step)) + 1
+    step = (size - tile) / (count - 1)
+    return sorted({int(round(step * i)) for i in range(count)})  # rounding can repeat a start
+
+
+def monai_starts(size: int, tile: int, overlap: float) -> list[int]:
+    """MONAI ``dense_patch_slices`` starts for an axis of ``size`` >= ``tile``."""
+    if size == tile:
+        return [0]
+    interval = max(int(tile * (1.0 - overlap)), 1)
+    count = next(d for d in range(int(math.ceil(size / interval))) if d * interval + tile >= size) + 1
+    return [i * interval - max(i * interval + tile - size, 0) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Tile starts per axis in *padded* coordinates; ``pad_before[a]`` voxels precede the scan."""
+
+    shape: tuple[int, ...]  # scan's spatial shape
+    tile: tuple[int, ...]
+    starts: tuple[tuple[int, ...], ...]  # per axis, padded coordinates
+    pad_before: tuple[int, ...]
+    chunks: tuple[int, ...]  # output chunk shape (spatial)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def chunk_grid(self) -> tuple[int, ...]:
+        return tuple(-(-n // c) for n, c in zip(self.shape, self.chunks))
+
+    def tile_count(self) -> int:
+        return math.prod(len(s) for s in self.starts)
+
+    def tiles(self) -> Iterator[tuple[int, ...]]:
+        """Tile origins in scan coordinates (may be negative where padded), raster order
+        (first axis slowest), as MONAI enumerates them."""
+        for start in itertools.product(*self.starts):
+            yield tuple(s - p for s, p in zip(start, self.pad_before))
+
+    def chunk_box(self, index: tuple[int, ...]) -> tuple[slice, ...]:
+        return tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, self.chunks, self.shape))
+
+    def chunks_of_tile(self, origin: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+        """Output chunks that the tile at ``origin`` overlaps inside the scan."""
+        ranges = []
+        for o, t, c, n in zip(origin, self.tile, self.chunks, self.shape):
+            lo, hi = max(o, 0), min(o + t, n)
+            if hi <= lo:
+                return
+            ranges.append(range(lo // c, (hi - 1) // c + 1))
+        yield from itertools.product(*ranges)
+
+    def tiles_per_chunk(self) -> dict[tuple[int, ...], int]:
+        """How many tiles overlap each chunk: the count at which a chunk is final."""
+        per_axis = []
+        for axis in range(self.ndim):
+            counts = [0] * self.chunk_grid[axis]
+            for s in self.starts[axis]:
+                o = s - self.pad_before[axis]
+                lo, hi = max(o, 0), min(o + self.tile[axis], self.shape[axis])
+                for ci in range(lo // self.chunks[axis], (hi - 1) // self.chunks[axis] + 1):
+                    counts[ci] += 1
+            per_axis.append(counts)
+        return {idx: math.prod(per_axis[a][i] for a, i in enumerate(idx))
+                for idx in itertools.product(*(range(g) for g in self.chunk_grid))}
+
+
+def plan_tiles(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float, chunks: tuple[int, ...],
+               placement: Placement = "even") -> TilePlan:
+    """Plan the tiles over a scan of spatial ``shape`` (validated by the caller)."""
+    if len(tile) != len(shape) or len(chunks) != len(shape):
+        raise ValueError(f"tile {tile} and chunks {chunks} must have one size per spatial axis of {shape}")
+    starts_fn = even_starts if placement == "even" else monai_starts
+    pad_before, starts = [], []
+    for n, t in zip(shape, tile):
+        diff = max(t - n, 0)
+        pad_before.append(diff // 2)
+        starts.append(tuple(starts_fn(max(n, t), t, overlap)))
+    return TilePlan(tuple(shape), tuple(tile), tuple(starts), tuple(pad_before), tuple(chunks))
+
+
+def split_regions(grid: tuple[int, ...], region_chunks: tuple[int, ...]) -> list[list[tuple[int, ...]]]:
+    """Cut a chunk grid into blocks of ``region_chunks`` chunks; each block is one Dask job."""
+    blocks = []
+    for corner in itertools.product(*(range(0, g, r) for g, r in zip(grid, region_chunks))):
+        blocks.append(list(itertools.product(*(range(c, min(c + r, g))
+                                                for c, r, g in zip(corner, region_chunks, grid)))))
+    return blocks

@@ -1,0 +1,322 @@
+"""The inference engine against MONAI's sliding_window_inference and against hand-computed plans;
+resume after an injected failure; spilling; bad input."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+import torch
+import zarr
+from monai.inferers import sliding_window_inference
+
+from tasks import storage
+from tasks.engine.blend import importance_map
+from tasks.engine.infer import EngineConfig, infer_scan, prepare
+from tasks.engine.model_io import LoadedModel, ModelCard, Normalization
+from tasks.engine.plan import even_starts, monai_starts, plan_tiles
+from tasks.engine.runner import ModelRunner
+from tasks.errors import ScanError
+from tasks.ingest import ScanSpec, ingest_scan
+
+
+def make_scan(tmp_path: Path, array: np.ndarray, chunks: tuple[int, ...], name: str = "scan") -> str:
+    """A complete scan group holding ``array`` (C, *spatial) through the real ingest path."""
+    if array.ndim == 4:  # (C, Z, Y, X) -> NIfTI (i, j, k, t)
+        src = tmp_path / f"{name}.nii"
+        nib.save(nib.Nifti1Image(np.transpose(array, (3, 2, 1, 0)), np.eye(4)), src)
+        spec = ScanSpec(name, "mri", (src,), chunks=chunks)
+    else:  # (C, Y, X) -> GeoTIFF bands
+        src = tmp_path / f"{name}.tif"
+        with rasterio.open(src, "w", driver="GTiff", width=array.shape[2], height=array.shape[1],
+                           count=array.shape[0], dtype="float32") as dst:
+            dst.write(array)
+        spec = ScanSpec(name, "satellite", (src,), chunks=chunks)
+    store = str(tmp_path / f"{name}.zarr")
+    with pytest.warns(UserWarning) if array.ndim == 3 else _nothing():
+        ingest_scan(spec, store)
+    return store
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def conv_net(spatial_dims: int, c_in: int, k: int, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d if spatial_dims == 2 else torch.nn.Conv3d
+    return torch.nn.Sequential(conv(c_in, 6, 3, padding=1), torch.nn.Tanh(), conv(6, k, 3, padding=1)).eval()
+
+
+def monai_probs(array: np.ndarray, tile, net, overlap: float, pad: str, mode: str = "gaussian") -> np.ndarray:
+    with torch.no_grad():
+        out = sliding_window_inference(torch.from_numpy(array)[None], tile, 2, net, overlap=overlap, mode=mode,
+                                       padding_mode=pad)
+    return torch.softmax(out, 1)[0].numpy()
+
+
+def predicted(store: str) -> np.ndarray:
+    return zarr.open_array(f"{store}/prediction/probabilities")[:]
+
+
+CASES = [
+    # (C, spatial), chunks, tile, overlap, pad
+    pytest.param((1, 50, 61), (16, 16), (16, 24), 0.5, "constant", id="2d-not-divisible"),
+    pytest.param((3, 37, 29), (16, 16), (16, 16), 0.25, "reflect", id="2d-multichannel"),
+    pytest.param((1, 10, 61), (8, 32), (16, 24), 0.5, "reflect", id="2d-smaller-than-tile"),
+    pytest.param((2, 20, 33, 41), (8, 16, 16), (8, 16, 12), 0.5, "constant", id="3d-anisotropic-multichannel"),
+    pytest.param((1, 5, 9, 40), (4, 8, 8), (8, 16, 12), 0.5, "reflect", id="3d-smaller-than-tile"),
+    pytest.param((1, 24, 24, 24), (8, 8, 8), (12, 12, 12), 0.7, "constant", id="3d-overlap-0.7"),
+]
+
+
+@pytest.mark.parametrize("shape, chunks, tile, overlap, pad", CASES)
+def test_equals_monai_sliding_window_inference(tmp_path, shape, chunks, tile, overlap, pad):
+    rng = np.random.default_rng(1)
+    array = rng.random(shape, dtype=np.float32)
+    net = conv_net(len(shape) - 1, shape[0], 3)
+    store = make_scan(tmp_path, array, chunks)
+    config = EngineConfig(tile=tile, overlap=overlap, placement="monai", pad=pad, output_dtype="float32", batch=3)
+    result = infer_scan(store, LoadedModel(net, ModelCard(), "net"), config)
+    assert result.status == "inferred" and storage.is_complete(f"{store}/prediction")
+    ours = predicted(store)
+    ref = monai_probs(array, tile, net, overlap, pad)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= 1e-5
+    labels = zarr.open_array(f"{store}/prediction/labels")[:]
+    np.testing.assert_array_equal(labels, ref.argmax(0))
+    # every tile computed exactly once
+    expected_tiles = np.prod([len(monai_starts(max(n, t), t, overlap)) for n, t in zip(shape[1:], tile)])
+    assert result.model_calls == result.tiles == expected_tiles
+
+
+def test_even_placement_matches_nnunet_numbers():
+    # nnU-Net: ceil((100-32)/16)+1 = 6 steps over 68 voxels: 68/5 = 13.6 -> round(13.6*i)
+    assert even_starts(100, 32, 0.5) == [0, 14, 27, 41, 54, 68]
+    assert even_starts(32, 32, 0.5) == [0]
+    assert even_starts(33, 32, 0.5) == [0, 1]
+    assert monai_starts(100, 32, 0.5) == [0, 16, 32, 48, 64, 68]
+
+
+def test_even_placement_equals_dense_reference(tmp_path):
+    """Default placement against a plain in-memory implementation of the same blending."""
+    rng = np.random.default_rng(2)
+    array = rng.random((2, 45, 70), dtype=np.float32)
+    net = conv_net(2, 2, 2)
+    store = make_scan(tmp_path, array, (16, 32))
+    tile = (20, 24)
+    infer_scan(store, LoadedModel(net, ModelCard(), "net"), EngineConfig(tile=tile, output_dtype="float32"))
+    acc = np.zeros((2, 45, 70)), np.zeros((45, 70))
+    w = importance_map(tile)
+    for y, x in itertools.product(even_starts(45, 20, 0.5), even_starts(70, 24, 0.5)):
+        with torch.no_grad():
+            logits = net(torch.from_numpy(array[None, :, y:y + 20, x:x + 24]))[0].numpy()
+        acc[0][:, y:y + 20, x:x + 24] += logits * w
+        acc[1][y:y + 20, x:x + 24] += w
+    blended = acc[0] / acc[1]
+    ref = np.exp(blended) / np.exp(blended).sum(0)
+    assert np.abs(predicted(store) - ref).max() <= 1e-5
+
+
+def test_flip_tta_equals_average_of_flipped_monai_runs(tmp_path):
+    # 48 = 16 + 4 * 8: the tile grid is symmetric, so flipping the scan maps tiles onto tiles.
+    rng = np.random.default_rng(3)
+    array = rng.random((1, 48, 48), dtype=np.float32)
+    net = conv_net(2, 1, 2)
+    store = make_scan(tmp_path, array, (16, 16))
+    infer_scan(store, LoadedModel(net, ModelCard(), "net"),
+               EngineConfig(tile=(16, 16), placement="monai", pad="constant", tta=True, output_dtype="float32"))
+    total = 0
+    for axes in [(), (2,), (3,), (2, 3)]:
+        x = torch.from_numpy(array)[None]
+        x = torch.flip(x, axes) if axes else x
+        with torch.no_grad():
+            out = sliding_window_inference(x, (16, 16), 2, net, overlap=0.5, mode="gaussian")
+        total = total + (torch.flip(out, axes) if axes else out)
+    ref = torch.softmax(total / 4, 1)[0].numpy()
+    assert np.abs(predicted(store) - ref).max() <= 1e-5
+
+
+def test_2d_model_on_3d_stack_runs_slice_by_slice(tmp_path):
+    rng = np.random.default_rng(4)
+    array = rng.random((1, 3, 40, 30), dtype=np.float32)
+    net = conv_net(2, 1, 2)
+    store = make_scan(tmp_path, array, (2, 16, 16))
+    card = ModelCard(spatial_dims=2, classes=["a", "b"])
+    infer_scan(store, LoadedModel(net, card, "net2d"),
+               EngineConfig(tile=(16, 16), placement="monai", pad="reflect", output_dtype="float32"))
+    ours = predicted(store)
+    for z in range(3):
+        ref = monai_probs(array[:, z], (16, 16), net, 0.5, "reflect")
+        assert np.abs(ours[:, z] - ref).max() <= 1e-5
+    assert zarr.open_group(f"{store}/prediction").attrs["tilewise"]["classes"] == ["a", "b"]
+
+
+def test_normalisation_from_the_card_is_applied(tmp_path):
+    rng = np.random.default_rng(5)
+    array = (rng.random((1, 32, 32), dtype=np.float32) * 200 + 50).astype(np.float32)
+    net = conv_net(2, 1, 2)
+    store = make_scan(tmp_path, array, (16, 16))
+    card = ModelCard(normalization=Normalization(kind="zscore", mean=[100.0], std=[40.0]))
+    infer_scan(store, LoadedModel(net, card, "n"), EngineConfig(tile=(16, 16), placement="monai", pad="constant",
+                                                               output_dtype="float32"))
+    # 32 = 16 + 2 * 8: no padding, so normalising the whole array first is the same as per tile
+    ref = monai_probs((array - 100.0) / 40.0, (16, 16), net, 0.5, "constant")
+    assert np.abs(predicted(store) - ref).max() <= 1e-5
+
+
+class CountingModel(torch.nn.Module):
+    """Wraps a net; counts tiles; raises after ``fail_after`` forward calls (an injected crash)."""
+
+    def __init__(self, net, fail_after: int | None = None):
+        super().__init__()
+        self.net = net
+        self.fail_after = fail_after
+        self.forwards = 0
+        self.tiles = 0
+
+    def forward(self, x):
+        if self.fail_after is not None and self.forwards >= self.fail_after:
+            raise RuntimeError("injected crash")
+        self.forwards += 1
+        self.tiles += x.shape[0]
+        return self.net(x)
+
+
+def test_resume_skips_finished_chunks_and_matches_uninterrupted_run(tmp_path):
+    rng = np.random.default_rng(6)
+    array = rng.random((1, 24, 40, 40), dtype=np.float32)
+    net = conv_net(3, 1, 2)
+    config = EngineConfig(tile=(8, 16, 16), batch=2, output_dtype="float32")
+    reference = make_scan(tmp_path, array, (8, 16, 16), "reference")
+    full = infer_scan(reference, LoadedModel(CountingModel(net), ModelCard(), "m"), config)
+
+    store = make_scan(tmp_path, array, (8, 16, 16), "crashy")
+    crashing = CountingModel(net, fail_after=12)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        infer_scan(store, LoadedModel(crashing, ModelCard(), "m"), config)
+    assert not storage.is_complete(f"{store}/prediction")
+    done = zarr.open_array(f"{store}/prediction/done")[:].astype(bool)
+    assert 0 < done.sum() < done.size
+
+    # the tiles a resume must run: those overlapping at least one chunk that is not done
+    prep = prepare(store, LoadedModel(net, ModelCard(), "m"), config)
+    needed = [o for o in prep.plan.tiles() if any(not done[c] for c in prep.plan.chunks_of_tile(o))]
+    assert len(needed) < full.tiles
+
+    counting = CountingModel(net)
+    resumed = infer_scan(store, LoadedModel(counting, ModelCard(), "m"), config)
+    assert resumed.status == "resumed"
+    assert counting.tiles == len(needed)
+    assert storage.is_complete(f"{store}/prediction")
+    assert np.abs(predicted(store) - predicted(reference)).max() <= 1e-5
+
+    again = CountingModel(net)
+    assert infer_scan(store, LoadedModel(again, ModelCard(), "m"), config).status == "unchanged"
+    assert again.tiles == 0
+
+
+def test_other_parameters_replace_the_prediction(tmp_path):
+    array = np.random.default_rng(7).random((1, 32, 32), dtype=np.float32)
+    net = conv_net(2, 1, 2)
+    store = make_scan(tmp_path, array, (16, 16))
+    model = LoadedModel(net, ModelCard(), "m")
+    infer_scan(store, model, EngineConfig(tile=(16, 16), output_dtype="float32"))
+    first = predicted(store)
+    result = infer_scan(store, model, EngineConfig(tile=(16, 16), blend="constant", output_dtype="float32"))
+    assert result.status == "inferred"
+    assert np.abs(predicted(store) - first).max() > 1e-4
+
+
+def test_spilling_to_disk_keeps_the_result(tmp_path):
+    array = np.random.default_rng(8).random((1, 16, 48, 48), dtype=np.float32)
+    net = conv_net(3, 1, 2)
+    a = make_scan(tmp_path, array, (8, 8, 8), "a")
+    b = make_scan(tmp_path, array, (8, 8, 8), "b")
+    config = EngineConfig(tile=(8, 16, 16), output_dtype="float32")
+    roomy = infer_scan(a, LoadedModel(net, ModelCard(), "m"), config)
+    tight = infer_scan(b, LoadedModel(net, ModelCard(), "m"),
+                       EngineConfig(tile=(8, 16, 16), output_dtype="float32", memory_budget_mb=0))
+    assert roomy.spills == 0 and tight.spills > 0
+    assert np.array_equal(predicted(a), predicted(b))
+
+
+def test_accumulator_memory_does_not_grow_with_scan_length(tmp_path):
+    net = conv_net(3, 1, 2)
+    config = EngineConfig(tile=(8, 16, 16), output_dtype="float32")
+    peaks = []
+    for depth in (32, 128):
+        array = np.random.default_rng(9).random((1, depth, 32, 32), dtype=np.float32)
+        store = make_scan(tmp_path, array, (8, 16, 16), f"d{depth}")
+        peaks.append(infer_scan(store, LoadedModel(net, ModelCard(), "m"), config).peak_accumulator_mb)
+    assert peaks[1] == peaks[0]
+
+
+# ---- bad input: one line naming the store and the problem; nothing marked complete ------------
+
+class BadModel(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "shape":
+            return x[:, :, ::2]
+        if self.kind == "dtype":
+            return (x > 0.5).long()
+        if self.kind == "nan":
+            return torch.full_like(x, float("nan"))
+        return "nothing"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("shape", "model output has shape"),
+    ("dtype", "expected floating point logits"),
+    ("nan", "NaN or Inf"),
+    ("type", "expected a tensor"),
+])
+def test_bad_model_output(tmp_path, kind, message):
+    store = make_scan(tmp_path, np.ones((1, 20, 20), np.float32), (16, 16))
+    with pytest.raises(ScanError) as info:
+        infer_scan(store, LoadedModel(BadModel(kind), ModelCard(), "bad"), EngineConfig(tile=(8, 8)))
+    assert str(info.value).startswith(f"{store}: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not storage.is_complete(f"{store}/prediction")
+
+
+@pytest.mark.parametrize("config, card, message", [
+    (EngineConfig(tile=(0, 8)), ModelCard(), "tile sizes must be positive"),
+    (EngineConfig(tile=(-4, 8)), ModelCard(), "tile sizes must be positive"),
+    (EngineConfig(tile=(8, 8, 8)), ModelCard(), "spatial axes"),
+    (EngineConfig(tile=(8, 8), overlap=1.0), ModelCard(), "overlap must be in [0, 1)"),
+    (EngineConfig(tile=(8, 8), overlap=-0.1), ModelCard(), "overlap must be in [0, 1)"),
+    (EngineConfig(tile=(8, 8)), ModelCard(in_channels=3), "takes 3 input channels but the image has 1"),
+])
+def test_bad_options(tmp_path, config, card, message):
+    store = make_scan(tmp_path, np.ones((1, 20, 20), np.float32), (16, 16))
+    with pytest.raises(ScanError) as info:
+        infer_scan(store, LoadedModel(conv_net(2, 1, 2), card, "m"), config)
+    assert str(info.value) == f"{store}: {str(info.value).split(': ', 1)[1]}" and message in str(info.value)
+    assert not storage.is_complete(f"{store}/prediction")
+
+
+def test_incomplete_store_is_refused(tmp_path):
+    store = make_scan(tmp_path, np.ones((1, 20, 20), np.float32), (16, 16))
+    storage.clear_complete(store)
+    with pytest.raises(ScanError, match="not a complete scan group"):
+        infer_scan(store, LoadedModel(conv_net(2, 1, 2), ModelCard(), "m"), EngineConfig(tile=(8, 8)))
+    assert not storage.exists(f"{store}/prediction")
+
+
+def test_runner_counts_tiles_not_flips():
+    runner = ModelRunner(conv_net(2, 1, 2), device="cpu", tta=True)
+    out = runner(np.zeros((3, 1, 8, 8), np.float32))
+    assert out.shape == (3, 2, 8, 8) and runner.calls == 3
