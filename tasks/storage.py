@@ -42,7 +42,8 @@ def mark_complete(group: zarr.Group, record: dict[str, Any]) -> None:
 
 
 def clear_complete(url: str) -> None:
-    """Take the mark away first, so a crash during a rewrite never leaves a 'complete' group."""
+    """Take the mark away first: deleting a group file by file is not atomic, and a crash in the
+    middle must not leave a 'complete' zarr.json above missing arrays."""
     group = open_group(url, mode="r+")
     attrs = dict(group.attrs.get(ATTRS_KEY, {}))
     if attrs.pop(COMPLETE_KEY, None) is not None:
@@ -58,3 +59,14 @@ def remove(url: str) -> None:
 def exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(str(url))
     return fs.exists(path)
+
+
+def looks_like_group(url: str) -> bool:
+    """True for a Zarr group (even a half-written one) or an empty folder: safe to replace.
+    Anything else at that path is the user's, and tilewise never deletes it."""
+    fs, path = fsspec.core.url_to_fs(str(url))
+    if not fs.exists(path):
+        return True
+    if not fs.isdir(path):
+        return False
+    return fs.exists(f"{path}/zarr.json") or not fs.ls(path)

@@ -60,26 +60,39 @@ def plan_pyramid(
 def downsample_mean(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Average non-overlapping blocks of ``factors`` over the trailing axes of ``block``.
 
-    Leading axes (channels) are left alone. An odd trailing edge is averaged over the pixels it
-    has (edge pixels are replicated, which gives the same mean). Integer inputs are rounded half
-    up and returned in their own dtype; NaN in float inputs propagates to the block it lies in.
+    Leading axes (channels) are left alone. A short trailing block is averaged over the pixels it
+    has. Integer inputs are rounded half up and returned in their own dtype, exactly, 64-bit ones
+    included; bool gives the majority (ties True); NaN in float inputs propagates to its block.
     """
     lead = block.ndim - len(factors)
-    pad = [(0, 0)] * lead + [(0, (-n) % f) for n, f in zip(block.shape[lead:], factors)]
+    spatial = block.shape[lead:]
+    pad = [(0, 0)] * lead + [(0, (-n) % f) for n, f in zip(spatial, factors)]
     if any(p[1] for p in pad):
-        block = np.pad(block, pad, mode="edge")
+        block = np.pad(block, pad, mode="constant")  # zeros add nothing to a sum
     shape = list(block.shape[:lead])
     axes = []
-    for i, (n, f) in enumerate(zip(block.shape[lead:], factors)):
-        shape += [n // f, f]
+    counts = np.ones((), dtype=np.int64)  # pixels per output block, broadcast over the output
+    for i, (n, f) in enumerate(zip(spatial, factors)):
+        shape += [-(-n // f), f]
         axes.append(lead + 2 * i + 1)
-    count = int(np.prod(factors))
+        per_block = np.full(-(-n // f), f, dtype=np.int64)
+        per_block[-1] = n - f * (len(per_block) - 1)
+        counts = counts[..., None] * per_block
+    axes = tuple(axes)
     view = block.reshape(shape)
     if np.issubdtype(block.dtype, np.floating):
         acc = np.float64 if block.dtype == np.float64 else np.float32
-        return (view.sum(axis=tuple(axes), dtype=acc) / count).astype(block.dtype, copy=False)
+        return (view.sum(axis=axes, dtype=acc) / counts).astype(block.dtype, copy=False)
     if block.dtype == np.bool_:
-        return view.sum(axis=tuple(axes), dtype=np.int32) * 2 >= count
-    total = view.sum(axis=tuple(axes), dtype=np.int64)
-    # floor((total + count/2) / count): round half up, exact in integers.
-    return ((total + count // 2) // count).astype(block.dtype)
+        return view.sum(axis=axes, dtype=np.int64) * 2 >= counts
+    if block.dtype.itemsize < 8:
+        total = view.sum(axis=axes, dtype=np.int64)  # a block of < 2**31 values of 32 bits fits
+        return ((total + counts // 2) // counts).astype(block.dtype)
+    # 64-bit integers: per pixel x = c * q + r with 0 <= r < c (c: its block's pixel count), so the
+    # block mean is sum(q) + sum(r) / c; sum(q) stays inside the dtype and sum(r) is small.
+    per_pixel = counts
+    for axis in range(len(factors)):
+        per_pixel = np.expand_dims(per_pixel, axis=2 * axis + 1)
+    quotient, remainder = np.divmod(view, per_pixel.astype(block.dtype))
+    rounded = (remainder.sum(axis=axes, dtype=np.int64) + counts // 2) // counts
+    return quotient.sum(axis=axes, dtype=block.dtype) + rounded.astype(block.dtype)

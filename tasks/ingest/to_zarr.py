@@ -285,6 +285,8 @@ def ingest_scan(
         if not force and _unchanged(record, stats_files, options):
             return IngestResult(spec.scan_id, store, "unchanged", tuple(reader.shape), time.perf_counter() - t0)
         if storage.exists(store):
+            if not storage.looks_like_group(store):
+                raise ScanError(store, "exists and is not a Zarr group; refusing to replace it")
             if record and record.get(storage.COMPLETE_KEY):
                 storage.clear_complete(store)  # the old result stops being 'complete' first
                 log.info("%s: source or options changed; re-ingesting", store)

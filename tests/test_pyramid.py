@@ -1,0 +1,292 @@
+"""plan_pyramid and downsample_mean against values worked out by hand.
+
+Every expected array below was computed on paper from the definition (mean of each block of
+``factors`` over the trailing axes; a short trailing block is the mean of the pixels it has;
+integers rounded half up; NaN propagates; bool is the majority with ties going to True), not by
+running the code under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.ingest.pyramid import PyramidPlan, downsample_mean, plan_pyramid
+
+NAN = np.nan
+INF = np.inf
+
+
+# --------------------------------------------------------------------------------------------
+# plan_pyramid
+# --------------------------------------------------------------------------------------------
+
+
+def test_plan_isotropic_mri_sample_grid():
+    # BraTS pat0003 as stored: (Z, Y, X) = (32, 161, 146), 1 mm isotropic, catalog chunks 32x64x64.
+    # 161 -> 81 -> 41 and 146 -> 73 -> 37 (ceil halving); 16 > 32? no, but 81 > 64, so level 2 is
+    # made; at level 2 every halved axis (8, 41, 37) fits its chunk: stop.
+    plan = plan_pyramid((32, 161, 146), (1.0, 1.0, 1.0), (32, 64, 64))
+    assert isinstance(plan, PyramidPlan)
+    assert plan.shapes == [(32, 161, 146), (16, 81, 73), (8, 41, 37)]
+    assert plan.factors == [(2, 2, 2), (2, 2, 2)]
+    assert plan.spacings == [(1.0, 1.0, 1.0), (2.0, 2.0, 2.0), (4.0, 4.0, 4.0)]
+    assert plan.levels == 3
+    assert plan.slab_multiple() == 4  # 2 * 2 along Z
+
+
+def test_plan_without_spacing_treats_axes_as_isotropic():
+    assert plan_pyramid((32, 161, 146), None, (32, 64, 64)).shapes == [(32, 161, 146), (16, 81, 73), (8, 41, 37)]
+
+
+def test_plan_anisotropic_em_keeps_every_section():
+    # ISBI: 50 nm sections, 4 nm pixels. Z is 12.5x coarser than Y/X, so it is never halved until
+    # Y/X reach 32 nm (50 <= 2 * 32) -- and by then every halved axis fits in its chunk.
+    plan = plan_pyramid((8, 512, 512), (50.0, 4.0, 4.0), (8, 64, 64))
+    assert plan.shapes == [(8, 512, 512), (8, 256, 256), (8, 128, 128), (8, 64, 64)]
+    assert plan.factors == [(1, 2, 2)] * 3
+    assert plan.spacings == [(50.0, 4.0, 4.0), (50.0, 8.0, 8.0), (50.0, 16.0, 16.0), (50.0, 32.0, 32.0)]
+    assert plan.slab_multiple() == 1
+
+
+def test_plan_anisotropic_axis_joins_once_within_factor_two():
+    # Z 40, Y/X 10: level 1 halves Y/X only (40 > 2*10); at 20 nm, 40 <= 2*20 so Z joins in.
+    plan = plan_pyramid((64, 512, 512), (40.0, 10.0, 10.0), (16, 32, 32))
+    assert plan.shapes == [(64, 512, 512), (64, 256, 256), (32, 128, 128), (16, 64, 64), (8, 32, 32)]
+    assert plan.factors == [(1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)]
+    assert plan.spacings[-1] == (320.0, 160.0, 160.0)
+    assert plan.slab_multiple() == 8  # 1 * 2 * 2 * 2
+
+
+def test_plan_2d_odd_sizes_ceil_halving():
+    # SpaceNet chip 406 x 438 with 128 x 128 chunks: 203 x 219, then 102 x 110 (fits) -> stop.
+    plan = plan_pyramid((406, 438), (0.5, 0.5), (128, 128))
+    assert plan.shapes == [(406, 438), (203, 219), (102, 110)]
+    assert plan.factors == [(2, 2), (2, 2)]
+    assert plan.spacings == [(0.5, 0.5), (1.0, 1.0), (2.0, 2.0)]
+    assert plan.slab_multiple() == 4
+
+
+def test_plan_single_section_never_halves_that_axis():
+    plan = plan_pyramid((1, 20, 20), (1.0, 1.0, 1.0), (1, 8, 8))
+    assert plan.shapes == [(1, 20, 20), (1, 10, 10), (1, 5, 5)]
+    assert plan.factors == [(1, 2, 2), (1, 2, 2)]
+    assert plan.slab_multiple() == 1
+
+
+def test_plan_axis_reaching_one_stops_being_halved():
+    # (3, 100), chunks (1, 10): 3 -> 2 -> 1, then only X is halved: 100 -> 50 -> 25 -> 13 -> 7 (fits).
+    plan = plan_pyramid((3, 100), None, (1, 10))
+    assert plan.shapes == [(3, 100), (2, 50), (1, 25), (1, 13), (1, 7)]
+    assert plan.factors == [(2, 2), (2, 2), (1, 2), (1, 2)]
+    assert plan.slab_multiple() == 4
+
+
+def test_plan_scan_that_fits_one_chunk_has_one_level():
+    plan = plan_pyramid((10, 12), None, (16, 16))
+    assert plan.shapes == [(10, 12)]
+    assert plan.factors == []
+    assert plan.spacings == [(1.0, 1.0)]
+    assert plan.levels == 1
+    assert plan.slab_multiple() == 1
+
+
+def test_plan_all_axes_one_pixel():
+    assert plan_pyramid((1, 1, 1), None, (1, 1, 1)).shapes == [(1, 1, 1)]
+
+
+@pytest.mark.parametrize(
+    "max_levels, expected",
+    [
+        (6, [(1024, 1024), (512, 512), (256, 256), (128, 128), (64, 64), (32, 32)]),
+        (2, [(1024, 1024), (512, 512)]),
+        (1, [(1024, 1024)]),
+    ],
+)
+def test_plan_max_levels(max_levels, expected):
+    plan = plan_pyramid((1024, 1024), None, (1, 1), max_levels=max_levels)
+    assert plan.shapes == expected
+    assert len(plan.factors) == len(expected) - 1
+    assert plan.slab_multiple() == 2 ** (len(expected) - 1)
+
+
+# --------------------------------------------------------------------------------------------
+# downsample_mean
+# --------------------------------------------------------------------------------------------
+
+
+def _same(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Same dtype, shape and values (NaN equal to NaN, exact otherwise)."""
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_float_1d_odd_length():
+    out = downsample_mean(np.array([1, 2, 3, 4, 5], dtype=np.float32), (2,))
+    _same(out, np.array([1.5, 3.5, 5.0], dtype=np.float32))
+
+
+def test_float64_stays_float64():
+    out = downsample_mean(np.array([0.25, 0.5, 1.0, 3.0], dtype=np.float64), (2,))
+    _same(out, np.array([0.375, 2.0], dtype=np.float64))
+
+
+def test_uint8_2d_odd_both_axes_with_channel_axis_left_alone():
+    block = np.array(
+        [
+            [[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+            [[10, 20, 30], [40, 50, 60], [70, 80, 90]],
+        ],
+        dtype=np.uint8,
+    )  # (C=2, Y=3, X=3)
+    out = downsample_mean(block, (2, 2))
+    # channel 0: (1+2+4+5)/4 = 3; (3+6)/2 = 4.5 -> 5; (7+8)/2 = 7.5 -> 8; 9
+    # channel 1: (10+20+40+50)/4 = 30; (30+60)/2 = 45; (70+80)/2 = 75; 90
+    _same(out, np.array([[[3, 5], [8, 9]], [[30, 45], [75, 90]]], dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([0, 0, 0, 1], 0),  # 0.25 -> 0
+        ([0, 0, 1, 1], 1),  # 0.5 -> 1 (half up)
+        ([0, 1, 1, 1], 1),  # 0.75 -> 1
+        ([1, 1, 1, 2], 1),  # 1.25 -> 1
+        ([1, 2, 2, 2], 2),  # 1.75 -> 2
+        ([1, 1, 2, 2], 2),  # 1.5 -> 2
+        ([255, 255, 255, 254], 255),  # 254.75 -> 255, no uint8 overflow on the way
+        ([255, 255, 255, 255], 255),
+    ],
+)
+def test_uint8_2x2_rounding_half_up(values, expected):
+    out = downsample_mean(np.array(values, dtype=np.uint8).reshape(2, 2), (2, 2))
+    _same(out, np.array([[expected]], dtype=np.uint8))
+
+
+def test_signed_integers_round_half_up_towards_plus_infinity():
+    # means: -2.5 -> -2, -1.5 -> -1, -0.5 -> 0, 0.5 -> 1, -3.25 -> -3 (nearest), -3.75 -> -4
+    out = downsample_mean(np.array([-3, -2, -1, -2, -1, 0, 0, 1], dtype=np.int16), (2,))
+    _same(out, np.array([-2, -1, 0, 1], dtype=np.int16))
+    out = downsample_mean(np.array([-3, -3, -3, -4, -4, -4, -4, -3], dtype=np.int16), (4,))
+    _same(out, np.array([-3, -4], dtype=np.int16))
+
+
+def test_int32_extremes_do_not_overflow():
+    big = np.iinfo(np.int32).max
+    small = np.iinfo(np.int32).min
+    out = downsample_mean(np.array([big, big, small, small, big, small], dtype=np.int32), (2,))
+    # (min + max) / 2 = -0.5 -> 0 (half up)
+    _same(out, np.array([big, small, 0], dtype=np.int32))
+
+
+@pytest.mark.parametrize(
+    "dtype, values, expected",
+    [
+        # uint64 pixels above 2**63 (legal in GDAL UInt64 rasters): mean of 2**63 and 2**63 + 2.
+        (np.uint64, [2**63, 2**63 + 2], [2**63 + 1]),
+        (np.uint64, [2**64 - 1, 2**64 - 1], [2**64 - 1]),
+        # int64 values whose block sum leaves int64: four times 2**62.
+        (np.int64, [2**62, 2**62, 2**62, 2**62], [2**62]),
+    ],
+)
+def test_64bit_integers_keep_their_mean(dtype, values, expected):
+    out = downsample_mean(np.array(values, dtype=dtype), (len(values) // len(expected),))
+    _same(out, np.array(expected, dtype=dtype))
+
+
+def test_3d_factors_1_2_2_odd_sizes():
+    # (C=1, Z=2, Y=3, X=3): Z is kept, Y/X halved with a short trailing edge.
+    z0 = [[0, 10, 20], [30, 40, 50], [60, 70, 80]]
+    z1 = [[1, 1, 1], [1, 1, 1], [2, 4, 7]]
+    block = np.array([[z0, z1]], dtype=np.uint16)
+    out = downsample_mean(block, (1, 2, 2))
+    # z0: (0+10+30+40)/4=20, (20+50)/2=35, (60+70)/2=65, 80
+    # z1: 1, 1, (2+4)/2=3, 7
+    _same(out, np.array([[[[20, 35], [65, 80]], [[1, 1], [3, 7]]]], dtype=np.uint16))
+
+
+def test_3d_factors_2_2_2_with_odd_z():
+    # (Z=3, Y=2, X=2) float: the first Z pair is averaged over 8 voxels, the last section over 4.
+    block = np.array(
+        [[[1, 2], [3, 4]], [[5, 6], [7, 8]], [[100, 200], [300, 400]]], dtype=np.float32
+    )
+    out = downsample_mean(block, (2, 2, 2))
+    _same(out, np.array([[[4.5]], [[250.0]]], dtype=np.float32))
+
+
+def test_nan_propagates_only_to_its_own_block():
+    block = np.array([[NAN, 1, 4, 5], [2, 3, 6, 7]], dtype=np.float32)  # (Y=2, X=4)
+    out = downsample_mean(block, (2, 2))
+    assert out.dtype == np.float32 and out.shape == (1, 2)
+    assert np.isnan(out[0, 0])
+    assert out[0, 1] == 5.5
+
+
+def test_nan_in_short_trailing_block():
+    out = downsample_mean(np.array([1, 2, 3, NAN], dtype=np.float64), (3,))
+    assert out.shape == (2,)
+    assert out[0] == 2.0
+    assert np.isnan(out[1])
+
+
+@pytest.mark.parametrize(
+    "values, expected",
+    [
+        ([INF, 1.0], INF),
+        ([-INF, 1.0], -INF),
+        ([INF, -INF], NAN),
+        ([INF, INF], INF),
+    ],
+)
+def test_infinities(values, expected):
+    out = downsample_mean(np.array(values, dtype=np.float32), (2,))
+    np.testing.assert_array_equal(out, np.array([expected], dtype=np.float32))
+
+
+def test_bool_majority_ties_true():
+    block = np.array(
+        [
+            [True, False, False, False, True],
+            [False, False, True, True, False],
+        ]
+    )  # (Y=2, X=5): blocks (2x2), (2x2), (2x1)
+    out = downsample_mean(block, (2, 2))
+    # 1/4 -> False, 2/4 -> True (tie goes up), 1/2 -> True
+    _same(out, np.array([[False, True, True]]))
+    _same(downsample_mean(np.array([False, False, True]), (2,)), np.array([False, True]))
+    _same(downsample_mean(np.array([True, True, True, False]), (4,)), np.array([True]))
+    _same(downsample_mean(np.array([True, False, False, False]), (4,)), np.array([False]))
+
+
+def test_factors_of_one_are_identity():
+    block = np.arange(24, dtype=np.int16).reshape(2, 3, 4) - 7
+    _same(downsample_mean(block, (1, 1)), block)
+
+
+def test_short_trailing_block_wider_than_one_pixel_uses_its_own_pixels():
+    # The docstring: "An odd trailing edge is averaged over the pixels it has". With a factor of 3
+    # over 5 pixels the trailing block holds pixels 4 and 5: its mean is 4.5 (padding by
+    # replicating 5 would give (4 + 5 + 5) / 3 = 4.67 instead).
+    _same(downsample_mean(np.array([1, 2, 3, 4, 5], dtype=np.float64), (3,)), np.array([2.0, 4.5]))
+    _same(downsample_mean(np.array([1, 2, 3, 4, 8], dtype=np.uint8), (3,)), np.array([2, 6], dtype=np.uint8))
+
+
+def test_slabwise_equals_whole():
+    # Streaming writes a level slab by slab: with slab boundaries on even rows the slabs' means,
+    # stacked, are the whole array's means.
+    rng = np.random.default_rng(7)
+    block = rng.integers(0, 1000, size=(2, 10, 7, 5)).astype(np.uint16)
+    whole = downsample_mean(block, (2, 2, 2))
+    parts = [downsample_mean(block[:, a:b], (2, 2, 2)) for a, b in ((0, 4), (4, 8), (8, 10))]
+    _same(np.concatenate(parts, axis=1), whole)
+    # And against an explicit loop over output voxels.
+    expected = np.empty((2, 5, 4, 3), dtype=np.uint16)
+    for c in range(2):
+        for z in range(5):
+            for y in range(4):
+                for x in range(3):
+                    cell = block[c, 2 * z : 2 * z + 2, 2 * y : 2 * y + 2, 2 * x : 2 * x + 2].astype(np.int64)
+                    s, n = int(cell.sum()), cell.size
+                    expected[c, z, y, x] = (2 * s + n) // (2 * n)  # floor(s / n + 1/2)
+    _same(whole, expected)
