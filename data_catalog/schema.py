@@ -71,6 +71,9 @@ class LabelSource(_Strict):
     path: str = Field(min_length=1)
     mapping: dict[int, int]
     classes: list[str] = Field(min_length=2)
+    instance_classes: list[str] | None = Field(
+        default=None, description="classes whose connected components are instances (Mask R-CNN); "
+                                  "default: every class but the first")
 
     @field_validator("path")
     @classmethod
@@ -90,6 +93,9 @@ class LabelSource(_Strict):
             raise ValueError(
                 f"mapping targets {bad} are not class indices 0..{len(self.classes) - 1} of 'classes'"
             )
+        unknown = [c for c in self.instance_classes or [] if c not in self.classes]
+        if unknown:
+            raise ValueError(f"instance_classes {unknown} are not in 'classes'")
         return self
 
 

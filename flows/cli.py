@@ -22,7 +22,7 @@ run_app = typer.Typer(no_args_is_help=True, help="Run the scheduled jobs now.")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(run_app, name="run")
 
-out = Console()
+out = Console(soft_wrap=True)  # long paths stay on one line (scripts read this)
 err = Console(stderr=True)
 
 CatalogOpt = typer.Option(None, "--catalog", help="catalog folder or file (default: the bundled sample catalog)")
@@ -189,6 +189,41 @@ def infer(
         _fail(str(exc))
     out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles, {result.model_calls} model calls, "
               f"{result.chunks_written} chunks, {result.seconds:.1f} s)")
+
+
+@app.command()
+def train(
+    dataset: str = typer.Argument(..., help="catalog dataset name"),
+    catalog: Optional[Path] = CatalogOpt,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="at most this many epochs (default 30)"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="wall-clock budget (default 20)"),
+    architecture: Optional[str] = typer.Option(None, "--architecture", help="unet | deeplab | maskrcnn "
+                                                                            "(default: the catalog's model)"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Train on the dataset's labelled scans; track in MLflow; register; promote if it beats the champion."""
+    from data_catalog import CatalogError, find_entry
+
+    if architecture is not None and architecture not in ("unet", "deeplab", "maskrcnn"):
+        _fail(f"--architecture must be unet, deeplab or maskrcnn, got {architecture!r}")
+    catalog_dir = _catalog_dir(catalog)
+    try:
+        find_entry(dataset, catalog_dir)
+    except CatalogError as exc:
+        _fail(str(exc))
+    from flows.train import train_flow
+    from tasks.training.data import TrainingError
+
+    state = train_flow(dataset, catalog=str(catalog_dir), architecture=architecture, epochs=epochs,
+                       max_minutes=max_minutes, seed=seed, return_state=True)
+    report = state.result(raise_on_failure=False)
+    if isinstance(report, TrainingError):
+        _fail(str(report))
+    if isinstance(report, BaseException):
+        _fail(f"training failed: {type(report).__name__}: {report}")
+    out.print(f"trained {report.registered} ({report.architecture}): {report.metric_name}={report.metric:.4f}, "
+              f"{report.epochs} epochs, {report.seconds / 60:.1f} min, stopped: {report.stopped}")
+    out.print(f"{report.decision}; MLflow run {report.run_id}")
 
 
 def _outcome_table(title: str, outcomes) -> Table:

@@ -1,69 +1,18 @@
-"""Loading a model for the engine: a TorchScript file, with or without a JSON model card beside it.
+"""Loading a model for the engine: a TorchScript file, with or without a JSON model card beside it,
+or a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``).
 
-The card (``<model file>.json``, or ``model_card.json`` in the same folder) carries what a user
-should never have to repeat by hand: input channels and their order, class names, intensity
-normalisation, tile size and the model's spatial rank. Without a card the engine takes the input
-channels from the store, the classes from the model's output and applies no normalisation.
-Registry URIs (``models:/NAME@ALIAS``) are resolved by ``models.registry`` (model-zoo issue).
+The card file is ``<model file>.json`` (e.g. ``unet.pt.json``), ``<model stem>.json``, or
+``model_card.json`` in the same folder. Without a card the engine takes the input channels from
+the store, the classes from the model's output and applies no normalisation.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
-import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
-
+from models.card import LoadedModel, ModelCard, Normalization  # noqa: F401  (re-exported)
 from tasks.errors import ScanError
-
-
-class Normalization(BaseModel):
-    """Per-channel intensity normalisation applied to every tile before the model.
-
-    ``none``; ``zscore``: (x - mean) / std with the card's values; ``minmax``: (x - low) / (high - low).
-    """
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["none", "zscore", "minmax"] = "none"
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    low: list[float] | None = None
-    high: list[float] | None = None
-
-    def apply(self, batch: np.ndarray) -> np.ndarray:
-        """``batch`` is (B, C, *spatial) float32; returns it normalised (in place where possible)."""
-        if self.kind == "none":
-            return batch
-        shape = (1, -1) + (1,) * (batch.ndim - 2)
-        if self.kind == "zscore":
-            mean = np.asarray(self.mean, np.float32).reshape(shape)
-            std = np.asarray(self.std, np.float32).reshape(shape)
-            return (batch - mean) / std
-        low = np.asarray(self.low, np.float32).reshape(shape)
-        high = np.asarray(self.high, np.float32).reshape(shape)
-        return (batch - low) / (high - low)
-
-
-class ModelCard(BaseModel):
-    """What the engine needs to know about a model; the training issue writes richer cards."""
-
-    model_config = ConfigDict(extra="allow")
-    in_channels: int | None = Field(default=None, ge=1)
-    channel_names: list[str] | None = None
-    classes: list[str] | None = None
-    spatial_dims: Literal[2, 3] | None = None
-    tile: list[int] | None = None
-    normalization: Normalization = Normalization()
-
-
-@dataclass
-class LoadedModel:
-    module: Any  # torch.nn.Module
-    card: ModelCard
-    identity: str  # what the output records as "the model": a URI plus a content digest
 
 
 def card_path(model_path: Path) -> Path | None:
@@ -77,9 +26,12 @@ def card_path(model_path: Path) -> Path | None:
 def load_model(uri: str) -> LoadedModel:
     """Load ``uri``: a local TorchScript file, or a registry URI (``models:/...``)."""
     if uri.startswith("models:/"):
-        from models.registry import load_registered  # the model-zoo issue; imported only when asked
+        from models.registry import RegistryError, load_registered
 
-        return load_registered(uri)
+        try:
+            return load_registered(uri)
+        except RegistryError as exc:
+            raise ScanError(uri, str(exc)) from None
     import torch
 
     path = Path(uri)

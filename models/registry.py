@@ -1,0 +1,200 @@
+"""Saving, registering, promoting and loading models through the MLflow registry.
+
+Embedded default: MLflow on SQLite (``$TILEWISE_HOME/mlflow.db``) with artifacts under
+``$TILEWISE_HOME/mlflow-artifacts``; ``MLFLOW_TRACKING_URI`` switches to a server.
+
+Each trained model is logged twice in its run: as an MLflow PyTorch model (``mlflow.pytorch``,
+with signature and input example, for MLflow's own tools; saved in MLflow's safe ``pt2`` graph
+format where ``torch.export`` can trace the network, else -- Mask R-CNN -- in MLflow's pickle
+format, tagged ``tilewise.mlflow_model_format`` on the run) and, under ``tilewise/``, as a
+safetensors state dict plus the model card. tilewise loads only the second: it rebuilds the
+network from the card and loads the tensors, so loading never unpickles anything, whoever
+wrote the registry. ``mlflow.pytorch.load_model`` on a pickle-format model would execute the
+pickle; MLflow allows that unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, and tilewise
+never calls it.
+
+A registered model per dataset and architecture (``<dataset>-<architecture>``). A new version
+becomes ``champion`` only if its validation metric beats the current champion's; otherwise it is
+``challenger``. The decision is stored as a tag on the version and on its run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.card import LoadedModel, ModelCard
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+ARTIFACT_DIR = "tilewise"
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(Exception):
+    """A model URI that cannot be resolved, said in one line."""
+
+
+def _home() -> Path:
+    return Path(os.environ.get("TILEWISE_HOME", ".tilewise")).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{_home() / 'mlflow.db'}"
+
+
+def client():
+    """An MlflowClient on the configured tracking server (the embedded SQLite one by default)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        _home().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(dataset: str) -> str:
+    """One experiment per dataset, created on first use (local artifacts on the embedded default)."""
+    c = client()
+    name = f"tilewise/{dataset}"
+    existing = c.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (_home() / "mlflow-artifacts" / dataset).as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def registered_name(dataset: str, architecture: str) -> str:
+    return f"{dataset}-{architecture}"
+
+
+def log_model(network, card: ModelCard, input_example) -> Any:
+    """Inside an active MLflow run: the MLflow PyTorch model and tilewise's safetensors + card."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+    from mlflow.models import infer_signature
+    from safetensors.torch import save_file
+
+    network = network.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
+        save_file(state, str(Path(tmp) / "weights.safetensors"))
+        (Path(tmp) / "card.json").write_text(card.model_dump_json(indent=2))
+        mlflow.log_artifacts(tmp, artifact_path=ARTIFACT_DIR)
+    with torch.no_grad():
+        out = network(torch.from_numpy(input_example))
+    if isinstance(out, (list, tuple)):  # Mask R-CNN in eval mode returns detections, not a tensor
+        signature = infer_signature(input_example)
+    else:
+        signature = infer_signature(input_example, out.numpy().astype(np.float32))
+    try:  # MLflow's safe graph format (torch.export); models with data-dependent control flow refuse it
+        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=input_example,
+                                        serialization_format="pt2")
+    except Exception as exc:  # Mask R-CNN (NMS output sizes): MLflow's pickle format, flagged on the run
+        mlflow.set_tag("tilewise.mlflow_model_format", f"pickle (torch.export failed: {type(exc).__name__})")
+        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=input_example,
+                                        serialization_format="pickle")
+
+
+@dataclass(frozen=True)
+class Promotion:
+    name: str
+    version: str
+    alias: str  # champion | challenger
+    decision: str  # one line: why
+
+
+def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, value: float,
+                         higher_is_better: bool = True) -> Promotion:
+    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule."""
+    import mlflow
+
+    c = client()
+    try:
+        c.get_registered_model(name)
+    except Exception:
+        c.create_registered_model(name, description="trained by tilewise")
+    version = mlflow.register_model(model_uri, name).version
+    for key, val in {"run_id": run_id, "metric_name": metric, "metric_value": repr(float(value))}.items():
+        c.set_model_version_tag(name, version, key, val)
+    current = _alias_version(c, name, CHAMPION)
+    if current is None:
+        alias, decision = CHAMPION, f"champion: first version of {name} ({metric}={value:.4f})"
+    else:
+        best = float(c.get_model_version(name, current).tags.get("metric_value", "nan"))
+        better = value > best if higher_is_better else value < best
+        if best != best or better:  # NaN: the old champion has no comparable metric
+            alias = CHAMPION
+            decision = f"champion: {metric}={value:.4f} beats version {current} ({best:.4f})"
+        else:
+            alias = CHALLENGER
+            decision = f"challenger: {metric}={value:.4f} does not beat champion version {current} ({best:.4f})"
+    c.set_registered_model_alias(name, alias, version)
+    c.set_model_version_tag(name, version, "promotion", decision)
+    c.set_tag(run_id, "tilewise.promotion", decision)
+    c.set_tag(run_id, "tilewise.registered_version", f"{name}/{version}")
+    return Promotion(name, str(version), alias, decision)
+
+
+def _alias_version(c, name: str, alias: str) -> str | None:
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except Exception:
+        return None
+
+
+def _resolve(uri: str):
+    match = _URI.match(uri)
+    if not match:
+        raise RegistryError(f"not a model URI: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    c = client()
+    name = match["name"]
+    try:
+        c.get_registered_model(name)
+    except Exception:
+        raise RegistryError(f"no registered model named '{name}' at {tracking_uri()}") from None
+    try:
+        if match["alias"]:
+            return c, c.get_model_version_by_alias(name, match["alias"])
+        return c, c.get_model_version(name, match["version"])
+    except Exception:
+        what = f"alias '{match['alias']}'" if match["alias"] else f"version {match['version']}"
+        raise RegistryError(f"registered model '{name}' has no {what}") from None
+
+
+def load_registered(uri: str) -> LoadedModel:
+    """The network of a registry URI, rebuilt from its card and safetensors weights (no pickle)."""
+    from safetensors.torch import load_file
+
+    from models.zoo import build_from_card, inference_module
+
+    c, version = _resolve(uri)
+    run_id = version.run_id or version.tags.get("run_id")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(c.download_artifacts(run_id, ARTIFACT_DIR, tmp))
+            card = ModelCard.model_validate_json((local / "card.json").read_text())
+            state = load_file(str(local / "weights.safetensors"))
+        except Exception as exc:
+            raise RegistryError(f"{uri}: cannot read the model's card and weights ({exc})") from None
+    network = build_from_card(card)
+    network.load_state_dict(state, strict=True)
+    return LoadedModel(module=inference_module(card, network), card=card,
+                       identity=f"models:/{version.name}/{version.version}")
+
+
+def describe(uri: str) -> dict:
+    """Name, version, aliases and tags of a registry URI (for the CLI and run records)."""
+    _, version = _resolve(uri)
+    return {"name": version.name, "version": version.version, "aliases": list(version.aliases),
+            "tags": dict(version.tags), "run_id": version.run_id}

@@ -1,0 +1,31 @@
+"""U-Net, 2D or 3D, from MONAI (Ronneberger et al. 2015; MONAI's residual-unit variant).
+
+Sized per dataset: the number of levels follows the tile (each level halves it; the deepest
+feature map stays at least 4 voxels wide), the width follows ``base_channels``.
+"""
+
+from __future__ import annotations
+
+
+def unet_levels(tile: tuple[int, ...], max_levels: int = 5) -> int:
+    """How many resolution levels fit a tile: halve until the smallest axis would go below 4."""
+    smallest = min(t for t in tile if t > 1)
+    levels = 1
+    while levels < max_levels and smallest // 2 ** levels >= 4:
+        levels += 1
+    return levels
+
+
+def build_unet(spatial_dims: int, in_channels: int, out_channels: int, *, channels: list[int] | None = None,
+               base_channels: int = 16, levels: int = 4, num_res_units: int = 2, norm: str = "INSTANCE",
+               dropout: float = 0.0):
+    """A MONAI UNet mapping (B, in_channels, *spatial) to (B, out_channels, *spatial) logits.
+
+    Spatial sizes must be divisible by 2 ** (levels - 1); the engine's tiles are.
+    """
+    from monai.networks.nets import UNet
+
+    channels = list(channels) if channels else [base_channels * 2 ** i for i in range(levels)]
+    return UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                channels=channels, strides=[2] * (len(channels) - 1), num_res_units=num_res_units,
+                norm=norm, dropout=dropout)

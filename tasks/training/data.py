@@ -1,0 +1,161 @@
+"""Training data straight from the scan groups: splits, patch sampling, normalisation statistics.
+
+Nothing here loads a whole scan: every patch is read from ``image/0`` and ``labels/reference``
+through Zarr, so a 10^10-voxel stack trains in the same memory as a small one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from tasks import storage
+
+
+class TrainingError(Exception):
+    """The data cannot be trained on; said before any epoch runs."""
+
+
+@dataclass(frozen=True)
+class Region:
+    """A box of one scan (spatial slices, array order) used for training or validation."""
+
+    store: str
+    box: tuple[slice, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(s.stop - s.start for s in self.box)
+
+
+@dataclass(frozen=True)
+class ScanArrays:
+    store: str
+    image: zarr.Array  # (C, *spatial)
+    labels: zarr.Array  # (*spatial), class indices
+
+
+def open_training_scan(store: str, classes: int) -> ScanArrays:
+    """Open a complete scan group with labels; check what training relies on."""
+    if not storage.is_complete(store):
+        raise TrainingError(f"{store}: not a complete scan group; ingest it first")
+    group = storage.open_group(store)
+    if "labels" not in group or "reference" not in group["labels"]:
+        raise TrainingError(f"{store}: has no labels (the catalog entry needs a 'labels' section)")
+    image, labels = group["image/0"], group["labels/reference"]
+    if tuple(labels.shape) != tuple(image.shape[1:]):
+        raise TrainingError(f"{store}: labels shape {tuple(labels.shape)} differs from the image's "
+                            f"spatial shape {tuple(image.shape[1:])}")
+    counts = group["labels/reference"].attrs.get("tilewise", {}).get("class_voxels")
+    if counts is not None and len(counts) > classes and any(counts[classes:]):
+        raise TrainingError(f"{store}: labels hold class indices >= {classes}, not in the label mapping")
+    return ScanArrays(store, image, labels)
+
+
+def split_regions(scans: list[ScanArrays], val_fraction: float = 0.25, seed: int = 0
+                  ) -> tuple[list[Region], list[Region]]:
+    """Validation split by scan; with a single scan, by a range of slices (Z, or rows for a raster)
+    at its end, so no validation pixel was ever seen in training."""
+    if not scans:
+        raise TrainingError("no labelled scans to train on")
+    full = [Region(s.store, tuple(slice(0, n) for n in s.labels.shape)) for s in scans]
+    if len(scans) >= 2:
+        order = np.random.default_rng(seed).permutation(len(scans))
+        n_val = max(1, int(round(len(scans) * val_fraction)))
+        val = [full[i] for i in sorted(order[:n_val])]
+        train = [full[i] for i in sorted(order[n_val:])]
+    else:
+        region = full[0]
+        depth = region.shape[0]
+        n_val = int(round(depth * val_fraction))
+        if depth < 2 or n_val < 1 or depth - n_val < 1:
+            raise TrainingError(f"{region.store}: a single scan of {depth} slices cannot be split into "
+                                "training and validation")
+        cut = depth - n_val
+        train = [Region(region.store, (slice(0, cut),) + region.box[1:])]
+        val = [Region(region.store, (slice(cut, depth),) + region.box[1:])]
+    if not train:
+        raise TrainingError("the training split is empty: add labelled scans or lower the validation fraction")
+    return train, val
+
+
+class PatchSampler:
+    """Random patches (C, *patch) and their labels (*patch) from regions of scan groups.
+
+    ``foreground`` of the patches are centred on a random foreground voxel (class > 0) found in a
+    few random probes of the region, as nnU-Net oversamples foreground: small structures (tumours
+    are 0.3-2% of a BraTS volume) would otherwise hardly be seen.
+    """
+
+    def __init__(self, regions: list[Region], arrays: dict[str, ScanArrays], patch: tuple[int, ...],
+                 seed: int = 0, foreground: float = 0.33):
+        self.regions = regions
+        self.arrays = arrays
+        self.patch = patch
+        self.rng = np.random.default_rng(seed)
+        self.foreground = foreground
+        weights = np.array([np.prod(r.shape) for r in regions], dtype=float)
+        self.p = weights / weights.sum()
+
+    def _origin(self, region: Region, centre: tuple[int, ...] | None) -> tuple[int, ...]:
+        origin = []
+        for axis, (s, p) in enumerate(zip(region.box, self.patch)):
+            size = s.stop - s.start
+            if size <= p:
+                origin.append(s.start)
+            elif centre is not None:
+                origin.append(int(np.clip(centre[axis] - p // 2, s.start, s.stop - p)))
+            else:
+                origin.append(s.start + int(self.rng.integers(0, size - p + 1)))
+        return tuple(origin)
+
+    def _foreground_centre(self, region: Region) -> tuple[int, ...] | None:
+        labels = self.arrays[region.store].labels
+        for _ in range(4):  # probe a few random patch-sized windows for foreground
+            box = tuple(slice(o, o + min(p, s.stop - o)) for o, p, s in
+                        zip(self._origin(region, None), self.patch, region.box))
+            hits = np.argwhere(np.asarray(labels[box]) > 0)
+            if len(hits):
+                pick = hits[self.rng.integers(len(hits))]
+                return tuple(int(b.start + h) for b, h in zip(box, pick))
+        return None
+
+    def read(self, region: Region, origin: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        arrays = self.arrays[region.store]
+        box = tuple(slice(o, min(o + p, s.stop)) for o, p, s in zip(origin, self.patch, region.box))
+        image = np.asarray(arrays.image[(slice(None),) + box], dtype=np.float32)
+        labels = np.asarray(arrays.labels[box], dtype=np.int64)
+        pad = [(0, p - (b.stop - b.start)) for p, b in zip(self.patch, box)]
+        if any(hi for _, hi in pad):  # region smaller than the patch: mirror, as the engine does
+            image = np.pad(image, [(0, 0)] + pad, mode="reflect" if min(image.shape[1:]) > 1 else "edge")
+            labels = np.pad(labels, pad, mode="reflect" if min(labels.shape) > 1 else "edge")
+        return image, labels
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        region = self.regions[self.rng.choice(len(self.regions), p=self.p)]
+        centre = self._foreground_centre(region) if self.rng.random() < self.foreground else None
+        return self.read(region, self._origin(region, centre))
+
+    def fixed(self, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """A deterministic set of patches (for validation): the same every epoch."""
+        saved = self.rng
+        self.rng = np.random.default_rng(12345)
+        try:
+            return [self.sample() for _ in range(count)]
+        finally:
+            self.rng = saved
+
+
+def channel_statistics(sampler: PatchSampler, patches: int = 16) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over a sample of training patches."""
+    total = sq = count = 0
+    for image, _ in sampler.fixed(patches):
+        flat = image.reshape(image.shape[0], -1).astype(np.float64)
+        total = total + flat.sum(1)
+        sq = sq + (flat ** 2).sum(1)
+        count += flat.shape[1]
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
+    return [float(m) for m in mean], [float(s) for s in std]

@@ -1,0 +1,145 @@
+"""Train one catalog dataset's model, track it in MLflow, register it and apply the champion rule."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_catalog import LoadedEntry
+from models.card import ModelCard, Normalization
+from tasks import storage
+from tasks.ingest import discover_scans
+from tasks.settings import scan_store
+from tasks.training.data import PatchSampler, TrainingError, channel_statistics, open_training_scan, split_regions
+from tasks.training.loop import TrainConfig, TrainOutcome, train_semantic
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TILE = {2: (256, 256), 3: (64, 64, 64)}
+
+
+@dataclass
+class TrainReport:
+    dataset: str
+    architecture: str
+    run_id: str
+    metric_name: str
+    metric: float
+    epochs: int
+    stopped: str
+    seconds: float
+    registered: str  # NAME/VERSION
+    alias: str
+    decision: str
+    first_train_loss: float
+    last_train_loss: float
+
+
+def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | None, max_minutes: float | None,
+                  seed: int = 0, store_root: str | None = None):
+    """Check the data and decide every option, before anything is trained."""
+    entry = loaded.entry
+    if entry.labels is None:
+        raise TrainingError(f"{loaded.file}: dataset '{entry.name}' has no labels section; nothing to train on")
+    architecture = architecture or (entry.model.architecture if entry.model else "unet")
+    specs = discover_scans(loaded)
+    classes = tuple(entry.labels.classes)
+    scans = [open_training_scan(scan_store(entry.name, s.scan_id, store_root), len(classes)) for s in specs]
+    if not scans:
+        raise TrainingError(f"dataset '{entry.name}': no scans found at {entry.scans.path}")
+    train_regions, val_regions = split_regions(scans, seed=seed)
+    spatial = scans[0].labels.ndim
+    tile = tuple(entry.tiling.tile) if entry.tiling.tile else DEFAULT_TILE[spatial]
+    model_dims = len(tile)
+    if model_dims == 2 and spatial == 3:
+        patch = (1, *tile)
+    elif model_dims == spatial:
+        patch = tile
+    else:
+        raise TrainingError(f"{loaded.file}: tiling.tile {list(tile)} does not fit {spatial}D scans")
+    if architecture in ("deeplab", "maskrcnn") and model_dims != 2:
+        raise TrainingError(f"{loaded.file}: {architecture} is 2D; set a 2D tiling.tile")
+    arrays = {s.store: s for s in scans}
+    channels = scans[0].image.shape[0]
+    args: dict = {}
+    if architecture == "unet":
+        from models.unet import unet_levels
+
+        args = {"levels": unet_levels(tile), "base_channels": 16 if model_dims == 3 else 32}
+    config = TrainConfig(architecture=architecture, spatial_dims=model_dims, patch=patch, in_channels=channels,
+                         classes=classes, epochs=epochs or 30, max_minutes=max_minutes if max_minutes else 20.0,
+                         seed=seed, architecture_args=args, batch=2 if model_dims == 3 else 4)
+    train_sampler = PatchSampler(train_regions, arrays, patch, seed=seed)
+    val_sampler = PatchSampler(val_regions, arrays, patch, seed=seed + 1)
+    return config, train_sampler, val_sampler, scans
+
+
+def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epochs: int | None = None,
+                  max_minutes: float | None = None, seed: int = 0, store_root: str | None = None) -> TrainReport:
+    import mlflow
+
+    from models import registry
+
+    entry = loaded.entry
+    config, train_sampler, val_sampler, scans = plan_training(loaded, architecture, epochs, max_minutes, seed,
+                                                              store_root)
+    mean, std = channel_statistics(train_sampler)
+    normalization = Normalization(kind="zscore", mean=mean, std=std)
+    attrs = storage.read_record(scans[0].store) or {}  # spacing, unit, channel names of the data
+    tile = list(config.patch[1:] if len(config.patch) == config.spatial_dims + 1 else config.patch)
+    names = entry.labels.instance_classes or list(config.classes[1:])
+    instance_map = {config.classes.index(n): i + 1 for i, n in enumerate(names)}
+    card = ModelCard(
+        architecture=config.architecture, architecture_args=config.architecture_args,
+        in_channels=config.in_channels, channel_names=attrs.get("channel_names"),
+        classes=["background", *names] if config.architecture == "maskrcnn" else list(config.classes),
+        label_mapping=dict(entry.labels.mapping),
+        spatial_dims=config.spatial_dims, tile=tile, normalization=normalization, spacing=attrs.get("spacing"),
+        unit=attrs.get("unit"), modality=entry.modality, dataset=entry.name,
+    )
+
+    def normalise(batch: np.ndarray) -> np.ndarray:
+        return normalization.apply(batch.astype(np.float32))
+
+    val_patches = val_sampler.fixed(config.val_patches)
+    experiment = registry.experiment_id(entry.name)
+    name = registry.registered_name(entry.name, config.architecture)
+    with mlflow.start_run(experiment_id=experiment, run_name=f"train {name}") as run:
+        mlflow.log_params({
+            "architecture": config.architecture, "spatial_dims": config.spatial_dims, "patch": list(config.patch),
+            "epochs": config.epochs, "iterations_per_epoch": config.iterations_per_epoch, "batch": config.batch,
+            "lr": config.lr, "seed": config.seed, "max_minutes": config.max_minutes, "patience": config.patience,
+            "train_regions": len(train_sampler.regions), "val_regions": len(val_sampler.regions),
+            **{f"arch.{k}": v for k, v in config.architecture_args.items()},
+        })
+        mlflow.set_tags({"tilewise.dataset": entry.name, "tilewise.modality": entry.modality})
+        mlflow.log_dict(card.model_dump(), "tilewise/card_at_start.json")
+
+        def on_epoch(row: dict) -> None:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
+            log.info("%s epoch %d: %s", name, row["epoch"],
+                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+
+        outcome: TrainOutcome
+        if config.architecture == "maskrcnn":
+            from tasks.training.instances import train_maskrcnn
+
+            outcome = train_maskrcnn(config, train_sampler, val_patches, normalise, on_epoch,
+                                     instance_classes=instance_map)
+        else:
+            outcome = train_semantic(config, train_sampler, val_patches, normalise, on_epoch)
+        card = card.model_copy(update={"metric": {outcome.metric_name: outcome.best_metric}})
+        mlflow.log_metric(f"best_{outcome.metric_name}", outcome.best_metric)
+        mlflow.set_tag("tilewise.stopped", outcome.stopped)
+        example = normalise(val_patches[0][0][None])
+        if len(config.patch) == config.spatial_dims + 1:
+            example = example[:, :, 0]
+        info = registry.log_model(outcome.network, card, example)
+        promotion = registry.register_and_promote(name, info.model_uri, run.info.run_id, outcome.metric_name,
+                                                  outcome.best_metric)
+    return TrainReport(entry.name, config.architecture, run.info.run_id, outcome.metric_name, outcome.best_metric,
+                       len(outcome.history), outcome.stopped, outcome.seconds, f"{promotion.name}/{promotion.version}",
+                       promotion.alias, promotion.decision, outcome.history[0]["train_loss"],
+                       outcome.history[-1]["train_loss"])
