@@ -158,6 +158,14 @@ class Schedule(_Strict):
         return value
 
 
+class Training(_Strict):
+    """Budget of the training the nightly job runs once for a dataset that has no model yet
+    (``tilewise train`` takes the same defaults unless told otherwise)."""
+
+    epochs: int = Field(default=30, ge=1)
+    max_minutes: float = Field(default=20.0, gt=0)
+
+
 class CatalogEntry(_Strict):
     """One dataset of the catalog."""
 
@@ -172,6 +180,7 @@ class CatalogEntry(_Strict):
     )
     model: ModelRef | None = None
     tiling: Tiling = Tiling()
+    training: Training = Training()
     calibration: Calibration = Calibration()
     export: Export | None = None
     schedule: Schedule = Schedule()

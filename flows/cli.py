@@ -195,13 +195,14 @@ def infer(
 def train(
     dataset: str = typer.Argument(..., help="catalog dataset name"),
     catalog: Optional[Path] = CatalogOpt,
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="at most this many epochs (default 30)"),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="wall-clock budget (default 20)"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="at most this many epochs"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", help="wall-clock budget in minutes"),
     architecture: Optional[str] = typer.Option(None, "--architecture", help="unet | deeplab | maskrcnn "
                                                                             "(default: the catalog's model)"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Train on the dataset's labelled scans; track in MLflow; register; promote if it beats the champion."""
+    """Train on the dataset's labelled scans; track in MLflow; register; promote if it beats the champion.
+    Budget defaults: the catalog entry's 'training' section."""
     from data_catalog import CatalogError, find_entry
 
     if architecture is not None and architecture not in ("unet", "deeplab", "maskrcnn"):
@@ -230,7 +231,7 @@ def _outcome_table(title: str, outcomes) -> Table:
     table = Table(title=title)
     for column in ("dataset", "scan", "step", "status", "seconds", "message"):
         table.add_column(column, overflow="fold")
-    colours = {"failed": "red", "unchanged": "dim"}
+    colours = {"failed": "red", "unchanged": "dim", "skipped": "yellow"}
     for o in outcomes:
         style = colours.get(o.status, "green")
         table.add_row(o.dataset, o.scan_id, o.step, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", o.message)
@@ -241,9 +242,12 @@ def _outcome_table(title: str, outcomes) -> Table:
 def run_nightly(
     catalog: Optional[Path] = CatalogOpt,
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="only these datasets (repeatable)"),
-    force: bool = typer.Option(False, "--force", help="redo every step even where the result is up to date"),
+    force: bool = typer.Option(False, "--force", help="re-ingest even where the store is up to date"),
+    infer: bool = typer.Option(True, "--infer/--no-infer", help="run the champion model over the scans"),
+    train: bool = typer.Option(True, "--train/--no-train",
+                               help="train once (catalog 'training' budget) where a dataset has no model yet"),
 ) -> None:
-    """The nightly job over the catalog: ingest every new or changed scan (more steps to come)."""
+    """The nightly job: ingest new or changed scans, train missing models once, infer with the champions."""
     from data_catalog import CatalogError, load_catalog
 
     catalog_dir = _catalog_dir(catalog)
@@ -253,14 +257,16 @@ def run_nightly(
         _fail(str(exc))
     from flows.nightly import nightly_flow
 
-    state = nightly_flow(catalog=str(catalog_dir), datasets=dataset or None, force=force, return_state=True)
+    state = nightly_flow(catalog=str(catalog_dir), datasets=dataset or None, force=force, infer=infer,
+                         train_missing=train, return_state=True)
     outcomes = state.result(raise_on_failure=False)
     if not isinstance(outcomes, list):
         _fail(f"nightly flow failed: {outcomes}")
     out.print(_outcome_table("tilewise nightly", outcomes))
     if state.is_failed():
         _fail(state.message or "some scans failed")
-    out.print(f"[green]nightly: {len(outcomes)} scans ok[/]")
+    scans = len({(o.dataset, o.scan_id) for o in outcomes if o.scan_id != "*"})
+    out.print(f"[green]nightly: {scans} scans ok, {len(outcomes)} steps[/]")
 
 
 def main() -> None:  # pragma: no cover - console entry point

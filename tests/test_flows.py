@@ -119,13 +119,14 @@ def test_run_nightly_cli_on_bundled_catalog(prefect_server, tmp_path, monkeypatc
     from flows.cli import app
 
     monkeypatch.setenv("TILEWISE_STORE_ROOT", str(tmp_path / "stores"))
-    result = CliRunner().invoke(app, ["run", "nightly"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, ["run", "nightly", "--no-train"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "nightly: 6 scans ok" in result.output
+    assert result.output.count("run: tilewise train") == 3  # no model registered: infer says how to get one
     stores = sorted((tmp_path / "stores").glob("*/*.zarr"))
     assert len(stores) == 6 and all(storage.is_complete(str(s)) for s in stores)
     mri = zarr.open_group(str(tmp_path / "stores/brats2015_mri/brats_2013_pat0003_1.zarr"))
     assert mri["image/0"].shape[0] == 2  # FLAIR + T1c as channels
     assert mri.attrs["tilewise"]["channel_names"] == ["Flair_subtrMeanDivStd", "T1c_subtrMeanDivStd"]
-    second = CliRunner().invoke(app, ["run", "nightly"], env={"COLUMNS": "200"})
+    second = CliRunner().invoke(app, ["run", "nightly", "--no-infer"], env={"COLUMNS": "200"})
     assert second.exit_code == 0 and second.output.count("unchanged") == 6, second.output

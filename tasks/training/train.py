@@ -69,7 +69,8 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
 
         args = {"levels": unet_levels(tile), "base_channels": 16 if model_dims == 3 else 32}
     config = TrainConfig(architecture=architecture, spatial_dims=model_dims, patch=patch, in_channels=channels,
-                         classes=classes, epochs=epochs or 30, max_minutes=max_minutes if max_minutes else 20.0,
+                         classes=classes, epochs=epochs or entry.training.epochs,
+                         max_minutes=max_minutes or entry.training.max_minutes,
                          seed=seed, architecture_args=args, batch=2 if model_dims == 3 else 4)
     train_sampler = PatchSampler(train_regions, arrays, patch, seed=seed)
     val_sampler = PatchSampler(val_regions, arrays, patch, seed=seed + 1)
