@@ -41,11 +41,12 @@ def infer_flow(dataset: str, catalog: str = str(DEFAULT_CATALOG_DIR), model: str
     """Run ``model`` (default: the catalog's ``models:/NAME@ALIAS``) over the dataset's complete scans.
     Scans already predicted by the same model version with the same parameters are skipped."""
     logger = get_run_logger()
-    entry = find_entry(dataset, Path(catalog)).entry
+    loaded = find_entry(dataset, Path(catalog))
+    entry = loaded.entry
     uri = model or model_uri(entry)
     if uri is None:
         raise ValueError(f"dataset '{dataset}' names no model in the catalog; pass one")
-    stores = [scan_store(dataset, s.scan_id, store_root) for s in discover_scans(find_entry(dataset, Path(catalog)))]
+    stores = [scan_store(dataset, s.scan_id, store_root) for s in discover_scans(loaded)]
     ready = [s for s in stores if storage.is_complete(s)]
     if len(ready) < len(stores):
         logger.warning("%d scans are not ingested (complete) and are skipped", len(stores) - len(ready))

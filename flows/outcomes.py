@@ -41,4 +41,4 @@ def final_state(outcomes: list[ScanOutcome], key: str) -> State:
     )
     if any(o.failed for o in outcomes):
         return Failed(message=failure_message(outcomes), data=outcomes)
-    return Completed(message=f"{len(outcomes)} scans ok", data=outcomes)
+    return Completed(message=f"{len(outcomes)} ok", data=outcomes)

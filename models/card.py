@@ -63,11 +63,6 @@ class ModelCard(BaseModel):
     metric: dict[str, float] | None = None  # validation metric of this model: {"name": value}
 
 
-@dataclass
-class LoadedModel:
-    module: Any  # torch.nn.Module
-    card: ModelCard
-    identity: str  # what the output records as "the model": a URI plus a content digest
 
 
 @dataclass

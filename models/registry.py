@@ -120,10 +120,6 @@ def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, va
     import mlflow
 
     c = client()
-    try:
-        c.get_registered_model(name)
-    except Exception:
-        c.create_registered_model(name, description="trained by tilewise")
     version = mlflow.register_model(model_uri, name).version
     for key, val in {"run_id": run_id, "metric_name": metric, "metric_value": repr(float(value))}.items():
         c.set_model_version_tag(name, version, key, val)

@@ -18,7 +18,7 @@ from tasks import storage
 from tasks.engine.blend import importance_map
 from tasks.engine.infer import EngineConfig, infer_scan, prepare
 from tasks.engine.model_io import LoadedModel, ModelCard, Normalization
-from tasks.engine.plan import even_starts, monai_starts, plan_tiles
+from tasks.engine.plan import even_starts, monai_starts
 from tasks.engine.runner import ModelRunner
 from tasks.errors import ScanError
 from tasks.ingest import ScanSpec, ingest_scan

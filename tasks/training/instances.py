@@ -4,14 +4,11 @@ Validation metric: COCO mask AP at IoU 0.5 (pycocotools), on held-out patches.""
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from typing import Callable
 
 import numpy as np
 
-from tasks.training.loop import TrainConfig, TrainOutcome, _augment, _squeeze
+from tasks.training.loop import TrainConfig, TrainOutcome, _augment, _squeeze, fit
 
 
 def instances_from_labels(label: np.ndarray, instance_classes: dict[int, int], min_area: int = 16) -> dict:
@@ -109,47 +106,27 @@ def train_maskrcnn(config: TrainConfig, sampler, val_patches: list, normalise,
     val = [_squeeze(config, img, lab) for img, lab in val_patches]
     val_truth = [instances_from_labels(lab, instance_classes) for _, lab in val]
 
-    t0 = time.perf_counter()
-    budget = config.max_minutes * 60
-    best, best_epoch, best_state, history, stopped = -math.inf, -1, None, [], "epochs done"
-    for epoch in range(config.epochs):
-        network.train()
-        losses = []
-        for _ in range(config.iterations_per_epoch):
-            images, targets = [], []
-            for _ in range(config.batch):
-                image, label = _squeeze(config, *sampler.sample())
-                item = augment({"image": normalise(image[None])[0], "label": label[None].astype(np.float32)})
-                images.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
-                targets.append(_targets(np.asarray(item["label"])[0].round().astype(np.int64), instance_classes))
-            loss = sum(network(images, targets).values())
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            optimiser.step()
-            losses.append(loss.item())
-            if time.perf_counter() - t0 > budget:
-                break
-        network.eval()
+    def train_step() -> float:
+        images, targets = [], []
+        for _ in range(config.batch):
+            image, label = _squeeze(config, *sampler.sample())
+            item = augment({"image": normalise(image[None])[0], "label": label[None].astype(np.float32)})
+            images.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
+            targets.append(_targets(np.asarray(item["label"])[0].round().astype(np.int64), instance_classes))
+        loss = sum(network(images, targets).values())
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        optimiser.step()
+        return loss.item()
+
+    def validate() -> tuple[float, dict]:
         predictions = []
         with torch.inference_mode():
             for image, _ in val:
                 det = network([torch.from_numpy(normalise(image[None])[0])])[0]
                 predictions.append({"masks": (det["masks"][:, 0] >= 0.5).numpy(), "scores": det["scores"].numpy(),
                                     "labels": det["labels"].numpy()})
-        ap50 = mask_ap50(predictions, val_truth)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_ap50": ap50,
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if ap50 > best:
-            best, best_epoch, best_state = ap50, epoch, copy.deepcopy(network.state_dict())
-        if time.perf_counter() - t0 > budget:
-            stopped = f"time budget of {config.max_minutes:g} min"
-            break
-        if epoch - best_epoch >= config.patience:
-            stopped = f"no improvement for {config.patience} epochs"
-            break
-    network.load_state_dict(best_state)
-    return TrainOutcome(network.eval(), "val_ap50", best, best_epoch, history, stopped, time.perf_counter() - t0)
+        return mask_ap50(predictions, val_truth), {}
+
+    return fit(config, network, train_step, validate, "val_ap50", on_epoch)

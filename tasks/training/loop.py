@@ -100,6 +100,39 @@ def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: int) -> list[fl
     return out
 
 
+def fit(config: TrainConfig, network, train_step: Callable[[], float], validate: Callable[[], tuple[float, dict]],
+        metric_name: str, on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
+    """Epochs of ``train_step`` calls, validation after each, the best state kept; stops at
+    ``config.epochs``, after ``config.patience`` epochs without improvement, or at the time budget."""
+    t0 = time.perf_counter()
+    budget = config.max_minutes * 60
+    best, best_epoch, best_state, history, stopped = -math.inf, -1, None, [], "epochs done"
+    for epoch in range(config.epochs):
+        network.train()
+        losses = []
+        for _ in range(config.iterations_per_epoch):
+            losses.append(train_step())
+            if time.perf_counter() - t0 > budget:
+                break
+        network.eval()
+        metric, extra = validate()
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), metric_name: metric, **extra,
+               "seconds": time.perf_counter() - t0}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if metric > best:
+            best, best_epoch, best_state = metric, epoch, copy.deepcopy(network.state_dict())
+        if time.perf_counter() - t0 > budget:
+            stopped = f"time budget of {config.max_minutes:g} min"
+            break
+        if epoch - best_epoch >= config.patience:
+            stopped = f"no improvement for {config.patience} epochs"
+            break
+    network.load_state_dict(best_state)
+    return TrainOutcome(network.eval(), metric_name, best, best_epoch, history, stopped, time.perf_counter() - t0)
+
+
 def train_semantic(config: TrainConfig, sampler: PatchSampler, val_patches: list, normalise,
                    on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
     import torch
@@ -122,41 +155,21 @@ def train_semantic(config: TrainConfig, sampler: PatchSampler, val_patches: list
     val_x = torch.from_numpy(normalise(np.stack([v[0] for v in val])))
     val_y = np.stack([v[1] for v in val])
 
-    t0 = time.perf_counter()
-    budget = config.max_minutes * 60
-    best, best_epoch, best_state, history, stopped = -math.inf, -1, None, [], "epochs done"
-    for epoch in range(config.epochs):
-        network.train()
-        losses = []
-        for _ in range(config.iterations_per_epoch):
-            x, y = _batch(config, sampler, normalise, augment)
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(network(x), y)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            losses.append(loss.item())
-            if time.perf_counter() - t0 > budget:
-                break
-        network.eval()
+    def train_step() -> float:
+        x, y = _batch(config, sampler, normalise, augment)
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_fn(network(x), y)
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+        return loss.item()
+
+    def validate() -> tuple[float, dict]:
         with torch.inference_mode():
             pred = torch.cat([network(val_x[i:i + config.batch]) for i in range(0, len(val_x), config.batch)])
-        val_loss = float(loss_fn(pred, torch.from_numpy(val_y)[:, None]))
         dice = dice_per_class(pred.argmax(1).numpy(), val_y, len(config.classes))
         metric = float(np.nanmean(dice)) if not all(np.isnan(dice)) else 0.0
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, "val_dice": metric,
-               "seconds": time.perf_counter() - t0,
-               **{f"val_dice_{name}": d for name, d in zip(config.classes[1:], dice)}}
-        history.append(row)
-        if on_epoch:
-            on_epoch(row)
-        if metric > best:
-            best, best_epoch, best_state = metric, epoch, copy.deepcopy(network.state_dict())
-        if time.perf_counter() - t0 > budget:
-            stopped = f"time budget of {config.max_minutes:g} min"
-            break
-        if epoch - best_epoch >= config.patience:
-            stopped = f"no improvement for {config.patience} epochs"
-            break
-    network.load_state_dict(best_state)
-    return TrainOutcome(network.eval(), "val_dice", best, best_epoch, history, stopped, time.perf_counter() - t0)
+        return metric, {"val_loss": float(loss_fn(pred, torch.from_numpy(val_y)[:, None])),
+                        **{f"val_dice_{name}": d for name, d in zip(config.classes[1:], dice)}}
+
+    return fit(config, network, train_step, validate, "val_dice", on_epoch)
