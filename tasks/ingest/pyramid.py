@@ -8,6 +8,7 @@ section, while isotropic MRI halves all three axes), as nnU-Net plans its poolin
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,38 @@ def plan_pyramid(
     return PyramidPlan(shapes=shapes, factors=factors, spacings=spacings)
 
 
+_ACCUMULATOR = {  # dtype -> sum dtype wide enough for 8 values (a 2x2x2 block)
+    np.dtype(np.uint8): np.uint16, np.dtype(np.int8): np.int16, np.dtype(np.uint16): np.uint32,
+    np.dtype(np.int16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.int32): np.int64,
+    np.dtype(np.float16): np.float32, np.dtype(np.float32): np.float32, np.dtype(np.float64): np.float64,
+}
+
+
+def _block_counts(spatial: tuple[int, ...], factors: tuple[int, ...]) -> np.ndarray | int:
+    """Pixels per output block (short trailing blocks have fewer); an int when all are full."""
+    if all(n % f == 0 for n, f in zip(spatial, factors)):
+        return int(np.prod(factors))
+    counts = np.ones((), dtype=np.int64)
+    for n, f in zip(spatial, factors):
+        per_block = np.full(-(-n // f), f, dtype=np.int64)
+        per_block[-1] = n - f * (len(per_block) - 1)
+        counts = counts[..., None] * per_block
+    return counts
+
+
+def _halving_sum(block: np.ndarray, factors: tuple[int, ...], acc) -> np.ndarray:
+    """Sum of each block for factors of 1 or 2: strided views added into a small accumulator,
+    so no full-size temporary is made (this is the hot loop of ingest)."""
+    lead = block.ndim - len(factors)
+    out_shape = block.shape[:lead] + tuple(-(-n // f) for n, f in zip(block.shape[lead:], factors))
+    total = np.zeros(out_shape, dtype=acc)
+    for offsets in itertools.product(*(range(f) for f in factors)):
+        view = block[(Ellipsis,) + tuple(slice(o, None, f) for o, f in zip(offsets, factors))]
+        target = total[(Ellipsis,) + tuple(slice(0, n) for n in view.shape[lead:])]
+        np.add(target, view, out=target, casting="unsafe")
+    return total
+
+
 def downsample_mean(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Average non-overlapping blocks of ``factors`` over the trailing axes of ``block``.
 
@@ -66,23 +99,40 @@ def downsample_mean(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """
     lead = block.ndim - len(factors)
     spatial = block.shape[lead:]
+    counts = _block_counts(spatial, factors)
+    if all(f in (1, 2) for f in factors) and (block.dtype in _ACCUMULATOR or block.dtype == np.bool_):
+        acc = np.uint8 if block.dtype == np.bool_ else _ACCUMULATOR[block.dtype]
+        total = _halving_sum(block, factors, acc)
+        if block.dtype == np.bool_:
+            return total.astype(np.int64) * 2 >= counts if not isinstance(counts, int) else total * 2 >= counts
+        if np.issubdtype(block.dtype, np.floating):
+            total /= np.asarray(counts, dtype=total.dtype)
+            return total.astype(block.dtype, copy=False)
+        half = np.asarray(counts, dtype=acc) // 2
+        total += half
+        total //= np.asarray(counts, dtype=acc)
+        return total.astype(block.dtype)
+    return _general_mean(block, factors, counts)
+
+
+def _general_mean(block: np.ndarray, factors: tuple[int, ...], counts) -> np.ndarray:
+    """Any factors, any dtype: zero-pad, reshape, reduce (64-bit integers without overflow)."""
+    lead = block.ndim - len(factors)
+    spatial = block.shape[lead:]
     pad = [(0, 0)] * lead + [(0, (-n) % f) for n, f in zip(spatial, factors)]
     if any(p[1] for p in pad):
         block = np.pad(block, pad, mode="constant")  # zeros add nothing to a sum
     shape = list(block.shape[:lead])
     axes = []
-    counts = np.ones((), dtype=np.int64)  # pixels per output block, broadcast over the output
     for i, (n, f) in enumerate(zip(spatial, factors)):
         shape += [-(-n // f), f]
         axes.append(lead + 2 * i + 1)
-        per_block = np.full(-(-n // f), f, dtype=np.int64)
-        per_block[-1] = n - f * (len(per_block) - 1)
-        counts = counts[..., None] * per_block
     axes = tuple(axes)
+    counts = np.asarray(counts, dtype=np.int64)
     view = block.reshape(shape)
     if np.issubdtype(block.dtype, np.floating):
         acc = np.float64 if block.dtype == np.float64 else np.float32
-        return (view.sum(axis=axes, dtype=acc) / counts).astype(block.dtype, copy=False)
+        return (view.sum(axis=axes, dtype=acc) / counts.astype(acc)).astype(block.dtype, copy=False)
     if block.dtype == np.bool_:
         return view.sum(axis=axes, dtype=np.int64) * 2 >= counts
     if block.dtype.itemsize < 8:
@@ -91,8 +141,9 @@ def downsample_mean(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     # 64-bit integers: per pixel x = c * q + r with 0 <= r < c (c: its block's pixel count), so the
     # block mean is sum(q) + sum(r) / c; sum(q) stays inside the dtype and sum(r) is small.
     per_pixel = counts
-    for axis in range(len(factors)):
-        per_pixel = np.expand_dims(per_pixel, axis=2 * axis + 1)
+    if per_pixel.ndim:  # short trailing blocks: each pixel divides by its own block's count
+        for axis in range(len(factors)):
+            per_pixel = np.expand_dims(per_pixel, axis=2 * axis + 1)
     quotient, remainder = np.divmod(view, per_pixel.astype(block.dtype))
     rounded = (remainder.sum(axis=axes, dtype=np.int64) + counts // 2) // counts
     return quotient.sum(axis=axes, dtype=block.dtype) + rounded.astype(block.dtype)

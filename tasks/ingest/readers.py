@@ -23,6 +23,7 @@ import numpy as np
 from tasks.errors import ScanError
 
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
+GDAL_CACHE_MB = 64
 NIFTI_UNITS = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}
 
 
@@ -146,6 +147,8 @@ class NiftiReader(ScanReader):
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
         parts = [self._read_file(n, start, stop) for n in range(len(self._images))]
+        if len(parts) == 1:
+            return np.ascontiguousarray(parts[0], dtype=self.dtype)
         out = np.empty((self.shape[0], stop - start) + self.shape[2:], dtype=self.dtype)
         c = 0
         for part in parts:
@@ -216,11 +219,16 @@ class TiffStackReader(ScanReader):
         self.shape = (channels, *spatial_shape)
         self.dtype = np.dtype(series.dtype)
         self._series_axes = series_axes
+        self._page_shape = tuple(series.shape[1:]) if len(spatial) == 3 else ()
         self._check_shape()
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
         try:
-            block = np.asarray(self._array[start:stop])
+            if self.axes == "czyx":  # whole pages: tifffile reads them straight into one array
+                block = self._tif.asarray(key=range(start, stop), series=0).reshape(
+                    (stop - start, *self._page_shape))
+            else:  # one large page: only the strips / tiles of these rows, through the Zarr view
+                block = np.asarray(self._array[start:stop])
         except Exception as exc:
             raise ScanError(self.path, f"cannot read rows/pages {start}-{stop - 1} ({_describe(exc)})") from None
         return np.moveaxis(block, -1, 0) if self._samples_last else block[np.newaxis]
@@ -339,17 +347,25 @@ class GeoTiffReader(ScanReader):
         from rasterio.errors import NotGeoreferencedWarning
 
         self.path = str(path)
+        # GDAL caches decoded blocks up to 5% of RAM by default: a streamed scene would fill it.
+        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+        self._env.__enter__()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self._src = rasterio.open(str(path))
         except Exception as exc:
+            self._env.__exit__(None, None, None)
             raise ScanError(path, f"not a readable GeoTIFF ({_describe(exc)})") from None
         src = self._src
         self.axes = "cyx"
         self.shape = (src.count, src.height, src.width)
         self.dtype = np.result_type(*[np.dtype(d) for d in src.dtypes])
-        self._check_shape()
+        try:
+            self._check_shape()
+        except ScanError:
+            self.close()
+            raise
         self.spacing = (abs(src.transform.e), abs(src.transform.a))
         self.unit = None
         if src.crs is None:
@@ -385,6 +401,7 @@ class GeoTiffReader(ScanReader):
 
     def close(self) -> None:
         self._src.close()
+        self._env.__exit__(None, None, None)
 
 
 def open_reader(sources: list[Path], kind: str) -> ScanReader:

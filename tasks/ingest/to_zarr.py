@@ -45,6 +45,7 @@ FORMAT_VERSION = 1
 # COG-style 512 x 512 block.
 DEFAULT_CHUNKS = {"mri": (64, 64, 64), "em": (8, 512, 512), "satellite": (512, 512)}
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+PYRAMID_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
 @dataclass(frozen=True)
@@ -156,18 +157,18 @@ class _SlabStats:
     def update(self, slab: np.ndarray) -> None:
         if slab.size == 0:
             return
-        if self.floating:
-            nan = np.isnan(slab)
-            self.nan += int(nan.sum())
+        low, high = float(slab.min()), float(slab.max())
+        if self.floating and not (math.isfinite(low) and math.isfinite(high)):
+            # NaN propagates through min/max, so only slabs holding NaN or Inf pay for the counts
+            self.nan += int(np.isnan(slab).sum())
             self.posinf += int(np.isposinf(slab).sum())
             self.neginf += int(np.isneginf(slab).sum())
-            finite = slab[np.isfinite(slab)] if self.nan or self.posinf or self.neginf else slab
-            if finite.size:
-                self.min = min(self.min, float(finite.min()))
-                self.max = max(self.max, float(finite.max()))
-        else:
-            self.min = min(self.min, float(slab.min()))
-            self.max = max(self.max, float(slab.max()))
+            finite = slab[np.isfinite(slab)]
+            if not finite.size:
+                return
+            low, high = float(finite.min()), float(finite.max())
+        self.min = min(self.min, low)
+        self.max = max(self.max, high)
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"min": json_number(self.min) if self.min != math.inf else None,
@@ -195,7 +196,12 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, np.ndarr
 
 
 class _PyramidWriter:
-    """Writes a slab to level 0 and its block means to every lower level."""
+    """Writes a slab to level 0 and its block means to every lower level.
+
+    A lower level gets fewer rows per slab than its chunks are deep; writing those directly would
+    decode and re-encode each of its chunks several times, so its rows are gathered into one
+    chunk-row buffer and written when that is full (and at the end).
+    """
 
     def __init__(self, image: zarr.Group, channels: int, dtype: np.dtype, plan: PyramidPlan,
                  chunks: tuple[int, ...], dimension_names: tuple[str, ...]):
@@ -204,17 +210,42 @@ class _PyramidWriter:
             image.create_array(
                 str(level), shape=(channels, *shape), dtype=dtype,
                 chunks=(1, *(min(c, n) for c, n in zip(chunks, shape))),
-                compressors=COMPRESSOR, fill_value=0, dimension_names=dimension_names,
+                # Lower levels are small and smooth: a light zstd level costs little in size.
+                compressors=COMPRESSOR if level == 0 else PYRAMID_COMPRESSOR,
+                fill_value=0, dimension_names=dimension_names,
             )
             for level, shape in enumerate(plan.shapes)
         ]
+        self._buffers: dict[int, tuple[np.ndarray, int, int]] = {}  # level -> (buffer, first row, rows held)
 
     def write(self, start: int, slab: np.ndarray) -> None:
         self.arrays[0][:, start : start + slab.shape[1]] = slab
         for level, factors in enumerate(self.plan.factors, start=1):
             slab = downsample_mean(slab, factors)
             start //= factors[0]
-            self.arrays[level][:, start : start + slab.shape[1]] = slab
+            self._append(level, start, slab)
+
+    def _append(self, level: int, start: int, rows: np.ndarray) -> None:
+        array = self.arrays[level]
+        depth = array.chunks[1]
+        while rows.shape[1]:
+            buffer, first, held = self._buffers.get(level) or (None, start, 0)
+            if buffer is None:
+                buffer = np.empty((rows.shape[0], depth, *rows.shape[2:]), dtype=rows.dtype)
+            take = min(depth - held, rows.shape[1])
+            buffer[:, held : held + take] = rows[:, :take]
+            held += take
+            rows, start = rows[:, take:], start + take
+            if held == depth or first + held == array.shape[1]:
+                array[:, first : first + held] = buffer[:, :held]
+                self._buffers.pop(level, None)
+            else:
+                self._buffers[level] = (buffer, first, held)
+
+    def flush(self) -> None:
+        for level, (buffer, first, held) in sorted(self._buffers.items()):
+            self.arrays[level][:, first : first + held] = buffer[:, :held]
+        self._buffers.clear()
 
 
 def _map_labels(values: np.ndarray, mapping: dict[int, int], path: str) -> np.ndarray:
@@ -334,6 +365,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
                 progress(stop, total)
 
         _stream(reader, step, consume)
+        writer.flush()
         labels = (_write_labels(group, spec.labels, spec.modality, tuple(reader.shape[1:]), chunks)
                   if spec.labels else None)
 
