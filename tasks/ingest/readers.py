@@ -91,9 +91,10 @@ class ScanReader(ABC):
 class NiftiReader(ScanReader):
     """NIfTI-1/2 (.nii, .nii.gz), 3D or 4D; several files of one grid become channels.
 
-    Data are read through ``img.dataobj`` slab by slab along k, so an uncompressed .nii is
-    memory-mapped and a .nii.gz is decompressed once, front to back (the file handle is kept
-    open so successive slabs continue where the last one stopped).
+    Data are read through ``img.dataobj`` slab by slab along k with plain file reads (no memory
+    map), and a .nii.gz is decompressed once, front to back (the file handle is kept open so
+    successive slabs continue where the last one stopped). NIfTI's Fortran order makes a k-slab
+    one contiguous run of the file, and its (i, j, k) array is already C-ordered as (k, j, i).
     """
 
     def __init__(self, paths: list[Path]):
@@ -105,7 +106,8 @@ class NiftiReader(ScanReader):
         self._images = []
         for p in self.paths:
             try:
-                img = nib.load(str(p), keep_file_open=True)
+                # mmap=False: a memory map would count every page read so far in our RSS
+                img = nib.load(str(p), keep_file_open=True, mmap=False)
             except Exception as exc:  # nibabel raises many types for bad files
                 raise ScanError(p, f"not a readable NIfTI file ({_describe(exc)})") from None
             if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):

@@ -40,10 +40,11 @@ from tasks.version import tilewise_version
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# Spatial chunk shape per modality, array order. MRI: isotropic cubes that hold a 3D U-Net tile;
-# EM: thin slabs of whole-ish sections (2D models read few sections at a time); satellite: the
-# COG-style 512 x 512 block.
-DEFAULT_CHUNKS = {"mri": (64, 64, 64), "em": (8, 512, 512), "satellite": (512, 512)}
+# Spatial chunk shape per modality, array order. Ingest streams one chunk row along the first axis
+# at a time, so the first size sets the memory per slab. MRI: 32 slices of 64 x 64 (a 3D tile reads
+# a few); EM: one section of 512 x 512 (serial-section stacks are anisotropic and segmented
+# section by section); satellite: the COG-style 512 x 512 block.
+DEFAULT_CHUNKS = {"mri": (32, 64, 64), "em": (1, 512, 512), "satellite": (512, 512)}
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 PYRAMID_COMPRESSOR = BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
@@ -195,6 +196,25 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, np.ndarr
             del slab
 
 
+WRITE_PIECE_BYTES = 16 << 20
+
+
+def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray) -> None:
+    """``array[:, start:start + n] = rows``, a few chunks at a time along the last axis.
+
+    Zarr encodes every chunk of one assignment at once, holding a copy and the compressed bytes
+    of each: writing a whole slab in one go would double its memory. Pieces of ~16 MB keep the
+    encoder busy on both cores and the overhead small.
+    """
+    step = array.chunks[-1]
+    per_column = rows.nbytes // max(1, -(-rows.shape[-1] // step))
+    columns = max(1, WRITE_PIECE_BYTES // max(per_column, 1))
+    stop = start + rows.shape[1]
+    for x0 in range(0, rows.shape[-1], columns * step):
+        x1 = min(x0 + columns * step, rows.shape[-1])
+        array[:, start:stop, ..., x0:x1] = rows[..., x0:x1]
+
+
 class _PyramidWriter:
     """Writes a slab to level 0 and its block means to every lower level.
 
@@ -219,7 +239,7 @@ class _PyramidWriter:
         self._buffers: dict[int, tuple[np.ndarray, int, int]] = {}  # level -> (buffer, first row, rows held)
 
     def write(self, start: int, slab: np.ndarray) -> None:
-        self.arrays[0][:, start : start + slab.shape[1]] = slab
+        _write_in_pieces(self.arrays[0], start, slab)
         for level, factors in enumerate(self.plan.factors, start=1):
             slab = downsample_mean(slab, factors)
             start //= factors[0]
@@ -237,14 +257,14 @@ class _PyramidWriter:
             held += take
             rows, start = rows[:, take:], start + take
             if held == depth or first + held == array.shape[1]:
-                array[:, first : first + held] = buffer[:, :held]
+                _write_in_pieces(array, first, buffer[:, :held])
                 self._buffers.pop(level, None)
             else:
                 self._buffers[level] = (buffer, first, held)
 
     def flush(self) -> None:
         for level, (buffer, first, held) in sorted(self._buffers.items()):
-            self.arrays[level][:, first : first + held] = buffer[:, :held]
+            _write_in_pieces(self.arrays[level], first, buffer[:, :held])
         self._buffers.clear()
 
 
