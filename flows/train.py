@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_catalog import DEFAULT_CATALOG_DIR, find_entry
 from flows.ingest import ingest_flow
+from tasks.training.data import TrainingError
 from tasks.training.train import TrainReport, train_dataset
 
 
@@ -28,5 +29,10 @@ def train_flow(dataset: str, catalog: str = str(DEFAULT_CATALOG_DIR), architectu
                store_root: str | None = None) -> TrainReport:
     ingest = ingest_flow(dataset, catalog=catalog, store_root=store_root, return_state=True)
     if ingest.is_failed():
-        get_run_logger().warning("some scans failed to ingest; training on the others: %s", ingest.message)
-    return train_task(dataset, catalog, architecture, epochs, max_minutes, seed, store_root)
+        get_run_logger().warning("some scans failed to ingest: %s", ingest.message)
+    try:
+        return train_task(dataset, catalog, architecture, epochs, max_minutes, seed, store_root)
+    except TrainingError as exc:
+        if ingest.is_failed():  # the reason is usually the ingest failure: say it where it is read
+            raise TrainingError(f"{exc} (ingest: {' '.join(ingest.message.split())})") from None
+        raise

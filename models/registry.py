@@ -54,8 +54,12 @@ def client():
     uri = tracking_uri()
     if uri.startswith("sqlite:///"):
         _home().mkdir(parents=True, exist_ok=True)
+    user_set = "MLFLOW_TRACKING_URI" in os.environ
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if not user_set:  # MLflow exports what we set; keep "the user chose a server" readable
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -99,11 +103,18 @@ def log_model(network, card: ModelCard, input_example) -> Any:
         signature = infer_signature(input_example, out.numpy().astype(np.float32))
     try:  # MLflow's safe graph format (torch.export); models with data-dependent control flow refuse it
         return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=input_example,
-                                        serialization_format="pt2")
+                                        serialization_format="pt2", pip_requirements=_requirements())
     except Exception as exc:  # Mask R-CNN (NMS output sizes): MLflow's pickle format, flagged on the run
         mlflow.set_tag("tilewise.mlflow_model_format", f"pickle (torch.export failed: {type(exc).__name__})")
         return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=input_example,
-                                        serialization_format="pickle")
+                                        serialization_format="pickle", pip_requirements=_requirements())
+
+
+def _requirements() -> list[str]:
+    """The MLflow model's requirements, stated: MLflow's own guess runs a subprocess (~20 s)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision", "monai", "mlflow")]
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 
 def unet_levels(tile: tuple[int, ...], max_levels: int = 5) -> int:
-    """How many resolution levels fit a tile: halve until the smallest axis would go below 4."""
-    smallest = min(t for t in tile if t > 1)
+    """How many resolution levels fit a tile: add one while every axis (of size > 1) still divides
+    by 2 ** levels and the smallest stays at least 4 wide at the bottom."""
+    axes = [t for t in tile if t > 1]
     levels = 1
-    while levels < max_levels and smallest // 2 ** levels >= 4:
+    while (levels < max_levels and all(t % 2 ** levels == 0 for t in axes)
+           and min(axes) // 2 ** levels >= 4):
         levels += 1
     return levels
 

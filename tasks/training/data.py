@@ -69,7 +69,7 @@ def split_regions(scans: list[ScanArrays], val_fraction: float = 0.25, seed: int
     else:
         region = full[0]
         depth = region.shape[0]
-        n_val = int(round(depth * val_fraction))
+        n_val = max(1, int(round(depth * val_fraction))) if val_fraction > 0 else 0
         if depth < 2 or n_val < 1 or depth - n_val < 1:
             raise TrainingError(f"{region.store}: a single scan of {depth} slices cannot be split into "
                                 "training and validation")

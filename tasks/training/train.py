@@ -49,6 +49,13 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
     scans = [open_training_scan(scan_store(entry.name, s.scan_id, store_root), len(classes)) for s in specs]
     if not scans:
         raise TrainingError(f"dataset '{entry.name}': no scans found at {entry.scans.path}")
+    channels = {s.store: s.image.shape[0] for s in scans}
+    if len(set(channels.values())) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in channels.items())
+        raise TrainingError(f"dataset '{entry.name}': scans have different channel counts ({listing})")
+    ranks = {s.labels.ndim for s in scans}
+    if len(ranks) > 1:
+        raise TrainingError(f"dataset '{entry.name}': scans mix 2D and 3D ({sorted(ranks)})")
     train_regions, val_regions = split_regions(scans, seed=seed)
     spatial = scans[0].labels.ndim
     tile = tuple(entry.tiling.tile) if entry.tiling.tile else DEFAULT_TILE[spatial]
