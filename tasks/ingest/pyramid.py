@@ -24,13 +24,22 @@ class PyramidPlan:
     def levels(self) -> int:
         return len(self.shapes)
 
-    def slab_multiple(self) -> int:
-        """Slabs along the first spatial axis must be a multiple of this, so that every level's
-        slab starts on a whole pixel."""
+    def slab_multiple(self, first: int = 0, last: int | None = None) -> int:
+        """Slabs along the first spatial axis of level ``first`` must be a multiple of this so that
+        levels ``first + 1 .. last`` each get whole pixels."""
         m = 1
-        for f in self.factors:
+        for f in self.factors[first:last]:
             m *= f[0]
         return m
+
+    def single_pass_levels(self, chunk0: int) -> int:
+        """The last level that slabs of one level-0 chunk row can feed (their first-axis halvings
+        divide the chunk depth); the levels after it are built from that level in a second pass,
+        so a one-section EM chunk never forces slabs of 2 ** levels sections."""
+        last = 0
+        while last + 1 < self.levels and chunk0 % self.slab_multiple(0, last + 1) == 0:
+            last += 1
+        return last
 
 
 def plan_pyramid(

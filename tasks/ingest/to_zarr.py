@@ -196,14 +196,14 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, np.ndarr
             del slab
 
 
-WRITE_PIECE_BYTES = 16 << 20
+WRITE_PIECE_BYTES = 4 << 20
 
 
 def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray) -> None:
     """``array[:, start:start + n] = rows``, a few chunks at a time along the last axis.
 
     Zarr encodes every chunk of one assignment at once, holding a copy and the compressed bytes
-    of each: writing a whole slab in one go would double its memory. Pieces of ~16 MB keep the
+    of each: writing a whole slab in one go would double its memory. Pieces of ~4 MB keep the
     encoder busy on both cores and the overhead small.
     """
     step = array.chunks[-1]
@@ -213,6 +213,17 @@ def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray) -> None:
     for x0 in range(0, rows.shape[-1], columns * step):
         x1 = min(x0 + columns * step, rows.shape[-1])
         array[:, start:stop, ..., x0:x1] = rows[..., x0:x1]
+
+
+class _LevelReader:
+    """A written pyramid level as the source of the next ones (same ``read_slab`` contract)."""
+
+    def __init__(self, array: zarr.Array):
+        self.array = array
+        self.shape = array.shape
+
+    def read_slab(self, start: int, stop: int) -> np.ndarray:
+        return np.asarray(self.array[:, start:stop])
 
 
 class _PyramidWriter:
@@ -238,9 +249,14 @@ class _PyramidWriter:
         ]
         self._buffers: dict[int, tuple[np.ndarray, int, int]] = {}  # level -> (buffer, first row, rows held)
 
-    def write(self, start: int, slab: np.ndarray) -> None:
-        _write_in_pieces(self.arrays[0], start, slab)
-        for level, factors in enumerate(self.plan.factors, start=1):
+    def write(self, start: int, slab: np.ndarray, source: int = 0, last: int | None = None) -> None:
+        """``slab`` holds rows ``start..`` of level ``source``; write it if it is level 0, and its
+        block means to levels ``source + 1 .. last``."""
+        if source == 0:
+            _write_in_pieces(self.arrays[0], start, slab)
+        last = len(self.arrays) - 1 if last is None else last
+        for level in range(source + 1, last + 1):
+            factors = self.plan.factors[level - 1]
             slab = downsample_mean(slab, factors)
             start //= factors[0]
             self._append(level, start, slab)
@@ -364,8 +380,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
                                      f"{len(chunks)} spatial axes ({reader.axes[1:].upper()})")
     unit = spec.unit or reader.unit
     plan = plan_pyramid(tuple(reader.shape[1:]), spacing, chunks)
-    multiple = plan.slab_multiple()
-    step = chunks[0] * multiple // math.gcd(chunks[0], multiple)
+    first_pass = plan.single_pass_levels(chunks[0])
 
     # Hash the sources beside the ingest (hashlib releases the GIL); provenance needs the bytes'
     # identity and reading them again afterwards would cost a second pass.
@@ -380,12 +395,18 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
 
         def consume(start: int, stop: int, slab: np.ndarray) -> None:
             stats.update(slab)
-            writer.write(start, slab)
+            writer.write(start, slab, last=first_pass)
             if progress is not None:
                 progress(stop, total)
 
-        _stream(reader, step, consume)
+        _stream(reader, chunks[0], consume)
         writer.flush()
+        if first_pass < plan.levels - 1:  # the coarse levels, from the last one written
+            source = _LevelReader(writer.arrays[first_pass])
+            multiple = plan.slab_multiple(first_pass)
+            step2 = math.lcm(writer.arrays[first_pass].chunks[1], multiple)
+            _stream(source, step2, lambda start, stop, slab: writer.write(start, slab, source=first_pass))
+            writer.flush()
         labels = (_write_labels(group, spec.labels, spec.modality, tuple(reader.shape[1:]), chunks)
                   if spec.labels else None)
 
