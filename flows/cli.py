@@ -149,7 +149,7 @@ def infer(
     pad: str = typer.Option("reflect", "--pad", help="border context: reflect (mirror) | constant (zeros)"),
     placement: str = typer.Option("even", "--placement", help="tile starts: even (nnU-Net) | monai"),
     dtype: str = typer.Option("float16", "--dtype", help="probabilities: float16 | float32"),
-    memory_mb: int = typer.Option(1024, "--memory-mb", help="accumulator budget before spilling to disk"),
+    memory_mb: int = typer.Option(512, "--memory-mb", help="accumulator budget before spilling to disk"),
     dask: Optional[str] = typer.Option(None, "--dask", help="scheduler address, or local[:N] for a local cluster"),
 ) -> None:
     """Sliding-window inference over a scan group; writes prediction/probabilities and labels."""

@@ -31,6 +31,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from tasks import storage
+from tasks.memory import return_large_buffers_to_the_system
 from tasks.errors import ScanError
 from tasks.ingest.discover import LabelSpec, ScanSpec
 from tasks.ingest.pyramid import PyramidPlan, downsample_mean, plan_pyramid
@@ -341,6 +342,7 @@ def ingest_scan(
     """
     store = str(store)
     t0 = time.perf_counter()
+    return_large_buffers_to_the_system()
     kind = spec.reader_kind or default_reader_kind(spec.modality, list(spec.sources))
     files = _source_files(spec.sources) + (_source_files(spec.labels.sources) if spec.labels else [])
     with open_reader(list(spec.sources), kind) as reader:
