@@ -179,7 +179,7 @@ def run_case(case: str, shared: Path, minutes: float, epochs: int) -> dict:
     train_minutes = (time.perf_counter() - t0) / 60
     metrics = held_out(case, stores[test_name], f"models:/{report.registered.split('/')[0]}@champion")
     return {"case": case, "architecture": arch, "train_minutes": round(train_minutes, 1), "epochs": report.epochs,
-            "stopped": report.stopped, f"val_{report.metric_name}": round(report.metric, 4),
+            "stopped": report.stopped, report.metric_name: round(report.metric, 4),
             **{k: round(v, 4) for k, v in metrics.items()},
             "train_scans": len(stores[train_name]), "test_scans": len(stores[test_name])}
 
