@@ -37,7 +37,7 @@ from tasks.engine.blend import BlendMode, importance_map, labels_from, probabili
 from tasks.engine.model_io import LoadedModel
 from tasks.engine.plan import Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
-from tasks.engine.tiles import PadMode, read_tile
+from tasks.engine.tiles import ChunkCache, PadMode, read_tile
 from tasks.errors import ScanError
 from tasks.ingest.to_zarr import COMPRESSOR
 from tasks.version import tilewise_version
@@ -64,11 +64,12 @@ class EngineConfig:
     channels_last: bool = False
     output_dtype: Literal["float16", "float32"] = "float16"
     threshold: float = 0.5
-    memory_budget_mb: int = 512
+    memory_budget_mb: int = 512  # partial output chunks held before spilling to disk
+    input_cache_mb: int = 256  # decoded input chunks kept for the overlapping tiles that reuse them
 
     def result_fields(self) -> dict:
         """The options that change the numbers written (not device, batch or memory budget)."""
-        skip = {"device", "batch", "memory_budget_mb", "channels_last"}
+        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -226,7 +227,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     config, plan = prep.config, prep.plan
     wanted = prep.todo if chunks is None else (set(chunks) & prep.todo)
     group = storage.open_group(prep.store, mode="r")
-    image = group["image/0"]
+    image = ChunkCache(group["image/0"], budget_bytes=config.input_cache_mb << 20)
     runner = runner or ModelRunner(model.module, device=config.device, amp=config.amp, tta=config.tta,
                                    channels_last=config.channels_last, squeeze_axis=prep.squeeze_axis)
     if runner.squeeze_axis is None:

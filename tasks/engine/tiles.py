@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Literal
 
 import numpy as np
@@ -39,3 +40,53 @@ def read_tile(array, origin: tuple[int, ...], tile: tuple[int, ...], mode: PadMo
     for axis, idx in enumerate(indices, start=1):
         block = np.take(block, idx - idx.min(), axis=axis)
     return block
+
+
+class ChunkCache:
+    """Decoded input chunks kept for reuse, least recently used first out, within ``budget_bytes``.
+
+    With 50 % overlap a 3D tile shares each input voxel with up to 7 neighbours; reading tiles
+    straight from Zarr would decompress the scan ~8 times. Tiles come in raster order, so the
+    chunks around the moving window are all a cache needs to hold. Same indexing as the array
+    (``cache[box]``, channel axis first), so ``read_tile`` takes either.
+    """
+
+    def __init__(self, array, budget_bytes: int = 256 << 20):
+        from collections import OrderedDict
+
+        self.array = array
+        self.shape = array.shape
+        self.chunks = array.chunks
+        self.budget = budget_bytes
+        self._cache: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self.reads = 0
+
+    def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        if index in self._cache:
+            self._cache.move_to_end(index)
+            return self._cache[index]
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, self.chunks, self.shape))
+        data = np.asarray(self.array[box])
+        self.reads += 1
+        self._cache[index] = data
+        self._bytes += data.nbytes
+        while self._bytes > self.budget and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._bytes -= old.nbytes
+        return data
+
+    def __getitem__(self, box: tuple[slice, ...]) -> np.ndarray:
+        box = tuple(box) + (slice(None),) * (len(self.shape) - len(box))
+        bounds = [s.indices(n)[:2] for s, n in zip(box, self.shape)]
+        out = np.empty([b - a for a, b in bounds], dtype=self.array.dtype)
+        ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0) for (a, b), c in zip(bounds, self.chunks)]
+        for index in itertools.product(*ranges):
+            data = self._chunk(index)
+            src, dst = [], []
+            for (a, b), i, c in zip(bounds, index, self.chunks):
+                lo, hi = max(a, i * c), min(b, (i + 1) * c)
+                src.append(slice(lo - i * c, hi - i * c))
+                dst.append(slice(lo - a, hi - a))
+            out[tuple(dst)] = data[tuple(src)]
+        return out
