@@ -31,7 +31,6 @@ import numpy as np
 import zarr
 
 from tasks import storage
-from tasks.memory import return_large_buffers_to_the_system
 from tasks.engine.accumulate import Chunk, ChunkAccumulator
 from tasks.engine.blend import BlendMode, importance_map, labels_from, probabilities
 from tasks.engine.model_io import LoadedModel
@@ -223,7 +222,6 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                progress: Callable[[int, int], None] | None = None) -> InferResult:
     """Compute the output chunks ``chunks`` (default: every chunk not done yet), each tile once."""
     t0 = time.perf_counter()
-    return_large_buffers_to_the_system()
     config, plan = prep.config, prep.plan
     wanted = prep.todo if chunks is None else (set(chunks) & prep.todo)
     group = storage.open_group(prep.store, mode="r")
@@ -299,7 +297,6 @@ def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConf
                progress: Callable[[int, int], None] | None = None) -> InferResult:
     """Run ``model`` over the scan group at ``store`` in one process (see module docstring)."""
     t0 = time.perf_counter()
-    return_large_buffers_to_the_system()
     prep = prepare(store, model, config, runner)
     if prep is None:
         return InferResult(str(store), "unchanged")
