@@ -296,6 +296,11 @@ def _malloc_setting(toggle: str | None) -> str:
     from tasks.engine import infer
 
     pins = hasattr(infer, "return_large_buffers_to_the_system")
+    if toggle == "unpin":  # --unpin: every tilewise run without the engine's pin
+        if pins:
+            infer.return_large_buffers_to_the_system = lambda *a, **k: False
+            return "the engine's 1 MiB mmap-threshold pin disabled (--unpin)"
+        return "glibc default (dynamic mmap threshold)"
     if not toggle:
         return "engine pins mmap threshold 1 MiB" if pins else "glibc default (dynamic mmap threshold)"
     if pins:
@@ -464,8 +469,11 @@ class Bench:
         self.n = 0
 
     def job(self, mode: str, size: int, store: str, label: str, **extra) -> dict:
-        return {"mode": mode, "size": size, "store": store, "label": label, "tile": list(self.args.tile_shape),
-                "batch": self.args.batch, "threads": self.args.threads, **extra}
+        job = {"mode": mode, "size": size, "store": store, "label": label, "tile": list(self.args.tile_shape),
+               "batch": self.args.batch, "threads": self.args.threads}
+        if mode == "tilewise" and self.args.unpin:
+            job["malloc"] = "unpin"
+        return {**job, **extra}
 
     def _record(self, r: dict, key: str) -> dict:
         r["key"] = key
@@ -553,7 +561,7 @@ def main_table(args, bench: Bench, sizes: list[int], stores: dict[int, str]) -> 
                 steps.reverse()
             for fn, fargs, kwargs in steps:
                 fn(size, store, *fargs, **kwargs)
-        if args.malloc_probe and size == large:
+        if args.malloc_probe and size == large and not args.unpin:
             bench.tilewise(size, store, "tw-monai-malloc", MONAI_CFG, keep=False, malloc="toggle")
         # this size's outputs: the first MONAI output against the first of each engine config
         ref = next(r for r in bench.runs if r["key"] == "monai" and r["size"] == size and r.get("out"))
@@ -755,6 +763,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip the trivial-model runs (pipeline overhead without the network)")
     ap.add_argument("--no-malloc-probe", dest="malloc_probe", action="store_false",
                     help="skip the diagnostic tilewise run with glibc's mmap-threshold pin toggled (largest size)")
+    ap.add_argument("--unpin", action="store_true",
+                    help="run every tilewise worker with the engine's glibc mmap-threshold pin disabled "
+                         "(what-if; the engine code is not changed)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
