@@ -15,6 +15,7 @@ import zarr
 from monai.inferers import sliding_window_inference
 
 from tasks import storage
+from tests.compare import assert_labels_equal_where_decided
 from tasks.engine.blend import importance_map
 from tasks.engine.infer import EngineConfig, infer_scan, prepare
 from tasks.engine.model_io import LoadedModel, ModelCard, Normalization
@@ -92,7 +93,9 @@ def test_equals_monai_sliding_window_inference(tmp_path, shape, chunks, tile, ov
     assert ours.shape == ref.shape
     assert np.abs(ours - ref).max() <= 1e-5
     labels = zarr.open_array(f"{store}/prediction/labels")[:]
-    np.testing.assert_array_equal(labels, ref.argmax(0))
+    # Argmax of two float computations that agree to 1e-5 may differ where two classes are within 1e-5
+    # (a near-tie, e.g. 1 voxel of 13,824 in 3d-overlap-0.7): compare the labels elsewhere.
+    assert_labels_equal_where_decided(labels, ref.argmax(0), ref, tol=1e-5)
     # every tile computed exactly once
     expected_tiles = np.prod([len(monai_starts(max(n, t), t, overlap)) for n, t in zip(shape[1:], tile)])
     assert result.model_calls == result.tiles == expected_tiles
