@@ -1,0 +1,169 @@
+"""The scan group as OME-NGFF 0.5 from its root, with the prediction as an NGFF label image.
+
+Layout (README "Zarr layout"); nothing that existed moves:
+
+    SCAN.zarr/               attrs["ome"]["multiscales"]: the image's metadata, datasets "image/0", "image/1"...
+      image/                 unchanged (keeps its own multiscales: readers opened at image/ still work)
+      labels/                attrs["ome"]["labels"] = ["prediction"]
+        prediction/          NGFF "image-label": 0/ 1/ ... (*spatial) uint8, the image pyramid's grid
+        reference            unchanged: the plain uint8 reference array training and evaluate read
+      prediction/            unchanged (probabilities, labels, done)
+
+An OME-Zarr reader opened at the ROOT (``ome_zarr.reader.Reader``, napari-ome-zarr) finds the
+multiscale image there, then the ``labels`` group and, through its list, the prediction's label
+image, whose ``image-label.source.image`` ("../../") points back to the root.
+
+The label pyramid has the image pyramid's levels (same shapes, scales and chunks); each level is
+the block MODE of the level above (ties to the smaller class index; a short edge block counts the
+pixels it has), so a label pixel summarises exactly the block its image pixel averages and only
+ever holds a class that is there. Built chunk by chunk: memory is one output chunk of the level
+being written plus its source block (the chunk times the factors, at most 8x).
+
+Completion: "prediction" is taken out of ``labels``' list before the group is rewritten and put
+back last, so a reader never sees a half-written label image listed; the group's
+``attrs["tilewise"]`` records the prediction's digest, so an unchanged prediction is not rewritten.
+"""
+
+from __future__ import annotations
+
+import itertools
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from tasks import storage
+from tasks.errors import ScanError
+
+NGFF_VERSION = "0.5"
+COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def downsample_mode(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Most frequent value of each ``factors`` block of an integer (*spatial) array.
+
+    Ties go to the smaller value; a short trailing block counts only the pixels it has. Cost: one
+    comparison pass per distinct value in ``block`` (a handful of classes).
+    """
+    if all(f == 1 for f in factors):
+        return block.copy()
+    pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
+    padded = np.pad(block.astype(np.int64), pad, constant_values=-1)  # -1 is no class: counts for none
+    shape: list[int] = []
+    for n, f in zip(padded.shape, factors):
+        shape += [n // f, f]
+    view = padded.reshape(shape)
+    axes = tuple(range(1, 2 * len(factors), 2))
+    best = np.zeros(view.shape[::2], dtype=block.dtype)
+    best_count = np.full(best.shape, -1, dtype=np.int64)
+    for value in np.unique(block):  # ascending: a later value must beat, not tie, to win
+        count = (view == value).sum(axis=axes)
+        better = count > best_count
+        best[better] = value
+        best_count[better] = count[better]
+    return best
+
+
+def _image_multiscale(group: zarr.Group) -> dict[str, Any]:
+    try:
+        return dict(group["image"].attrs["ome"]["multiscales"][0])
+    except (KeyError, IndexError, TypeError):
+        raise ScanError(group.store_path, "image/ has no OME-NGFF multiscales metadata") from None
+
+
+def write_root_multiscales(group: zarr.Group) -> None:
+    """Make the scan group an NGFF image at its root: the image's multiscales with paths 'image/N'."""
+    ms = _image_multiscale(group)
+    root = {**ms, "datasets": [{**d, "path": f"image/{d['path']}"} for d in ms["datasets"]]}
+    ome = dict(group.attrs.get("ome", {}))
+    ome.update(version=NGFF_VERSION, multiscales=[root])
+    group.attrs["ome"] = ome
+
+
+def _spatial_levels(group: zarr.Group) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[int, ...]]]:
+    """Spatial axes, per-level scale transforms and factors (level n from level n-1) of the image."""
+    ms = _image_multiscale(group)
+    axes = [a for a in ms["axes"] if a.get("type") != "channel"]
+    first_spatial = len(ms["axes"]) - len(axes)
+    scales, factors = [], []
+    for n, d in enumerate(ms["datasets"]):
+        scale = [float(s) for s in d["coordinateTransformations"][0]["scale"][first_spatial:]]
+        scales.append([{"type": "scale", "scale": scale}])
+        if n:
+            prev = scales[n - 1][0]["scale"]
+            factors.append(tuple(int(round(s / p)) for s, p in zip(scale, prev)))
+    return axes, scales, factors
+
+
+def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...]):
+    for index in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunks))):
+        yield tuple(slice(i, min(i + c, n)) for i, c, n in zip(index, chunks, shape))
+
+
+def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str],
+                      attrs: dict[str, Any] | None = None) -> zarr.Group:
+    """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last."""
+    image = group["image"]
+    axes, scales, factors = _spatial_levels(group)
+    labels = group.require_group("labels")
+    listed = [n for n in labels.attrs.get("ome", {}).get("labels", []) if n != name]
+    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": listed}  # unlisted while rewritten
+    target = labels.create_group(name, overwrite=True)
+    dims = tuple(a["name"] for a in axes)
+    previous = None
+    for n, scale in enumerate(scales):
+        shape = tuple(image[str(n)].shape[1:])
+        chunks = tuple(image[str(n)].chunks[1:])
+        array = target.create_array(str(n), shape=shape, dtype=level0.dtype, chunks=chunks, compressors=COMPRESSOR,
+                                    fill_value=0, dimension_names=dims)
+        for box in _boxes(shape, chunks):
+            if n == 0:
+                array[box] = np.asarray(level0[box])
+            else:
+                f = factors[n - 1]
+                source = tuple(slice(b.start * k, min(b.stop * k, m)) for b, k, m in zip(box, f, previous.shape))
+                array[box] = downsample_mode(np.asarray(previous[source]), f)
+        previous = array
+    colors = [{"label-value": k, "rgba": [*PALETTE[(k - 1) % len(PALETTE)], 255]} for k in range(1, len(classes))]
+    target.attrs["ome"] = {
+        "version": NGFF_VERSION,
+        "multiscales": [{"name": name, "axes": axes,
+                         "datasets": [{"path": str(n), "coordinateTransformations": s} for n, s in enumerate(scales)],
+                         "type": "mode", "metadata": {"description": "block mode of the level above"}}],
+        "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"},
+                        "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}, *colors],
+                        "properties": [{"label-value": k, "class": c} for k, c in enumerate(classes)]},
+    }
+    if attrs is not None:
+        target.attrs[storage.ATTRS_KEY] = attrs
+    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [*listed, name]}  # last: now it is complete
+    return target
+
+
+def write_prediction_labels_ngff(store: str, force: bool = False) -> str:
+    """Write ``labels/prediction`` (NGFF image-label of ``prediction/labels``) and the root
+    multiscales; "exported", or "unchanged" when it already shows this very prediction.
+
+    The engine calls it after marking a prediction complete; ``tilewise export --format zarr`` too.
+    """
+    from tasks.export.source import open_source
+
+    src = open_source(store)
+    digest = src.prediction_digest()
+    group = storage.open_group(src.url, mode="r+")
+    if "multiscales" not in group.attrs.get("ome", {}):
+        write_root_multiscales(group)  # stores ingested before the root was made readable
+    listed = group["labels"].attrs.get("ome", {}).get("labels", []) if "labels" in group else []
+    if not force and "prediction" in listed:
+        old = group["labels/prediction"].attrs.get(storage.ATTRS_KEY, {})
+        if old.get("prediction_digest") == digest:
+            return "unchanged"
+    attrs = {"kind": "ngff-prediction-labels", "prediction_digest": digest, "model": src.prediction.get("model"),
+             "calibrator": src.prediction.get("calibrator"), "from": "prediction/labels",
+             "written_at": datetime.now(timezone.utc).isoformat()}
+    write_label_image(group, "prediction", src.labels, src.classes, attrs)
+    return "exported"
