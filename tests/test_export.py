@@ -325,6 +325,8 @@ def test_ome_zarr_reader_at_the_root_finds_image_and_prediction_labels(stores):
     from ome_zarr.reader import Label, Multiscales, Reader
 
     store = stores["brats"]
+    root = zarr.open_group(str(store), mode="r").attrs["ome"]["multiscales"][0]  # written by ingest
+    assert [d["path"] for d in root["datasets"]][:2] == ["image/0", "image/1"]
     assert export(store, "zarr").status == "exported"
     assert export(store, "zarr").status == "unchanged"
     nodes = list(Reader(parse_url(str(store), mode="r"))())

@@ -2,7 +2,8 @@
 
 Layout written (see README, "Zarr layout"):
 
-    SCAN.zarr/                      group; attrs["tilewise"] = metadata, provenance, completion mark
+    SCAN.zarr/                      group; attrs["tilewise"] = metadata, provenance, completion mark;
+                                    attrs["ome"] = the image's multiscales with paths image/0, image/1...
       image/                        OME-NGFF 0.5 multiscale image, axes (c, z, y, x) or (c, y, x)
         0/ 1/ ...                   pyramid levels, Blosc-zstd, chunks aligned across levels
       labels/reference              class indices (uint8), spatial axes only, when labels exist
@@ -33,6 +34,7 @@ from zarr.codecs import BloscCodec
 from tasks import storage
 from tasks.memory import return_large_buffers_to_the_system
 from tasks.errors import ScanError
+from tasks.export.ngff import write_root_multiscales
 from tasks.ingest.discover import LabelSpec, ScanSpec
 from tasks.ingest.pyramid import PyramidPlan, downsample_mean, plan_pyramid
 from tasks.ingest.readers import ScanReader, default_reader_kind, json_number, open_reader
@@ -419,6 +421,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         ]
         write_multiscales_metadata(image, datasets, fmt=FormatV05(), axes=_axes_metadata(reader.axes, unit),
                                    name=spec.scan_id)
+        write_root_multiscales(group)  # OME-Zarr readers opened at the group's root find the image
         for f, d in zip(stats_files, digests):
             f["sha256"] = d.result()
 
