@@ -424,3 +424,26 @@ def test_cli_export_prints_one_line_errors(stores, tmp_path):
                               str(tmp_path / "e.tif")])
     assert bad.exit_code == 1
     assert bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
+
+
+def test_export_flow_uses_the_catalog_format_and_skips_unpredicted_scans(prefect_server, tmp_path):
+    from data_catalog import find_entry
+    from flows.export import export_flow
+    from tasks.ingest import discover_scans
+
+    catalog = Path(__file__).parents[1] / "data_catalog"
+    specs = discover_scans(find_entry("spacenet_rio", catalog))
+    root = tmp_path / "stores"
+    store = root / "spacenet_rio" / f"{specs[0].scan_id}.zarr"
+    ingest_scan(specs[0], store)
+    ref = zarr.open_group(str(store), mode="r")["labels/reference"][...]
+    write_prediction(store, ref, ["background", "building"])
+    state = export_flow("spacenet_rio", catalog=str(catalog), store_root=str(root), out_dir=str(tmp_path / "out"),
+                        return_state=True)
+    outcomes = state.result()
+    assert [(o.scan_id, o.status) for o in outcomes] == [(specs[0].scan_id, "exported")]
+    out = tmp_path / "out" / f"{specs[0].scan_id}.tif"  # the catalog says geotiff
+    with rasterio.open(out) as cog:
+        np.testing.assert_array_equal(cog.read(1), ref)
+    again = export_flow("spacenet_rio", catalog=str(catalog), store_root=str(root), out_dir=str(tmp_path / "out"))
+    assert [o.status for o in again] == ["unchanged"]
