@@ -280,7 +280,7 @@ def test_em_stack_isbi_scores(tmp_path):
     store = str(tmp_path / "stack.zarr")
     ingest_scan(spec, store)
     write_prediction(store, sections, classes=["interior", "membrane"])
-    report = evaluate_scan(store, labels_path=None if False else _write_label_folder(tmp_path, sections),
+    report = evaluate_scan(store, labels_path=_write_label_folder(tmp_path, sections),
                            boundary_class="membrane")
     assert report.surface is None and report.isbi["sections"] == 2
     assert report.isbi["v_rand"] == pytest.approx(1.0) and report.isbi["pixel_error"] == 0.0
@@ -294,3 +294,43 @@ def _write_label_folder(tmp_path, sections):
     for z, s in enumerate(sections):
         Image.fromarray(s.astype(np.uint8)).save(folder / f"{z}.png")
     return folder
+
+
+def test_evaluate_flow_over_a_dataset(prefect_server, tmp_path, monkeypatch):
+    """Two scans: one with a prediction (evaluated), one without (skipped); one whose prediction
+    has NaN probabilities fails alone and is named."""
+    import textwrap
+
+    from data_catalog import find_entry
+    from flows.evaluate import evaluate_flow
+    from tasks.ingest import discover_scans
+    from tasks.settings import scan_store
+
+    monkeypatch.setenv("TILEWISE_HOME", str(tmp_path / "home"))
+    ref = reference_volume()
+    for name in ("a", "b", "c"):
+        folder = tmp_path / "scans" / name
+        folder.mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.transpose(ref * 10.0).astype(np.float32), np.eye(4)), folder / "image.nii.gz")
+        nib.save(nib.Nifti1Image(np.transpose(ref), np.eye(4)), folder / "labels.nii.gz")
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    (cat / "synthetic.yaml").write_text(textwrap.dedent(f"""
+        name: synthetic
+        modality: mri
+        scans: {{path: "{tmp_path}/scans/*", channels: [image.nii.gz], id: "{{name}}"}}
+        labels: {{path: "{{scan}}/labels.nii.gz", mapping: {{0: 0, 1: 1, 2: 2}}, classes: {CLASSES}}}
+        chunks: [8, 8, 8]
+    """))
+    root = tmp_path / "stores"
+    for spec in discover_scans(find_entry("synthetic", cat)):
+        ingest_scan(spec, scan_store("synthetic", spec.scan_id, str(root)))
+    write_prediction(scan_store("synthetic", "a", str(root)), shifted(ref))
+    write_prediction(scan_store("synthetic", "c", str(root)), ref)
+    zarr.open_array(scan_store("synthetic", "c", str(root)) + "/prediction/probabilities", mode="r+")[0, 0, 0, 0] = np.nan
+    state = evaluate_flow("synthetic", catalog=str(cat), store_root=str(root), log_mlflow=False, return_state=True)
+    outcomes = {o.scan_id: o for o in state.result(raise_on_failure=False)}
+    assert set(outcomes) == {"a", "c"} and outcomes["a"].status == "evaluated" and "mean_iou=" in outcomes["a"].message
+    assert outcomes["c"].status == "failed" and "contains NaN" in outcomes["c"].message
+    assert state.is_failed() and "synthetic/c" in state.message
+    assert "evaluation" in zarr.open_group(scan_store("synthetic", "a", str(root)) + "/prediction").attrs["tilewise"]

@@ -69,21 +69,24 @@ def overlay_png(store: str, level: int, reference_planes: Sequence[np.ndarray],
     ndim = 3 if len(reference_planes) == 3 else 2
     images, spacing = _image_planes(store, level, ndim)
     if ndim == 3:
-        names = ["axial (Z mid-plane)", "coronal (Y mid-plane)", "sagittal (X mid-plane)"]
+        names = ["Z mid-plane (rows Y, columns X)", "Y mid-plane (Z upwards, columns X)",
+                 "X mid-plane (Z upwards, columns Y)"]
         aspects = [spacing[1] / spacing[2], spacing[0] / spacing[2], spacing[0] / spacing[1]]
+        origins = ["upper", "lower", "lower"]  # Z grows upwards, as slices are stacked
     else:
-        names, aspects = ["image"], [spacing[0] / spacing[1]]
+        names, aspects, origins = ["image (rows Y, columns X)"], [spacing[0] / spacing[1]], ["upper"]
     fig = Figure(figsize=(5.0 * len(images), 5.6), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(images), squeeze=False)[0]
-    for ax, image, ref, pred, name, aspect in zip(axes, images, reference_planes, prediction_planes, names, aspects):
+    for ax, image, ref, pred, name, aspect, origin in zip(axes, images, reference_planes, prediction_planes, names,
+                                                          aspects, origins):
         shown = _display(image)
         rgb = np.repeat(shown[..., None], 3, axis=-1) if shown.ndim == 2 else shown.copy()
         rows, cols = min(rgb.shape[0], ref.shape[0]), min(rgb.shape[1], ref.shape[1])
         rgb = rgb[:rows, :cols]
         rgb[_contours(np.asarray(ref)[:rows, :cols])] = REFERENCE_COLOUR
         rgb[_contours(np.asarray(pred)[:rows, :cols])] = PREDICTION_COLOUR
-        ax.imshow(rgb, interpolation="nearest", aspect=aspect)
+        ax.imshow(rgb, interpolation="nearest", aspect=aspect, origin=origin)
         ax.set_title(name, fontsize=10)
         ax.set_axis_off()
     fig.legend(handles=[Patch(color=REFERENCE_COLOUR, label="reference contour"),

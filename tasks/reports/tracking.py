@@ -51,8 +51,9 @@ def log_evaluation(report: EvaluationReport, images: Sequence[str | Path] = ()) 
         params = [Param("classes", ",".join(report.classes)), Param("pixels", str(report.pixels)),
                   Param("modality", str(report.modality))]
         if report.surface:
-            params += [Param("surface_tolerance", str(report.surface["tolerance"])),
+            params += [Param("surface_tolerance", f"{report.surface['tolerance']} {report.surface['unit'] or ''}".strip()),
                        Param("surface_level", str(report.surface["surface_level"]))]
+        metrics.append(Metric("evaluate_seconds", float(report.seconds), timestamp, 0))
         c.log_batch(run_id, metrics=metrics[:900], params=params, tags=[RunTag(k, v) for k, v in tags.items()])
         for i in range(900, len(metrics), 900):  # log_batch takes at most 1000 metrics
             c.log_batch(run_id, metrics=metrics[i: i + 900])
