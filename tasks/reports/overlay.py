@@ -16,6 +16,8 @@ import numpy as np
 
 REFERENCE_COLOUR = (0.0, 0.9, 0.2)  # green
 PREDICTION_COLOUR = (1.0, 0.1, 0.9)  # magenta
+AGREEMENT_COLOUR = (1.0, 0.85, 0.0)  # yellow: both contours on the same pixel
+THIN_STACK = 0.25  # orthogonal planes are drawn only when the stack is at least this deep (physically)
 
 
 def _display(image: np.ndarray) -> np.ndarray:
@@ -73,6 +75,11 @@ def overlay_png(store: str, level: int, reference_planes: Sequence[np.ndarray],
                  "X mid-plane (Z upwards, columns Y)"]
         aspects = [spacing[1] / spacing[2], spacing[0] / spacing[2], spacing[0] / spacing[1]]
         origins = ["upper", "lower", "lower"]  # Z grows upwards, as slices are stacked
+        depth = reference_planes[1].shape[0] * spacing[0]
+        extent = max(reference_planes[0].shape[0] * spacing[1], reference_planes[0].shape[1] * spacing[2])
+        if depth < THIN_STACK * extent:  # e.g. a few EM sections: side views would be a few pixel rows
+            images, names, aspects, origins = images[:1], names[:1], aspects[:1], origins[:1]
+            reference_planes, prediction_planes = reference_planes[:1], prediction_planes[:1]
     else:
         names, aspects, origins = ["image (rows Y, columns X)"], [spacing[0] / spacing[1]], ["upper"]
     fig = Figure(figsize=(5.0 * len(images), 5.6), dpi=110)
@@ -84,16 +91,21 @@ def overlay_png(store: str, level: int, reference_planes: Sequence[np.ndarray],
         rgb = np.repeat(shown[..., None], 3, axis=-1) if shown.ndim == 2 else shown.copy()
         rows, cols = min(rgb.shape[0], ref.shape[0]), min(rgb.shape[1], ref.shape[1])
         rgb = rgb[:rows, :cols]
-        rgb[_contours(np.asarray(ref)[:rows, :cols])] = REFERENCE_COLOUR
-        rgb[_contours(np.asarray(pred)[:rows, :cols])] = PREDICTION_COLOUR
+        ref_edge, pred_edge = _contours(np.asarray(ref)[:rows, :cols]), _contours(np.asarray(pred)[:rows, :cols])
+        rgb[ref_edge] = REFERENCE_COLOUR
+        rgb[pred_edge] = PREDICTION_COLOUR
+        rgb[ref_edge & pred_edge] = AGREEMENT_COLOUR
         ax.imshow(rgb, interpolation="nearest", aspect=aspect, origin=origin)
         ax.set_title(name, fontsize=10)
         ax.set_axis_off()
     fig.legend(handles=[Patch(color=REFERENCE_COLOUR, label="reference contour"),
-                        Patch(color=PREDICTION_COLOUR, label="predicted contour")],
-               loc="lower center", ncol=2, frameon=False)
+                        Patch(color=PREDICTION_COLOUR, label="predicted contour"),
+                        Patch(color=AGREEMENT_COLOUR, label="both")],
+               loc="lower center", ncol=3, frameon=False)
     if title:
-        fig.suptitle(title, fontsize=11)
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 55 * len(images))), fontsize=11)
     fig.tight_layout(rect=(0, 0.06, 1, 0.95))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
