@@ -74,6 +74,9 @@ class LabelSource(_Strict):
     instance_classes: list[str] | None = Field(
         default=None, description="classes whose connected components are instances (Mask R-CNN); "
                                   "default: every class but the first")
+    boundary_class: str | None = Field(
+        default=None, description="the class that marks cell boundaries (EM): evaluate scores it as the ISBI "
+                                  "2012 challenge does (pixel error, V_rand, V_info, warping error)")
 
     @field_validator("path")
     @classmethod
@@ -96,6 +99,8 @@ class LabelSource(_Strict):
         unknown = [c for c in self.instance_classes or [] if c not in self.classes]
         if unknown:
             raise ValueError(f"instance_classes {unknown} are not in 'classes'")
+        if self.boundary_class is not None and self.boundary_class not in self.classes:
+            raise ValueError(f"boundary_class {self.boundary_class!r} is not in 'classes'")
         return self
 
 
@@ -143,7 +148,7 @@ class Calibration(_Strict):
 
 
 class Export(_Strict):
-    format: Literal["nifti", "geotiff", "tiff", "geojson"]
+    format: Literal["nifti", "geotiff", "tiff", "geojson", "zarr"]
 
 
 class Schedule(_Strict):

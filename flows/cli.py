@@ -227,6 +227,111 @@ def train(
     out.print(f"{report.decision}; MLflow run {report.run_id}")
 
 
+def _evaluation_tables(report) -> list[Table]:
+    """The metrics of one evaluation as tables: FCN summary, per class, calibration, ISBI."""
+    def fmt(value, digits: int = 4) -> str:
+        return "n/a" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
+
+    d = report.to_dict()
+    sem = d["semantic"]
+    summary = Table(title=f"evaluation of {report.scan_id} ({report.pixels} pixels, reference: {report.reference})")
+    summary.add_column("metric", overflow="fold")
+    summary.add_column("value", overflow="fold")
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iou", "frequency_weighted_iou", "mean_dice"):
+        summary.add_row(key, fmt(sem[key]))
+    for key in ("ece", "brier", "nll"):
+        if d.get("calibration"):
+            summary.add_row(key, fmt(d["calibration"].get(key)))
+    for key, value in (d.get("isbi") or {}).items():
+        if isinstance(value, (int, float)):
+            summary.add_row(f"isbi {key}", fmt(value))
+    per = Table(title="per class" + (f" (HD95 and surface Dice at tolerance {d['surface']['tolerance']} "
+                                     f"{d['surface']['unit'] or 'scan units'}, {d['surface']['note']})"
+                                     if d.get("surface") else ""))
+    per.add_column("class", no_wrap=True)
+    columns = ["Dice", "IoU", "recall", "ref px", "pred px"] + (["HD95", "surf Dice"] if d.get("surface") else [])
+    for column in columns:
+        per.add_column(column, overflow="fold", justify="right", min_width=len(column))
+    for name, v in sem["per_class"].items():
+        row = [name, fmt(v["dice"], 3), fmt(v["iou"], 3), fmt(v["accuracy"], 3), str(v["reference_pixels"]),
+               str(v["predicted_pixels"])]
+        if d.get("surface"):
+            s = d["surface"]["per_class"].get(name, {})
+            row += [fmt(s.get("hd95"), 2) if s else "-", fmt(s.get("surface_dice"), 3) if s else "-"]
+        per.add_row(*row)
+    return [summary, per]
+
+
+@app.command()
+def evaluate(
+    store: str = typer.Option(..., "--store", help="scan group with a complete prediction (SCAN.zarr)"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="reference label file (default: the store's "
+                                                                  "labels/reference)"),
+    catalog: Optional[Path] = CatalogOpt,
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="catalog dataset for the label mapping, class names "
+                                                                  "and boundary class (default: the store's dataset "
+                                                                  "when the catalog has it)"),
+    boundary_class: Optional[str] = typer.Option(None, "--boundary-class", help="class scored with the ISBI 2012 "
+                                                                                "measures (EM membranes)"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics as JSON on stdout"),
+    mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="log the evaluation to an MLflow run"),
+) -> None:
+    """Score a prediction against reference labels: FCN table, Dice/IoU, calibration, HD95 (3D), ISBI (EM).
+    Writes the metrics into the prediction's attributes; pictures and an MLflow run beside."""
+    import json
+
+    from data_catalog import CatalogError, find_entry
+    from tasks import storage
+    from tasks.errors import ScanError
+    from tasks.reports import evaluate_and_report
+
+    entry = None
+    name = dataset or (storage.read_record(store) or {}).get("dataset")
+    if name:
+        try:
+            entry = find_entry(name, _catalog_dir(catalog)).entry
+        except CatalogError as exc:
+            if dataset:  # asked for by name: must exist
+                _fail(str(exc))
+    try:
+        report, images, run_id = evaluate_and_report(store, labels_path=labels, entry=entry,
+                                                     boundary_class=boundary_class, log_mlflow=mlflow)
+    except ScanError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return
+    for table in _evaluation_tables(report):
+        out.print(table)
+    out.print(f"pictures: {', '.join(str(p) for p in images)}")
+    if run_id:
+        from tasks.reports.tracking import dataset_of
+
+        out.print(f"MLflow run {run_id} (experiment tilewise/{dataset_of(report)})")
+
+
+@app.command("export")
+def export_cmd(
+    store: str = typer.Option(..., "--store", help="scan group with a complete prediction (SCAN.zarr)"),
+    fmt: str = typer.Option(..., "--format", help="nifti | geotiff | tiff | geojson | zarr"),
+    out_path: Optional[str] = typer.Option(None, "--out", help="file to write (.nii[.gz], .tif, .ome.tif, "
+                                                                ".geojson); zarr writes into the store"),
+    what: str = typer.Option("labels", "--what", help="labels | probabilities"),
+    crs: str = typer.Option("4326", "--crs", help="GeoJSON coordinates: 4326 (RFC 7946) | source"),
+    force: bool = typer.Option(False, "--force", help="export even if the file is up to date"),
+) -> None:
+    """Export the prediction: NIfTI, Cloud-Optimized GeoTIFF, OME-TIFF, GeoJSON or NGFF labels in the store."""
+    from tasks.errors import ScanError
+    from tasks.export import ExportOptions, export_scan
+
+    try:
+        result = export_scan(store, ExportOptions(fmt, out_path, what=what, crs=crs, force=force))
+    except ScanError as exc:
+        _fail(str(exc))
+    note = " (prediction and options unchanged since the last export)" if result.status == "unchanged" else ""
+    out.print(f"{result.status}: {result.out} ({result.format}, {result.seconds:.1f} s){note}")
+
+
 def _outcome_table(title: str, outcomes) -> Table:
     table = Table(title=title)
     for column in ("dataset", "scan", "step", "status", "seconds", "message"):
