@@ -1,0 +1,174 @@
+"""The calibrator of a model version: which map, its parameters, what it was fitted on, how every
+candidate scored; fitted by ``fit_calibrator``, stored as JSON, applied to one chunk at a time.
+
+Choosing (``method="auto"``): every candidate is fitted on part of the calibration sample and scored
+on the rest (about 30 %, whole tiles held out, so the scored pixels are not neighbours of fitted
+ones); the lowest held-out NLL wins, and is refitted on the whole sample. Candidates for a binary
+output (K <= 2): cubic, isotonic, temperature; for K > 2: temperature, ovr-cubic. ``auto`` also
+scores ``identity`` (the raw probabilities), so calibration is never chosen if it makes them worse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from tasks.calibration.methods import BINARY, METHODS, apply_method, fit_method
+from tasks.calibration.scores import CalibrationError, ReliabilityBins
+
+HOLDOUT = 0.3
+
+
+@dataclass
+class CalibrationSample:
+    """Pixels for fitting: raw ``probs`` (K, N) float32, ``labels`` (N,) class indices, ``weights``
+    (N,) (inverse inclusion rates of a stratified sample; ones if None), ``tile`` (N,) the tile each
+    pixel came from (the held-out split takes whole tiles; None: pixels are split at random)."""
+
+    probs: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+    weights: np.ndarray | None = None
+    tile: np.ndarray | None = None
+    fitted_on: dict = field(default_factory=dict)  # stores, boxes, model, tiles, pixels per class
+
+    def subset(self, mask: np.ndarray) -> "CalibrationSample":
+        return CalibrationSample(self.probs[:, mask], self.labels[mask], self.classes, self.weights[mask],
+                                 None if self.tile is None else self.tile[mask], self.fitted_on)
+
+
+@dataclass
+class Calibrator:
+    """A fitted calibration map. ``candidates``: {method: {"before": scores, "after": scores}} on the
+    held-out part of the sample (scores: ece, brier, nll, pixels; see ``scores.py``)."""
+
+    method: str
+    params: dict
+    classes: list[str]
+    fitted_on: dict = field(default_factory=dict)
+    candidates: dict = field(default_factory=dict)
+    chosen_because: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, indent=1, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Calibrator":
+        data = json.loads(text)
+        if data.get("method") not in METHODS:
+            raise CalibrationError(f"not a calibrator: unknown method {data.get('method')!r}")
+        return cls(**data)
+
+    @property
+    def sha256(self) -> str:
+        """Digest of the map itself (method, parameters, classes): what decides whether a
+        prediction made with it is still current."""
+        core = json.dumps({"method": self.method, "params": self.params, "classes": self.classes}, sort_keys=True)
+        return hashlib.sha256(core.encode()).hexdigest()
+
+    def record(self, source: str | None = None) -> dict:
+        """What a prediction's attributes say about it."""
+        rec = {"method": self.method, "sha256": self.sha256}
+        if source:
+            rec["uri"] = source
+        return rec
+
+    def apply(self, probs: np.ndarray) -> np.ndarray:
+        """(K, *spatial) probabilities -> calibrated (K, *spatial) float32 (summing to 1 per pixel
+        for K >= 2; K == 1 stays a single foreground probability)."""
+        probs = np.asarray(probs)
+        if probs.shape[0] != len(self.classes) and not (probs.shape[0] == 1 and len(self.classes) == 2):
+            raise CalibrationError(f"calibrator for {len(self.classes)} classes given {probs.shape[0]} channels")
+        return apply_method(self.method, self.params, probs)
+
+    def summary(self) -> dict:
+        """Flat before/after scores of the chosen method (for tags and tables)."""
+        chosen = self.candidates.get(self.method, {})
+        out = {}
+        for when in ("before", "after"):
+            for key in ("ece", "brier", "nll"):
+                out[f"{key}_{when}"] = chosen.get(when, {}).get(key)
+        return out
+
+
+def check_sample(sample: CalibrationSample) -> None:
+    """One-line errors for what no calibrator can be fitted on."""
+    probs, labels = sample.probs, sample.labels
+    if probs.ndim != 2 or probs.shape[1] != labels.size or labels.size == 0:
+        raise CalibrationError(f"calibration sample of shape {probs.shape} with {labels.size} labels")
+    if np.isnan(probs).any():
+        raise CalibrationError(f"probabilities contain NaN ({int(np.isnan(probs).any(0).sum())} of {labels.size} pixels)")
+    present = np.unique(labels)
+    if present.size < 2:
+        name = sample.classes[int(present[0])] if int(present[0]) < len(sample.classes) else int(present[0])
+        raise CalibrationError(f"labels hold a single class ({name}) in all {labels.size} sampled pixels: "
+                               "cannot fit a calibrator on one class")
+    if float(np.ptp(probs, axis=1).max()) == 0.0:
+        raise CalibrationError(f"scores are constant ({probs[:, 0].round(6).tolist()}) over all {labels.size} "
+                               "sampled pixels: nothing to calibrate")
+
+
+def _split(sample: CalibrationSample, seed: int) -> np.ndarray:
+    """Boolean mask of the held-out pixels: whole tiles when there are enough, else random pixels."""
+    rng = np.random.default_rng(seed)
+    n = sample.labels.size
+    if sample.tile is not None:
+        tiles = np.unique(sample.tile)
+        if tiles.size >= 4:
+            held = rng.permutation(tiles)[: max(1, int(round(tiles.size * HOLDOUT)))]
+            mask = np.isin(sample.tile, held)
+            if np.unique(sample.labels[mask]).size >= 2 and np.unique(sample.labels[~mask]).size >= 2:
+                return mask
+    return rng.random(n) < HOLDOUT
+
+
+def candidates_for(k: int, method: str) -> list[str]:
+    if method != "auto":
+        if method not in METHODS:
+            raise CalibrationError(f"unknown calibration method '{method}' (auto or one of {', '.join(METHODS)})")
+        return [method]
+    return ([*BINARY, "temperature"] if k <= 2 else ["temperature", "ovr-cubic"]) + ["identity"]
+
+
+def score(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None) -> dict:
+    return ReliabilityBins().update(probs, labels, weights).scores()
+
+
+def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 0) -> Calibrator:
+    """Fit every candidate on ~70 % of ``sample``, score on the held-out ~30 %, keep the lowest NLL,
+    refit it on the whole sample. Raises CalibrationError on constant scores, one class, or NaN."""
+    if sample.weights is None:
+        sample.weights = np.ones(sample.labels.size)
+    sample.probs = np.asarray(sample.probs, np.float32)
+    sample.labels = np.asarray(sample.labels, np.int64)
+    check_sample(sample)
+    k = sample.probs.shape[0]
+    names = candidates_for(k, method)
+    held = _split(sample, seed)
+    fit, test = sample.subset(~held), sample.subset(held)
+    before = score(test.probs, test.labels, test.weights)
+    results: dict[str, dict] = {}
+    for name in names:
+        try:
+            params = fit_method(name, fit.probs, fit.labels, fit.weights)
+            after = score(apply_method(name, params, test.probs), test.labels, test.weights)
+            results[name] = {"before": before, "after": after}
+        except CalibrationError:
+            raise
+        except Exception as exc:  # a candidate that cannot be fitted is recorded, not fatal
+            results[name] = {"before": before, "error": f"{type(exc).__name__}: {exc}"}
+    scored = {n: r["after"]["nll"] for n, r in results.items() if "after" in r}
+    if not scored:
+        raise CalibrationError("no calibration method could be fitted: " +
+                               "; ".join(f"{n}: {r.get('error')}" for n, r in results.items()))
+    chosen = min(scored, key=lambda n: (scored[n], n == "identity"))
+    why = (f"lowest held-out NLL ({scored[chosen]:.4f}; uncalibrated {before['nll']:.4f}) among "
+           f"{', '.join(f'{n}={v:.4f}' for n, v in scored.items())}; held out {int(held.sum())} of "
+           f"{held.size} pixels")
+    params = fit_method(chosen, sample.probs, sample.labels, sample.weights)
+    fitted_on = {**sample.fitted_on, "pixels": int(sample.labels.size),
+                 "held_out_pixels": int(held.sum()), "seed": seed}
+    return Calibrator(chosen, params, list(sample.classes), fitted_on, results, why)

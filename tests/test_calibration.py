@@ -1,0 +1,262 @@
+"""Calibration: the monotone cubic (exact derivative check), isotonic, temperature, the scores
+(hand-worked and scikit-learn), the choice between candidates, bad input, the engine applying a
+calibrator per chunk with the digest, and (slow) a trained model's calibrator in MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from numpy.polynomial import Polynomial
+
+from tasks.calibration.calibrator import CalibrationSample, Calibrator, fit_calibrator
+from tasks.calibration.cubic import cubic_apply, derivative_coefficients, fit_monotone_cubic
+from tasks.calibration.methods import apply_method, fit_method
+from tasks.calibration.scores import CalibrationError, ReliabilityBins
+from tasks.errors import ScanError
+
+
+def _sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def _miscalibrated(n: int, seed: int, sharpen: float = 3.0):
+    """Labels drawn from true probability q; the 'model' reports sigmoid(sharpen * logit q)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 1.5, n)
+    y = (rng.random(n) < _sigmoid(z)).astype(np.int64)
+    p = _sigmoid(sharpen * z)
+    return np.stack([1 - p, p]).astype(np.float32), y
+
+
+def _power_basis(coeffs) -> Polynomial:
+    """The Bernstein cubic as a power-basis polynomial, built independently of cubic.py."""
+    s, one_minus = Polynomial([0, 1]), Polynomial([1, -1])
+    binom = [1, 3, 3, 1]
+    return sum(c * b * s ** i * one_minus ** (3 - i) for i, (c, b) in enumerate(zip(coeffs, binom)))
+
+
+# ---------------------------------------------------------------- the cubic
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_fitted_cubic_is_monotone_on_the_whole_interval(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    kind = seed % 4
+    s = rng.random(n) ** rng.uniform(0.3, 3)
+    if kind == 0:  # labels anti-correlated with the score: the fit must still not decrease
+        y = (rng.random(n) < 1 - s).astype(float)
+    elif kind == 1:  # steep: pushes c_3 above 1 and c_0 below 0 when unconstrained
+        y = (s > rng.uniform(0.2, 0.8)).astype(float)
+    elif kind == 2:
+        y = (rng.random(n) < np.sin(6 * s) ** 2).astype(float)
+    else:
+        y = rng.integers(0, 2, n).astype(float)
+    w = rng.uniform(0.1, 5, n) if seed % 3 == 0 else None
+    c = fit_monotone_cubic(s, y, w)
+    assert c.shape == (4,)
+    # exact: the derivative's Bernstein coefficients are >= 0, the coefficients within [0, 1]
+    assert (derivative_coefficients(c) >= 0).all(), c
+    assert c[0] >= 0 and c[3] <= 1
+    # independently: f' in power basis is a quadratic; its minimum on [0, 1] is at an end or its vertex
+    d = _power_basis(c).deriv()
+    points = [0.0, 1.0] + [float(r.real) for r in d.deriv().roots() if 0 <= r.real <= 1]
+    assert min(d(x) for x in points) >= -1e-12
+    f = _power_basis(c)
+    ends = [0.0, 1.0] + [float(r.real) for r in d.roots() if abs(r.imag) < 1e-12 and 0 <= r.real <= 1]
+    assert min(f(x) for x in ends) >= -1e-12 and max(f(x) for x in ends) <= 1 + 1e-12
+    assert np.allclose(cubic_apply(c, s), f(s), atol=1e-12)
+
+
+def test_cubic_is_the_constrained_least_squares_optimum():
+    """Against scipy's SLSQP on the same problem written with explicit inequality constraints."""
+    from scipy.optimize import minimize
+
+    from tasks.calibration.cubic import bernstein_basis
+
+    for seed in range(8):
+        rng = np.random.default_rng(100 + seed)
+        s = rng.random(300)
+        y = (s > 0.5).astype(float) if seed % 2 else (rng.random(300) < s ** 2).astype(float)
+        c = fit_monotone_cubic(s, y)
+        b = bernstein_basis(s)
+        cons = [{"type": "ineq", "fun": lambda x, i=i: x[i + 1] - x[i]} for i in range(3)]
+        cons += [{"type": "ineq", "fun": lambda x: x[0]}, {"type": "ineq", "fun": lambda x: 1 - x[3]}]
+        ref = minimize(lambda x: ((b @ x - y) ** 2).sum(), np.linspace(0.2, 0.8, 4), constraints=cons,
+                       method="SLSQP", options={"ftol": 1e-14, "maxiter": 500}).x
+        assert ((b @ c - y) ** 2).sum() <= ((b @ ref - y) ** 2).sum() + 1e-8
+
+
+def test_cubic_recovers_an_exact_monotone_cubic():
+    s = np.linspace(0, 1, 200)
+    truth = np.array([0.05, 0.1, 0.7, 0.9])
+    assert np.allclose(fit_monotone_cubic(s, cubic_apply(truth, s)), truth, atol=1e-9)
+
+
+# ---------------------------------------------------------------- scores
+
+
+def test_scores_hand_worked():
+    # 4 pixels, 2 classes. top-label confidences 0.9 (right), 0.6 (wrong), 0.8 (right), 0.55 (right)
+    probs = np.array([[0.1, 0.6, 0.8, 0.45], [0.9, 0.4, 0.2, 0.55]])
+    labels = np.array([1, 1, 0, 1])
+    s = ReliabilityBins(bins=15).update(probs, labels).scores()
+    # bins: 0.9 -> 13 ([13/15, 14/15) = [0.8667, 0.9333)); 0.6 -> 9; 0.8 -> 12; 0.55 -> 8
+    # each bin holds one pixel: ECE = (|1-0.9| + |0-0.6| + |1-0.8| + |1-0.55|) / 4
+    assert s["ece"] == pytest.approx((0.1 + 0.6 + 0.2 + 0.45) / 4)
+    # Brier: sum_k (p_k - y_k)^2 per pixel: 0.02, 0.72, 0.08, 0.405
+    assert s["brier"] == pytest.approx((0.02 + 0.72 + 0.08 + 0.405) / 4)
+    assert s["nll"] == pytest.approx(-(np.log(0.9) + np.log(0.4) + np.log(0.8) + np.log(0.55)) / 4)
+    assert s["pixels"] == 4
+
+
+def test_bin_edges_are_left_closed_and_the_last_bin_closed():
+    bins = ReliabilityBins(15)
+    conf = np.array([0.0, 1 / 15, 2 / 15 - 1e-12, 14 / 15, 1.0, 7 / 15])
+    assert bins.bin_of(conf).tolist() == [0, 1, 1, 14, 14, 7]
+    # two pixels in one bin: confidences 0.9 and 0.92 (both in bin 13), one right: |0.5 - 0.91|
+    s = ReliabilityBins(15).update(np.array([[0.1, 0.92], [0.9, 0.08]]), np.array([1, 1])).scores()
+    assert s["ece"] == pytest.approx(0.41)
+
+
+def test_scores_match_sklearn_and_stream_exactly():
+    from sklearn.metrics import brier_score_loss, log_loss
+
+    rng = np.random.default_rng(3)
+    for k in (2, 4):
+        z = rng.normal(size=(k, 5000))
+        p = np.exp(z) / np.exp(z).sum(0)
+        y = rng.integers(0, k, 5000)
+        whole = ReliabilityBins().update(p, y)
+        s = whole.scores()
+        assert s["nll"] == pytest.approx(log_loss(y, p.T, labels=list(range(k))), rel=1e-9)
+        if k == 2:  # sklearn's binary Brier scores p_1 only: ours (sum over both classes) is twice it
+            assert s["brier"] == pytest.approx(2 * brier_score_loss(y, p[1]), rel=1e-9)
+        onehot = np.eye(k)[y].T
+        assert s["brier"] == pytest.approx(((p - onehot) ** 2).sum(0).mean(), rel=1e-12)
+        # ECE by an independent loop over bins
+        conf, top = p.max(0), p.argmax(0)
+        idx = np.minimum((conf * 15).astype(int), 14)  # no confidence here sits on an edge
+        ece = sum(abs((top[idx == b] == y[idx == b]).mean() - conf[idx == b].mean()) * (idx == b).mean()
+                  for b in range(15) if (idx == b).any())
+        assert s["ece"] == pytest.approx(ece, rel=1e-9)
+        streamed, merged = ReliabilityBins(), ReliabilityBins()
+        for lo in range(0, 5000, 777):
+            streamed.update(p[:, lo: lo + 777], y[lo: lo + 777])
+            merged.merge(ReliabilityBins().update(p[:, lo: lo + 777], y[lo: lo + 777]))
+        for other in (streamed, merged):
+            o = other.scores()
+            assert o["pixels"] == s["pixels"]
+            for key in ("ece", "brier", "nll"):
+                assert o[key] == pytest.approx(s[key], rel=1e-12)
+            assert np.array_equal(other.count, whole.count)
+
+
+def test_nan_probabilities_are_a_one_line_error():
+    p = np.array([[0.5, np.nan], [0.5, 0.3]])
+    with pytest.raises(ScanError, match="NaN") as err:
+        ReliabilityBins().update(p, np.array([0, 1]))
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------- methods and the choice
+
+
+def test_ece_falls_on_a_miscalibrated_model():
+    probs, y = _miscalibrated(40000, seed=1)
+    tile = np.repeat(np.arange(40), 1000)
+    cal = fit_calibrator(CalibrationSample(probs, y, ["bg", "fg"], tile=tile))
+    chosen = cal.candidates[cal.method]
+    assert cal.method != "identity"
+    assert chosen["after"]["ece"] < 0.35 * chosen["before"]["ece"]
+    assert chosen["after"]["nll"] < chosen["before"]["nll"]
+    for name in ("cubic", "isotonic", "temperature", "identity"):
+        assert "after" in cal.candidates[name]
+    fresh_p, fresh_y = _miscalibrated(20000, seed=2)
+    before = ReliabilityBins().update(fresh_p, fresh_y).scores()
+    after = ReliabilityBins().update(cal.apply(fresh_p), fresh_y).scores()
+    assert after["ece"] < 0.35 * before["ece"]
+    # the recorded scores are those of the held-out pixels
+    assert chosen["after"]["pixels"] == cal.fitted_on["held_out_pixels"]
+
+
+def test_each_binary_method_output_in_unit_interval_and_monotone():
+    probs, y = _miscalibrated(5000, seed=4)
+    w = np.ones(y.size)
+    grid = np.linspace(0, 1, 1001, dtype=np.float32)
+    for method in ("cubic", "isotonic", "temperature"):
+        params = fit_method(method, probs, y, w)
+        out = apply_method(method, params, np.stack([1 - grid, grid]))
+        assert out.dtype == np.float32 and out.shape == (2, grid.size)
+        assert (out >= 0).all() and (out <= 1).all()
+        assert np.allclose(out.sum(0), 1, atol=1e-6)
+        assert (np.diff(out[1].astype(np.float64)) >= -1e-7).all(), method
+    iso = fit_method("isotonic", probs, y, w)
+    assert (np.diff(iso["y"]) >= 0).all() and (np.diff(iso["x"]) > 0).all()
+    # K == 1 (a sigmoid output) uses p[0] as the score
+    one = apply_method("cubic", fit_method("cubic", probs[1:], y, w), grid[None])
+    assert one.shape == (1, grid.size)
+
+
+def test_temperature_recovers_a_known_temperature():
+    rng = np.random.default_rng(7)
+    k, n = 4, 30000
+    z = rng.normal(0, 2, (k, n))
+    true_p = np.exp(z) / np.exp(z).sum(0)
+    y = (rng.random(n)[None] > np.cumsum(true_p, 0)).sum(0)  # a draw from true_p per pixel
+    over = np.exp(2.5 * z) / np.exp(2.5 * z).sum(0)  # over-confident: logits scaled by 2.5
+    t = fit_method("temperature", over, y, np.ones(n))["temperature"]
+    assert t == pytest.approx(2.5, rel=0.05)
+    cal = fit_calibrator(CalibrationSample(over.astype(np.float32), y, list("abcd")), method="auto")
+    assert cal.method in ("temperature", "ovr-cubic")
+    assert set(cal.candidates) == {"temperature", "ovr-cubic", "identity"}
+    out = cal.apply(over.reshape(k, 100, 300).astype(np.float32))
+    assert out.shape == (k, 100, 300) and out.dtype == np.float32
+    assert np.allclose(out.sum(0), 1, atol=1e-5)
+
+
+def test_ovr_cubic_renormalises_and_json_round_trip():
+    rng = np.random.default_rng(8)
+    z = rng.normal(0, 2, (3, 6000))
+    p = (np.exp(2 * z) / np.exp(2 * z).sum(0)).astype(np.float32)
+    y = (rng.random(6000)[None] > np.cumsum(np.exp(z) / np.exp(z).sum(0), 0)).sum(0)
+    cal = fit_calibrator(CalibrationSample(p, y, ["a", "b", "c"]), method="ovr-cubic")
+    assert cal.method == "ovr-cubic"
+    for coeffs in cal.params["coefficients"]:
+        assert (np.diff(coeffs) >= 0).all()
+    out = cal.apply(p.reshape(3, 60, 100))
+    assert np.allclose(out.sum(0), 1, atol=1e-5)
+    back = Calibrator.from_json(cal.to_json())
+    assert back == cal and back.sha256 == cal.sha256
+    assert np.array_equal(back.apply(p), cal.apply(p))
+    assert json.loads(cal.to_json())["method"] == "ovr-cubic"
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("constant", "scores are constant"),
+    ("one class", "single class"),
+    ("nan", "NaN"),
+])
+def test_bad_samples_give_one_line_errors(case, problem):
+    probs, y = _miscalibrated(500, seed=5)
+    if case == "constant":
+        probs = np.full_like(probs, 0.5)
+    elif case == "one class":
+        y = np.zeros_like(y)
+    else:
+        probs[1, 17] = np.nan
+    with pytest.raises(CalibrationError, match=problem) as err:
+        fit_calibrator(CalibrationSample(probs, y, ["bg", "fg"]))
+    assert "\n" not in str(err.value)
+    assert isinstance(err.value, ScanError)
+
+
+def test_binary_method_on_multiclass_is_refused():
+    p = np.full((3, 10), 1 / 3, np.float32)
+    p[0, :5] = 0.5
+    p[1, :5] = 0.25
+    p[2, :5] = 0.25
+    with pytest.raises(CalibrationError, match="binary"):
+        fit_calibrator(CalibrationSample(p, np.arange(10) % 3, ["a", "b", "c"]), method="cubic")
