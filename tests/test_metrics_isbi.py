@@ -119,6 +119,91 @@ def test_thinning_turns_a_thick_proposal_border_into_the_reference_line():
     assert s["v_rand"] == pytest.approx(1.0, abs=TOL) and s["v_info"] == pytest.approx(1.0, abs=TOL)
 
 
+def _fiji_watershed_literal(image: np.ndarray) -> np.ndarray:
+    """Line-by-line transcription of Fiji's ``WatershedTransform2D.apply`` (4-connectivity) on a
+    grey image (Y, X): the test oracle for ``thinned_proposal``'s membrane-only reimplementation."""
+    from collections import deque
+
+    mask, wshed, init, inqueue = -2, 0, -1, -3
+    height, width = image.shape
+    lab = [[init] * height for _ in range(width)]  # Fiji's tabLabels[x][y]
+    records = sorted(((float(image[y, x]), x, y) for x in range(width) for y in range(height)),
+                     key=lambda r: r[0])  # stable: ties keep the x-major scan order
+    nbrs = lambda x, y: ((x - 1, y), (x, y - 1), (x + 1, y), (x, y + 1))  # noqa: E731
+    inside = lambda u, v: 0 <= u < width and 0 <= v < height  # noqa: E731
+    current, flag, fifo = 0, False, deque()
+    h_max = float(image.max())
+    index, h, i1, i2, size = 0, float(image.min()), 0, 0, len(records)
+    while index < size and h <= h_max:
+        h = records[index][0]
+        for k in range(i1, size):
+            value, x, y = records[k]
+            if value != h:
+                i1 = k
+                break
+            lab[x][y] = mask
+            for u, v in nbrs(x, y):
+                if inside(u, v) and lab[u][v] >= wshed:
+                    fifo.append((x, y))
+                    lab[x][y] = inqueue
+                    break
+        while fifo:
+            x, y = fifo.popleft()
+            for u, v in nbrs(x, y):
+                if not inside(u, v):
+                    continue
+                if lab[u][v] > 0:
+                    if lab[x][y] == inqueue or (lab[x][y] == wshed and flag):
+                        lab[x][y] = lab[u][v]
+                    elif lab[x][y] > 0 and lab[x][y] != lab[u][v]:
+                        lab[x][y] = wshed
+                        flag = False
+                elif lab[u][v] == wshed:
+                    if lab[x][y] == inqueue:
+                        lab[x][y] = wshed
+                        flag = True
+                elif lab[u][v] == mask:
+                    lab[u][v] = inqueue
+                    fifo.append((u, v))
+        k = i2
+        while k < size:
+            value, x, y = records[k]
+            if value != h:
+                i2 = k
+                break
+            if lab[x][y] == mask:
+                current += 1
+                fifo.append((x, y))
+                lab[x][y] = current
+                while fifo:
+                    for u, v in nbrs(*fifo.popleft()):
+                        if inside(u, v) and lab[u][v] == mask:
+                            fifo.append((u, v))
+                            lab[u][v] = current
+            k += 1
+            index += 1
+    out = np.array(lab).T
+    out[out == init] = 0
+    return out
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+
+
+def test_thinning_reproduces_fijis_watershed():
+    rng = np.random.default_rng(3)
+    for trial in range(4):
+        p = ndimage.gaussian_filter(rng.uniform(size=(37, 53)), 1.0 + trial % 2)
+        p = (p - p.min()) / (p.max() - p.min())
+        for t in (0.3, 0.5, 0.7):
+            ours = thinned_proposal(p, t)
+            fiji = _fiji_watershed_literal(np.where(p >= t, 255.0, 0.0))
+            assert ((ours == 0) == (fiji == 0)).all() and _same_partition(ours, fiji), (trial, t)
+    assert (thinned_proposal(np.ones((4, 5)), 0.5) == 1).all()  # no cell: one segment, as Fiji
+
+
 def test_thresholds_are_membrane_probabilities():
     ref = np.zeros((4, 9), bool)
     ref[:, 4] = True

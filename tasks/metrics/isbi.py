@@ -18,11 +18,11 @@ called by the challenge's script with thresholds 0 to 1 by 0.1 and the per-secti
    with ``q > t'``; ours is the same rule at t = 1 - t' (the grid 0, 0.1, .., 1 maps onto itself;
    only exact ties p = t round differently), so a threshold here is always a membrane-probability
    threshold: membrane where p >= t.
-3. Thinning: the proposal's cells (4-connected components) flood its membrane, which is flat
-   (Fiji floods the *binary* map with its Vincent-Soille watershed, 4-connected; we use
-   scikit-image's ``watershed`` with ``watershed_line=True`` on the same binary relief, so lines
-   can sit one pixel apart at exact ties). The one-pixel watershed lines are label 0. A proposal
-   without any cell is one segment, as in Fiji.
+3. Thinning: the proposal's cells (4-connected components) flood its membrane, a flat level of
+   the binary map, exactly as Fiji's ``WatershedTransform2D(binary, 4)`` does (its breadth-first
+   order and watershed-label rules, reimplemented over the membrane pixels only; see
+   ``thinned_proposal``). Fiji floods this binary map, not the probability map. The one-pixel
+   watershed lines are label 0. A proposal without any cell is one segment, as in Fiji.
 4. Contingency table c_ij (reference cell i >= 1, proposal segment j; j = 0 the lines) over the
    n reference-cell pixels; every line pixel is its own singleton segment.
 5. V_rand = 2 sum_ij c_ij^2 / (sum_i a_i^2 + sum_j b_j^2) with a_i, b_j the row and column sums
@@ -43,6 +43,7 @@ log base 2 (variation of information, ignore_labels=(0,)). Best = smallest over 
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 import numpy as np
@@ -92,20 +93,72 @@ def thinned_proposal(boundary_probability: np.ndarray, threshold: float) -> np.n
     """Proposal segments (Y, X) int32 after border thinning, lines = 0 (Fiji's procedure, step 3).
 
     Cells are the 4-connected components of ``boundary_probability < threshold``; they flood the
-    membrane pixels (a flat binary relief, 4-connectivity) with one-pixel watershed lines between
-    them (label 0). Without any cell the whole section is one segment (label 1), as Fiji's
-    watershed makes it.
-    """
-    from skimage.segmentation import watershed
+    membrane pixels (p >= threshold) as Fiji's ``WatershedTransform2D(binary, 4)`` floods its flat
+    255 level: a FIFO breadth-first flooding (Vincent & Soille, IEEE TPAMI 13:583, 1991), started
+    from the membrane pixels 4-adjacent to a cell in Fiji's column-major scan order, neighbours
+    visited left, up, right, down, with its watershed-label rules (including its global ``flag``).
+    The pixels where basins meet are the watershed lines (label 0). Without any cell the whole
+    section is one segment (label 1), as Fiji's watershed makes it.
 
+    This reproduces Fiji's lines pixel for pixel (tested against a literal transcription);
+    scikit-image's ``watershed(..., watershed_line=True)`` on the same relief put about half of
+    them one pixel elsewhere and moved V_rand / V_info by up to 7e-4 on the ISBI sample.
+    Cost: one Python step per membrane pixel (about 40 ms for a 512 x 512 section at t = 0.5).
+    """
     membrane = np.asarray(boundary_probability) >= threshold
-    markers, count = ndimage.label(~membrane, structure=_CROSS)
+    cells, count = ndimage.label(~membrane, structure=_CROSS)
     if count == 0:
         return np.ones(membrane.shape, dtype=np.int32)
     if not membrane.any():
-        return markers.astype(np.int32, copy=False)
-    labels = watershed(membrane.astype(np.uint8), markers=markers, connectivity=1, watershed_line=True)
-    return labels.astype(np.int32, copy=False)
+        return cells.astype(np.int32, copy=False)
+    return _fiji_flood(cells, membrane)
+
+
+_MASK, _WSHED, _INIT, _INQUEUE = -2, 0, -1, -3  # Fiji's WatershedTransform2D codes
+
+
+def _fiji_flood(cells: np.ndarray, membrane: np.ndarray) -> np.ndarray:
+    """Fiji's flooding of the membrane level from labelled cells (see ``thinned_proposal``)."""
+    height, width = membrane.shape
+    stride = height + 2
+    # Column-major (x outer, y inner) flat layout padded with INIT, which Fiji's rules ignore
+    # exactly as they ignore pixels outside the image.
+    lab = np.full((width + 2, height + 2), _INIT, dtype=np.int64)
+    lab[1:-1, 1:-1] = np.where(membrane, _MASK, cells).T
+    start = np.zeros(lab.shape, dtype=bool)
+    inner = lab[1:-1, 1:-1] == _MASK
+    start[1:-1, 1:-1] = inner & ((lab[:-2, 1:-1] > 0) | (lab[2:, 1:-1] > 0)
+                                 | (lab[1:-1, :-2] > 0) | (lab[1:-1, 2:] > 0))
+    queue = np.flatnonzero(start).tolist()  # column-major order = Fiji's sorted pixel list
+    shape = lab.shape
+    lab = lab.ravel()
+    lab[queue] = _INQUEUE
+    lab = lab.tolist()
+    fifo = deque(queue)
+    offsets = (-stride, -1, stride, 1)  # x-1, y-1, x+1, y+1: Fiji's Neighborhood2DC4 order
+    flag = False
+    while fifo:
+        i = fifo.popleft()
+        for o in offsets:
+            u = i + o
+            neighbour = lab[u]
+            if neighbour > 0:
+                here = lab[i]
+                if here == _INQUEUE or (here == _WSHED and flag):
+                    lab[i] = neighbour
+                elif here > 0 and here != neighbour:
+                    lab[i] = _WSHED
+                    flag = False
+            elif neighbour == _WSHED:
+                if lab[i] == _INQUEUE:
+                    lab[i] = _WSHED
+                    flag = True
+            elif neighbour == _MASK:
+                lab[u] = _INQUEUE
+                fifo.append(u)
+    out = np.asarray(lab, dtype=np.int64).reshape(shape)[1:-1, 1:-1].T
+    # Every membrane pixel is 4-connected to some cell here, so none is left unlabelled.
+    return np.maximum(out, 0).astype(np.int32)
 
 
 def _table(reference: np.ndarray, proposal: np.ndarray) -> sparse.csr_array:
