@@ -72,3 +72,4 @@ class LoadedModel:
     module: Any  # torch.nn.Module in eval mode
     card: ModelCard
     identity: str
+    calibrator: dict | None = None  # the version's calibrator (tilewise/calibrator.json), if fitted

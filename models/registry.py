@@ -20,6 +20,7 @@ becomes ``champion`` only if its validation metric beats the current champion's;
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -31,6 +32,7 @@ from models.card import LoadedModel, ModelCard
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_DIR = "tilewise"
+CALIBRATOR_FILE = "calibrator.json"  # under ARTIFACT_DIR, written by models/calibrator_store.py
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -194,10 +196,16 @@ def load_registered(uri: str) -> LoadedModel:
             state = load_file(str(local / "weights.safetensors"))
         except Exception as exc:
             raise RegistryError(f"{uri}: cannot read the model's card and weights ({exc})") from None
+        calibrator = None
+        if (local / CALIBRATOR_FILE).is_file():  # fitted after registration (tilewise calibrate)
+            try:
+                calibrator = json.loads((local / CALIBRATOR_FILE).read_text())
+            except ValueError as exc:
+                raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{CALIBRATOR_FILE} ({exc})") from None
     network = build_from_card(card)
     network.load_state_dict(state, strict=True)
     return LoadedModel(module=inference_module(card, network), card=card,
-                       identity=f"models:/{version.name}/{version.version}")
+                       identity=f"models:/{version.name}/{version.version}", calibrator=calibrator)
 
 
 def describe(uri: str) -> dict:

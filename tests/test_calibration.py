@@ -260,3 +260,148 @@ def test_binary_method_on_multiclass_is_refused():
     p[2, :5] = 0.25
     with pytest.raises(CalibrationError, match="binary"):
         fit_calibrator(CalibrationSample(p, np.arange(10) % 3, ["a", "b", "c"]), method="cubic")
+
+
+def test_reliability_diagram_writes_a_png(tmp_path):
+    from PIL import Image
+
+    from tasks.calibration.diagram import reliability_diagram
+
+    probs, y = _miscalibrated(3000, seed=9)
+    before = ReliabilityBins().update(probs, y)
+    after = ReliabilityBins().update(fit_calibrator(CalibrationSample(probs, y, ["bg", "fg"])).apply(probs), y)
+    path = reliability_diagram(before, after, tmp_path / "r.png", "test")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+# ---------------------------------------------------------------- the engine
+
+
+@pytest.fixture(scope="module")
+def engine_scan(tmp_path_factory):
+    from tests.test_engine import conv_net, make_scan
+
+    tmp = tmp_path_factory.mktemp("calib-engine")
+    rng = np.random.default_rng(0)
+    store = make_scan(tmp, rng.normal(size=(1, 12, 20, 20)).astype(np.float32), (4, 8, 8))
+    return store, conv_net(3, 1, 3, seed=1)
+
+
+def test_engine_applies_the_calibrator_per_chunk_and_the_digest_follows_it(engine_scan):
+    import zarr
+
+    from tasks import storage
+    from tasks.engine.infer import EngineConfig, infer_scan
+    from tasks.engine.model_io import LoadedModel, ModelCard
+
+    store, net = engine_scan
+    config = EngineConfig(tile=(8, 8, 8), output_dtype="float32")
+    model = LoadedModel(net, ModelCard(), "toy")
+
+    def record():
+        return storage.read_record(f"{store}/prediction")
+
+    def probs():
+        return zarr.open_array(f"{store}/prediction/probabilities", mode="r")[...]
+
+    assert infer_scan(store, model, config).status == "inferred"
+    raw, raw_digest = probs(), record()["digest"]
+    assert record()["calibrator"] == "none"
+    hot = Calibrator("temperature", {"temperature": 0.4}, ["a", "b", "c"])
+    assert infer_scan(store, model, config, calibrator=hot).status == "inferred"  # replaced
+    calibrated = probs()
+    expected = hot.apply(raw)  # the whole map at once; the engine applied it chunk by chunk
+    assert np.abs(calibrated - expected).max() < 1e-5
+    assert np.allclose(calibrated.sum(0), 1, atol=1e-5)
+    labels = zarr.open_array(f"{store}/prediction/labels", mode="r")[...]
+    assert (labels == calibrated.argmax(0)).all()
+    assert record()["calibrator"] == {"method": "temperature", "sha256": hot.sha256}
+    assert record()["digest"] != raw_digest
+    # the same calibrator again: nothing to do; given as the model version's own: the same map, no-op
+    assert infer_scan(store, model, config, calibrator=hot).status == "unchanged"
+    owned = LoadedModel(net, ModelCard(), "toy", calibrator=json.loads(hot.to_json()))
+    assert infer_scan(store, owned, config).status == "unchanged"
+    # another calibrator replaces; calibration=False gives back the raw prediction and its digest
+    cool = Calibrator("temperature", {"temperature": 3.0}, ["a", "b", "c"])
+    assert infer_scan(store, owned, config, calibrator=cool).status == "inferred"
+    assert np.abs(probs() - cool.apply(raw)).max() < 1e-5
+    assert infer_scan(store, owned, EngineConfig(tile=(8, 8, 8), output_dtype="float32", calibration=False)
+                      ).status == "inferred"
+    assert record()["digest"] == raw_digest and record()["calibrator"] == "none"
+    assert np.array_equal(probs(), raw)
+    # the model version's own calibrator is applied and named with its source
+    assert infer_scan(store, owned, config).status == "inferred"
+    assert record()["calibrator"] == {"method": "temperature", "sha256": hot.sha256, "uri": "toy"}
+    assert np.abs(probs() - expected).max() < 1e-5
+
+
+def test_engine_refuses_a_calibrator_for_other_classes(engine_scan):
+    from tasks.engine.infer import EngineConfig, infer_scan
+    from tasks.engine.model_io import LoadedModel, ModelCard
+
+    store, net = engine_scan
+    binary = Calibrator("cubic", {"coefficients": [0, 0.2, 0.8, 1]}, ["bg", "fg"])
+    with pytest.raises(ScanError, match="calibrator is for 2 classes"):
+        infer_scan(store, LoadedModel(net, ModelCard(), "toy-other"), EngineConfig(tile=(8, 8, 8)),
+                   calibrator=binary)
+
+
+# ---------------------------------------------------------------- trained, stored, loaded (slow)
+
+
+@pytest.mark.slow
+def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
+    import mlflow
+    import mlflow.models
+    import torch
+
+    from data_catalog import DEFAULT_CATALOG_DIR, find_entry
+    from models import registry
+    from tasks import storage
+    from tasks.calibration.model_version import load_calibrator
+    from tasks.engine.infer import EngineConfig, infer_scan
+    from tasks.engine.model_io import load_model
+    from tasks.ingest import discover_scans, ingest_scan
+    from tasks.settings import scan_store
+    from tasks.training.train import train_dataset
+
+    original_uri = mlflow.get_tracking_uri()
+    monkeypatch.setenv("TILEWISE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("TILEWISE_STORE_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
+                        lambda model_uri, flavor, fallback=None, **kw: list(fallback or []))
+    torch.set_num_threads(1)
+    try:
+        loaded = find_entry("spacenet_rio", DEFAULT_CATALOG_DIR)
+        for spec in discover_scans(loaded):
+            ingest_scan(spec, scan_store("spacenet_rio", spec.scan_id))
+        report = train_dataset(loaded, epochs=1, max_minutes=0.1)
+        uri = f"models:/{report.registered}"
+        assert report.calibration.startswith("cubic:"), report.calibration
+        c = registry.client()
+        version = c.get_model_version(*report.registered.split("/"))
+        assert version.tags["calibrator.method"] == "cubic"
+        assert "validation split (recorded at training)" in version.tags["calibrator.fitted_on"]
+        for key in ("nll_before", "nll_after", "ece_before", "ece_after"):
+            assert float(version.tags[f"calibrator.{key}"]) >= 0
+        artifacts = {f.path for f in c.list_artifacts(version.run_id, "calibration")}
+        assert "calibration/reliability.png" in artifacts
+        cal = load_calibrator(uri)
+        assert cal.method == "cubic" and version.tags["calibrator.sha256"] == cal.sha256
+        assert (np.diff(cal.params["coefficients"]) >= 0).all()
+        # the validation scan is the one the split recorded, and the model never trained on it
+        scan_ids = [r["scan_id"] for r in cal.fitted_on["regions"]]
+        assert len(scan_ids) == 1 and cal.fitted_on["regions_from"] == "recorded at training"
+        model = load_model(uri)
+        assert model.calibrator is not None
+        store = scan_store("spacenet_rio", scan_ids[0])
+        infer_scan(store, model, EngineConfig(tile=(128, 128)))
+        assert storage.read_record(f"{store}/prediction")["calibrator"] == {
+            "method": "cubic", "sha256": cal.sha256, "uri": uri}
+    finally:
+        monkeypatch.undo()
+        mlflow.set_tracking_uri(original_uri)

@@ -51,13 +51,18 @@ class Calibrator:
     fitted_on: dict = field(default_factory=dict)
     candidates: dict = field(default_factory=dict)
     chosen_because: str = ""
+    # Not stored: the chosen method's held-out ReliabilityBins (before, after), for the diagram.
+    held_out: tuple | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, indent=1, allow_nan=True)
+        data = asdict(self)
+        data.pop("held_out")
+        return json.dumps(data, sort_keys=True, indent=1, allow_nan=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Calibrator":
         data = json.loads(text)
+        data.pop("held_out", None)
         if data.get("method") not in METHODS:
             raise CalibrationError(f"not a calibrator: unknown method {data.get('method')!r}")
         return cls(**data)
@@ -133,8 +138,8 @@ def candidates_for(k: int, method: str) -> list[str]:
     return ([*BINARY, "temperature"] if k <= 2 else ["temperature", "ovr-cubic"]) + ["identity"]
 
 
-def score(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None) -> dict:
-    return ReliabilityBins().update(probs, labels, weights).scores()
+def _bins(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None) -> ReliabilityBins:
+    return ReliabilityBins().update(probs, labels, weights)
 
 
 def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 0) -> Calibrator:
@@ -149,13 +154,15 @@ def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 
     names = candidates_for(k, method)
     held = _split(sample, seed)
     fit, test = sample.subset(~held), sample.subset(held)
-    before = score(test.probs, test.labels, test.weights)
+    before_bins = _bins(test.probs, test.labels, test.weights)
+    before = before_bins.scores()
     results: dict[str, dict] = {}
+    after_bins: dict[str, ReliabilityBins] = {}
     for name in names:
         try:
             params = fit_method(name, fit.probs, fit.labels, fit.weights)
-            after = score(apply_method(name, params, test.probs), test.labels, test.weights)
-            results[name] = {"before": before, "after": after}
+            after_bins[name] = _bins(apply_method(name, params, test.probs), test.labels, test.weights)
+            results[name] = {"before": before, "after": after_bins[name].scores()}
         except CalibrationError:
             raise
         except Exception as exc:  # a candidate that cannot be fitted is recorded, not fatal
@@ -171,4 +178,5 @@ def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 
     params = fit_method(chosen, sample.probs, sample.labels, sample.weights)
     fitted_on = {**sample.fitted_on, "pixels": int(sample.labels.size),
                  "held_out_pixels": int(held.sum()), "seed": seed}
-    return Calibrator(chosen, params, list(sample.classes), fitted_on, results, why)
+    return Calibrator(chosen, params, list(sample.classes), fitted_on, results, why,
+                      held_out=(before_bins, after_bins[chosen]))

@@ -14,6 +14,13 @@ Output, beside the scan's ``image`` (README, "Zarr layout"):
 
 A re-run with the same model and parameters skips the chunks already done (resume) or, when the
 prediction is complete, does nothing; other parameters replace the prediction.
+
+Calibration: when the model version has a calibrator (``LoadedModel.calibrator``, filled from the
+registry) or one is passed, every output chunk's blended probabilities go through it before they
+are written, and the labels are taken from the calibrated probabilities. The prediction's
+attributes name it (``calibrator``: method and sha256 of the map, or ``"none"``) and the digest
+that decides resume / replace includes it. ``EngineConfig(calibration=False)`` writes the raw
+probabilities.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import zarr
@@ -65,10 +72,12 @@ class EngineConfig:
     threshold: float = 0.5
     memory_budget_mb: int = 512  # partial output chunks held before spilling to disk
     input_cache_mb: int = 256  # decoded input chunks kept for the overlapping tiles that reuse them
+    calibration: bool = True  # apply the model version's calibrator, if it has one
 
     def result_fields(self) -> dict:
-        """The options that change the numbers written (not device, batch or memory budget)."""
-        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last"}
+        """The options that change the numbers written (not device, batch or memory budget; the
+        calibrator itself, not the ``calibration`` switch, enters the digest)."""
+        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "calibration"}
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -98,6 +107,7 @@ class Prepared:
     todo: set[Chunk]  # chunks not done yet
     resumed: bool
     model_identity: str
+    calibrator: Any = None  # tasks.calibration.calibrator.Calibrator, or None
 
 
 def _fail(store: str, problem: str) -> ScanError:
@@ -130,14 +140,35 @@ def resolve_tile(config: EngineConfig, model: LoadedModel, spatial: tuple[int, .
     return tile, squeeze
 
 
-def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...]) -> str:
+def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...], calibrator: dict | str = "none") -> str:
     payload = {"model": model_identity, "config": config.result_fields(), "tile": list(tile)}
+    if calibrator != "none":  # digests of uncalibrated predictions stay what they were
+        payload["calibrator"] = calibrator
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
-def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelRunner | None = None) -> Prepared | None:
+def resolve_calibrator(model: LoadedModel, config: EngineConfig, calibrator: Any = None) -> tuple[Any, dict | str]:
+    """The calibrator a run applies -- ``calibrator`` if given, else the model version's own (a dict
+    from the registry), none when ``config.calibration`` is off -- and what the prediction's
+    attributes say about it: {"method", "sha256", "uri" (the model version it came with)} or "none"."""
+    if not config.calibration:
+        return None, "none"
+    if calibrator is not None:
+        return calibrator, calibrator.record()
+    own = getattr(model, "calibrator", None)
+    if own is None:
+        return None, "none"
+    from tasks.calibration.calibrator import Calibrator
+
+    own = own if isinstance(own, Calibrator) else Calibrator(**own)
+    return own, own.record(model.identity)
+
+
+def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelRunner | None = None,
+            calibrator: Any = None) -> Prepared | None:
     """Validate everything, create (or reopen) the output; None when the output is complete already."""
     store = str(store)
+    calibrator, cal_record = resolve_calibrator(model, config, calibrator)
     if not 0.0 <= config.overlap < 1.0:
         raise _fail(store, f"overlap must be in [0, 1), got {config.overlap}")
     if config.batch < 1:
@@ -152,7 +183,8 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
     tile, squeeze = resolve_tile(config, model, spatial, store)
     chunks = tuple(image.chunks[1:])
     plan = plan_tiles(spatial, tile, config.overlap, chunks, config.placement)
-    digest = _digest(model.identity, config, tile)
+    digest = _digest(model.identity, config, tile, {k: v for k, v in cal_record.items() if k != "uri"}
+                     if isinstance(cal_record, dict) else cal_record)
 
     pred_url = _prediction(store)
     record = storage.read_record(pred_url)
@@ -176,15 +208,19 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
             except ModelOutputError as exc:
                 raise _fail(store, str(exc)) from None
             classes = [f"class_{k}" for k in range(logits.shape[1])]
-        _create_output(pred_url, plan, len(classes), config, digest, classes, model.identity)
+        if calibrator is not None and len(classes) != len(calibrator.classes) and not (
+                len(classes) == 1 and len(calibrator.classes) == 2):
+            raise _fail(store, f"the calibrator is for {len(calibrator.classes)} classes, the model gives "
+                               f"{len(classes)}")
+        _create_output(pred_url, plan, len(classes), config, digest, classes, model.identity, cal_record)
 
     done = zarr.open_array(f"{pred_url}/done", mode="r")[...]
     todo = {idx for idx in np.ndindex(*plan.chunk_grid) if not done[idx]}
-    return Prepared(store, plan, config, squeeze, classes, digest, todo, resumed, model.identity)
+    return Prepared(store, plan, config, squeeze, classes, digest, todo, resumed, model.identity, calibrator)
 
 
 def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineConfig, digest: str,
-                   names: list[str], model_identity: str) -> None:
+                   names: list[str], model_identity: str, calibrator: dict | str = "none") -> None:
     group = storage.open_group(pred_url, mode="w")
     axes = "zyx"[-plan.ndim:]
     group.create_array("probabilities", shape=(classes, *plan.shape), dtype=config.output_dtype,
@@ -194,22 +230,25 @@ def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineCo
                        fill_value=0, dimension_names=tuple(axes))
     group.create_array("done", shape=plan.chunk_grid, dtype="uint8", chunks=(1,) * plan.ndim, fill_value=0)
     group.attrs[storage.ATTRS_KEY] = {
-        "kind": "prediction", "digest": digest, "classes": names, "model": model_identity,
+        "kind": "prediction", "digest": digest, "classes": names, "model": model_identity, "calibrator": calibrator,
         "params": {**config.result_fields(), "tile": list(plan.tile)},
         "tilewise_version": tilewise_version(),
     }
 
 
 class _ChunkWriter:
-    def __init__(self, pred_url: str, plan: TilePlan, config: EngineConfig):
+    def __init__(self, pred_url: str, plan: TilePlan, config: EngineConfig, calibrator: Any = None):
         self.plan = plan
         self.config = config
+        self.calibrator = calibrator
         self.probs = zarr.open_array(f"{pred_url}/probabilities", mode="r+")
         self.labels = zarr.open_array(f"{pred_url}/labels", mode="r+")
         self.done = zarr.open_array(f"{pred_url}/done", mode="r+")
 
     def write(self, index: Chunk, summed: np.ndarray, weights: np.ndarray) -> Chunk:
         probs = probabilities(summed, weights)
+        if self.calibrator is not None:  # one chunk (K, *chunk) at a time
+            probs = self.calibrator.apply(probs)
         box = self.plan.chunk_box(index)
         self.probs[(slice(None),) + box] = probs.astype(self.config.output_dtype)
         self.labels[box] = labels_from(probs, self.config.threshold)
@@ -236,7 +275,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     weights = importance_map(plan.tile, config.blend, config.sigma_scale)
     acc = ChunkAccumulator(plan, len(prep.classes), {c: counts[c] for c in wanted},
                            budget_bytes=config.memory_budget_mb << 20)
-    writer = _ChunkWriter(_prediction(prep.store), plan, config)
+    writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator)
     norm = model.card.normalization
     calls_before = runner.calls
 
@@ -294,10 +333,11 @@ def finish(prep: Prepared, extra: dict | None = None) -> None:
 
 def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConfig(), *,
                runner: ModelRunner | None = None,
-               progress: Callable[[int, int], None] | None = None) -> InferResult:
-    """Run ``model`` over the scan group at ``store`` in one process (see module docstring)."""
+               progress: Callable[[int, int], None] | None = None, calibrator: Any = None) -> InferResult:
+    """Run ``model`` over the scan group at ``store`` in one process (see module docstring).
+    ``calibrator`` (a ``Calibrator``) overrides the model version's own."""
     t0 = time.perf_counter()
-    prep = prepare(store, model, config, runner)
+    prep = prepare(store, model, config, runner, calibrator)
     if prep is None:
         return InferResult(str(store), "unchanged")
     result = run_chunks(prep, model, runner=runner, progress=progress)

@@ -35,6 +35,7 @@ class TrainReport:
     decision: str
     first_train_loss: float
     last_train_loss: float
+    calibration: str = "not run"  # the calibrator fitted after registration, or why there is none
 
 
 def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | None, max_minutes: float | None,
@@ -124,6 +125,10 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
         })
         mlflow.set_tags({"tilewise.dataset": entry.name, "tilewise.modality": entry.modality})
         mlflow.log_dict(card.model_dump(), "tilewise/card_at_start.json")
+        # the split the model never trained on, for calibration (tasks/calibration/model_version.py)
+        from tasks.calibration.model_version import validation_record
+
+        mlflow.log_dict(validation_record(val_sampler.regions, entry.name, seed), "tilewise/validation.json")
 
         def on_epoch(row: dict) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
@@ -147,7 +152,27 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
         info = registry.log_model(outcome.network, card, example)
         promotion = registry.register_and_promote(name, info.model_uri, run.info.run_id, outcome.metric_name,
                                                   outcome.best_metric)
+    calibration = _calibrate(loaded, f"models:/{promotion.name}/{promotion.version}", store_root, seed)
     return TrainReport(entry.name, config.architecture, run.info.run_id, outcome.metric_name, outcome.best_metric,
                        len(outcome.history), outcome.stopped, outcome.seconds, f"{promotion.name}/{promotion.version}",
                        promotion.alias, promotion.decision, outcome.history[0]["train_loss"],
-                       outcome.history[-1]["train_loss"])
+                       outcome.history[-1]["train_loss"], calibration)
+
+
+def _calibrate(loaded: LoadedEntry, uri: str, store_root: str | None, seed: int) -> str:
+    """Fit and store the new version's calibrator (catalog ``calibration.method``). The model is
+    registered already: a sample that cannot be calibrated (one class, constant scores) is a warning."""
+    method = loaded.entry.calibration.method
+    if method == "none":
+        return "none (catalog calibration.method: none)"
+    from tasks.calibration.model_version import calibrate_model
+    from tasks.calibration.scores import CalibrationError
+
+    try:
+        outcome = calibrate_model(loaded, uri, method, store_root, seed=seed)
+    except CalibrationError as exc:
+        log.warning("%s: not calibrated: %s", uri, exc)
+        return f"not calibrated: {exc}"
+    s = outcome.calibrator.summary()
+    return (f"{outcome.calibrator.method}: NLL {s['nll_before']:.4f} -> {s['nll_after']:.4f}, "
+            f"ECE {s['ece_before']:.4f} -> {s['ece_after']:.4f} (held-out validation pixels)")
