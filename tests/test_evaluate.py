@@ -25,47 +25,6 @@ from tasks.metrics.surface import surface_scores
 
 runner = CliRunner()
 
-
-def _stub_calibration_until_it_lands() -> None:  # TODO(evaluate): remove once tasks/calibration is in git
-    try:
-        import tasks.calibration.diagram  # noqa: F401
-        import tasks.calibration.scores  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import sys
-    import types
-
-    class ReliabilityBins:
-        def __init__(self, bins=15):
-            self.n, self.nll, self.brier = 0, 0.0, 0.0
-
-        def update(self, probs, labels):
-            p = probs[labels, np.arange(labels.size)]
-            onehot = np.zeros_like(probs)
-            onehot[labels, np.arange(labels.size)] = 1
-            self.n += labels.size
-            self.nll -= float(np.log(p).sum())
-            self.brier += float(((probs - onehot) ** 2).sum())
-
-        def scores(self):
-            return {"ece": 0.0, "brier": self.brier / self.n, "nll": self.nll / self.n, "pixels": self.n}
-
-    def reliability_diagram(before, after, path, title):
-        from PIL import Image
-
-        Image.new("RGB", (8, 8)).save(path)
-        return path
-
-    scores = types.ModuleType("tasks.calibration.scores")
-    scores.ReliabilityBins = ReliabilityBins
-    diagram = types.ModuleType("tasks.calibration.diagram")
-    diagram.reliability_diagram = reliability_diagram
-    sys.modules.update({"tasks.calibration": types.ModuleType("tasks.calibration"),
-                        "tasks.calibration.scores": scores, "tasks.calibration.diagram": diagram})
-
-
-_stub_calibration_until_it_lands()
 CLASSES = ["background", "core", "rim"]
 
 
