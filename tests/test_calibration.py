@@ -405,3 +405,37 @@ def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
     finally:
         monkeypatch.undo()
         mlflow.set_tracking_uri(original_uri)
+
+
+def test_validation_sample_is_bounded_stratified_and_stays_in_its_region(tmp_path):
+    """Labels outside the validation box are a sentinel class that must never be sampled; weighted
+    class shares equal the box's class shares; at most ``per_class`` pixels per class."""
+    import torch
+
+    from tasks import storage
+    from tasks.calibration.sample import sample_validation
+    from tasks.engine.model_io import LoadedModel, ModelCard
+    from tasks.training.data import Region
+    from tests.test_engine import make_scan
+
+    rng = np.random.default_rng(1)
+    store = make_scan(tmp_path, rng.normal(size=(1, 60, 50)).astype(np.float32), (16, 16))
+    labels = np.full((60, 50), 2, np.uint8)
+    box = (slice(30, 60), slice(0, 50))
+    inside = (rng.random((30, 50)) < 0.1).astype(np.uint8)
+    labels[box] = inside
+    group = storage.open_group(store, mode="r+")
+    group.require_group("labels").create_array("reference", data=labels, chunks=(16, 16))
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 3, 3, padding=1).eval()
+    sample = sample_validation(LoadedModel(net, ModelCard(), "toy"), [Region(store, box)], ["a", "b", "c"],
+                               tiles=12, per_class=200, tile=(16, 16))
+    assert 2 not in sample.labels
+    counts = np.bincount(sample.labels, minlength=3)
+    assert counts[0] == 200 and 0 < counts[1] <= 200
+    share = np.bincount(sample.labels, weights=sample.weights, minlength=3) / sample.weights.sum()
+    truth = np.bincount(inside.reshape(-1), minlength=3) / inside.size
+    assert np.allclose(share, truth)
+    assert sample.fitted_on["class_voxels_validation"] == {"a": int((inside == 0).sum()), "b": int(inside.sum()),
+                                                          "c": 0}
+    assert sample.probs.shape == (3, counts.sum()) and np.allclose(sample.probs.sum(0), 1, atol=1e-5)

@@ -6,7 +6,8 @@ validation regions: half at uniformly random positions, half centred on a random
 foreground voxel (class > 0, found in a few probes of the labels) so that small classes are seen.
 Of each tile only the centre is kept (the middle half along every axis longer than one voxel):
 there the single-tile probabilities are close to the engine's blended ones, whose Gaussian weights
-favour tile centres. From the kept pixels at most ``per_class`` are drawn per class, uniformly.
+favour tile centres; a pixel seen by two tiles is kept once. From the kept pixels at most
+``per_class`` are drawn per class, uniformly.
 
 Stratification changes the class mix, so each pixel carries a weight: the class's share of the
 validation regions (counted on ``labels/reference`` chunk by chunk, or from the ingest's
@@ -112,7 +113,7 @@ def sample_validation(model, regions: list[Region], classes: list[str], *, tiles
         for j in range(int(n)):
             centre = _foreground_voxel(labels, region.box, size, rng) if j % 2 else None
             placed.append((i, _origin(region.box, size, rng, centre)))
-    probs_parts, label_parts, tile_ids = [], [], []
+    probs_parts, label_parts, tile_ids, keys = [], [], [], []
     norm = model.card.normalization
     for start in range(0, len(placed), batch):
         chunk = placed[start: start + batch]
@@ -125,9 +126,16 @@ def sample_validation(model, regions: list[Region], classes: list[str], *, tiles
             probs_parts.append(p.reshape(p.shape[0], -1))
             label_parts.append(np.asarray(labels[in_scan]).reshape(-1).astype(np.int64))
             tile_ids.append(np.full(label_parts[-1].size, start + t, np.int32))
+            grid = np.meshgrid(*[np.arange(s.start, s.stop) for s in in_scan], indexing="ij")
+            flat = np.ravel_multi_index([g.reshape(-1) for g in grid], labels.shape)
+            keys.append(flat.astype(np.int64) * len(opened) + i)  # (scan voxel, region): unique per pixel
     probs = np.concatenate(probs_parts, axis=1)
     labels = np.concatenate(label_parts)
     tile_of = np.concatenate(tile_ids)
+    # overlapping tiles see some pixels twice: keep each pixel once (its first tile's probabilities)
+    _, first = np.unique(np.concatenate(keys), return_index=True)
+    first.sort()
+    probs, labels, tile_of = probs[:, first], labels[first], tile_of[first]
     if labels.size and labels.max() >= k:
         raise CalibrationError(f"labels hold class {int(labels.max())}; the model has {k} classes", regions[0].store)
 
