@@ -178,8 +178,9 @@ def test_ece_falls_on_a_miscalibrated_model():
     before = ReliabilityBins().update(fresh_p, fresh_y).scores()
     after = ReliabilityBins().update(cal.apply(fresh_p), fresh_y).scores()
     assert after["ece"] < 0.35 * before["ece"]
-    # the recorded scores are those of the held-out pixels
-    assert chosen["after"]["pixels"] == cal.fitted_on["held_out_pixels"]
+    # every pixel scored once, out of fold, by tile
+    assert chosen["after"]["pixels"] == chosen["before"]["pixels"] == y.size
+    assert cal.fitted_on["scored_by"] == "3-fold cross-validation by tile (40 tiles)"
 
 
 def test_each_binary_method_output_in_unit_interval_and_monotone():

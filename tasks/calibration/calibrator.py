@@ -1,10 +1,12 @@
 """The calibrator of a model version: which map, its parameters, what it was fitted on, how every
 candidate scored; fitted by ``fit_calibrator``, stored as JSON, applied to one chunk at a time.
 
-Choosing (``method="auto"``): every candidate is fitted on part of the calibration sample and scored
-on the rest (about 30 %, whole tiles held out, so the scored pixels are not neighbours of fitted
-ones); the lowest held-out NLL wins, and is refitted on the whole sample. Candidates for a binary
-output (K <= 2): cubic, isotonic, temperature; for K > 2: temperature, ovr-cubic. ``auto`` also
+Choosing (``method="auto"``): every candidate is scored by 3-fold cross-validation over the
+calibration sample -- fitted on two folds, applied to the third, the three held-out parts pooled
+into one set of reliability bins, so every pixel is scored once by a map that never saw it. Folds
+are whole tiles where there are enough (held-out pixels are then not neighbours of fitted ones),
+else random pixels. The lowest held-out NLL wins, and is refitted on the whole sample.
+Candidates for a binary output (K <= 2): cubic, isotonic, temperature; for K > 2: temperature, ovr-cubic. ``auto`` also
 scores ``identity`` (the raw probabilities), so calibration is never chosen if it makes them worse.
 """
 
@@ -19,14 +21,14 @@ import numpy as np
 from tasks.calibration.methods import BINARY, METHODS, apply_method, fit_method
 from tasks.calibration.scores import CalibrationError, ReliabilityBins
 
-HOLDOUT = 0.3
+FOLDS = 3
 
 
 @dataclass
 class CalibrationSample:
     """Pixels for fitting: raw ``probs`` (K, N) float32, ``labels`` (N,) class indices, ``weights``
     (N,) (inverse inclusion rates of a stratified sample; ones if None), ``tile`` (N,) the tile each
-    pixel came from (the held-out split takes whole tiles; None: pixels are split at random)."""
+    pixel came from (cross-validation folds take whole tiles; None: pixels are dealt at random)."""
 
     probs: np.ndarray
     labels: np.ndarray
@@ -43,7 +45,7 @@ class CalibrationSample:
 @dataclass
 class Calibrator:
     """A fitted calibration map. ``candidates``: {method: {"before": scores, "after": scores}} on the
-    held-out part of the sample (scores: ece, brier, nll, pixels; see ``scores.py``)."""
+    cross-validated, held-out pixels of the sample (scores: ece, brier, nll, pixels; see ``scores.py``)."""
 
     method: str
     params: dict
@@ -116,18 +118,19 @@ def check_sample(sample: CalibrationSample) -> None:
                                "sampled pixels: nothing to calibrate")
 
 
-def _split(sample: CalibrationSample, seed: int) -> np.ndarray:
-    """Boolean mask of the held-out pixels: whole tiles when there are enough, else random pixels."""
+def folds_of(sample: CalibrationSample, seed: int, folds: int = FOLDS) -> tuple[np.ndarray, str]:
+    """Fold index (N,) of every pixel: whole tiles per fold when there are at least two tiles per
+    fold and every fold's complement holds two classes, else pixels dealt at random."""
     rng = np.random.default_rng(seed)
     n = sample.labels.size
     if sample.tile is not None:
         tiles = np.unique(sample.tile)
-        if tiles.size >= 4:
-            held = rng.permutation(tiles)[: max(1, int(round(tiles.size * HOLDOUT)))]
-            mask = np.isin(sample.tile, held)
-            if np.unique(sample.labels[mask]).size >= 2 and np.unique(sample.labels[~mask]).size >= 2:
-                return mask
-    return rng.random(n) < HOLDOUT
+        if tiles.size >= 2 * folds:
+            fold_of_tile = dict(zip(rng.permutation(tiles).tolist(), np.arange(tiles.size) % folds))
+            fold = np.vectorize(fold_of_tile.get, otypes=[np.int64])(sample.tile)
+            if all(np.unique(sample.labels[fold != f]).size >= 2 for f in range(folds)):
+                return fold, f"{folds}-fold cross-validation by tile ({tiles.size} tiles)"
+    return rng.permutation(np.arange(n) % folds), f"{folds}-fold cross-validation by pixel"
 
 
 def candidates_for(k: int, method: str) -> list[str]:
@@ -143,7 +146,7 @@ def _bins(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None) -> 
 
 
 def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 0) -> Calibrator:
-    """Fit every candidate on ~70 % of ``sample``, score on the held-out ~30 %, keep the lowest NLL,
+    """Score every candidate by cross-validation (module docstring), keep the lowest held-out NLL,
     refit it on the whole sample. Raises CalibrationError on constant scores, one class, or NaN."""
     if sample.weights is None:
         sample.weights = np.ones(sample.labels.size)
@@ -152,17 +155,20 @@ def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 
     check_sample(sample)
     k = sample.probs.shape[0]
     names = candidates_for(k, method)
-    held = _split(sample, seed)
-    fit, test = sample.subset(~held), sample.subset(held)
-    before_bins = _bins(test.probs, test.labels, test.weights)
+    fold, scheme = folds_of(sample, seed)
+    before_bins = _bins(sample.probs, sample.labels, sample.weights)
     before = before_bins.scores()
     results: dict[str, dict] = {}
     after_bins: dict[str, ReliabilityBins] = {}
     for name in names:
         try:
-            params = fit_method(name, fit.probs, fit.labels, fit.weights)
-            after_bins[name] = _bins(apply_method(name, params, test.probs), test.labels, test.weights)
-            results[name] = {"before": before, "after": after_bins[name].scores()}
+            pooled = ReliabilityBins()
+            for f in range(int(fold.max()) + 1):
+                fit, test = sample.subset(fold != f), sample.subset(fold == f)
+                params = fit_method(name, fit.probs, fit.labels, fit.weights)
+                pooled.merge(_bins(apply_method(name, params, test.probs), test.labels, test.weights))
+            after_bins[name] = pooled
+            results[name] = {"before": before, "after": pooled.scores()}
         except CalibrationError:
             raise
         except Exception as exc:  # a candidate that cannot be fitted is recorded, not fatal
@@ -173,10 +179,9 @@ def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 
                                "; ".join(f"{n}: {r.get('error')}" for n, r in results.items()))
     chosen = min(scored, key=lambda n: (scored[n], n == "identity"))
     why = (f"lowest held-out NLL ({scored[chosen]:.4f}; uncalibrated {before['nll']:.4f}) among "
-           f"{', '.join(f'{n}={v:.4f}' for n, v in scored.items())}; held out {int(held.sum())} of "
-           f"{held.size} pixels")
+           f"{', '.join(f'{n}={v:.4f}' for n, v in scored.items())}; {scheme} over {fold.size} pixels")
     params = fit_method(chosen, sample.probs, sample.labels, sample.weights)
     fitted_on = {**sample.fitted_on, "pixels": int(sample.labels.size),
-                 "held_out_pixels": int(held.sum()), "seed": seed}
+                 "scored_by": scheme, "seed": seed}
     return Calibrator(chosen, params, list(sample.classes), fitted_on, results, why,
                       held_out=(before_bins, after_bins[chosen]))
