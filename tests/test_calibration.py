@@ -440,3 +440,13 @@ def test_validation_sample_is_bounded_stratified_and_stays_in_its_region(tmp_pat
     assert sample.fitted_on["class_voxels_validation"] == {"a": int((inside == 0).sum()), "b": int(inside.sum()),
                                                           "c": 0}
     assert sample.probs.shape == (3, counts.sum()) and np.allclose(sample.probs.sum(0), 1, atol=1e-5)
+
+
+def test_cli_calibrate_rejects_an_unknown_method():
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["calibrate", "isbi2012_em", "--method", "platt"])
+    assert result.exit_code == 1
+    assert "--method must be one of auto, cubic, isotonic, temperature, ovr-cubic" in result.output
