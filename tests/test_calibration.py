@@ -397,6 +397,15 @@ def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
         # the validation scan is the one the split recorded, and the model never trained on it
         scan_ids = [r["scan_id"] for r in cal.fitted_on["regions"]]
         assert len(scan_ids) == 1 and cal.fitted_on["regions_from"] == "recorded at training"
+        # versions trained before the split was recorded: the same split, recomputed with the run's seed
+        from models import calibrator_store
+        from tasks.calibration.model_version import validation_regions
+
+        recorded, how = validation_regions(uri, loaded)
+        assert how == "recorded at training"
+        monkeypatch.setattr(calibrator_store, "load_validation", lambda uri: None)
+        recomputed, how = validation_regions(uri, loaded)
+        assert how == "recomputed with the run's seed 0" and recomputed == recorded
         model = load_model(uri)
         assert model.calibrator is not None
         store = scan_store("spacenet_rio", scan_ids[0])
