@@ -151,6 +151,8 @@ def infer(
     dtype: str = typer.Option("float16", "--dtype", help="probabilities: float16 | float32"),
     memory_mb: int = typer.Option(512, "--memory-mb", help="accumulator budget before spilling to disk"),
     dask: Optional[str] = typer.Option(None, "--dask", help="scheduler address, or local[:N] for a local cluster"),
+    calibration: bool = typer.Option(True, "--calibration/--no-calibration",
+                                     help="apply the model version's calibrator, if it has one"),
 ) -> None:
     """Sliding-window inference over a scan group; writes prediction/probabilities and labels."""
     choices = {"--amp": (amp, ("none", "bf16", "fp16")), "--blend": (blend, ("gaussian", "constant")),
@@ -172,7 +174,8 @@ def infer(
     from tasks.errors import ScanError
 
     config = EngineConfig(tile=tile_size, overlap=overlap, batch=batch, tta=tta, device=device, amp=amp,
-                          blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb)
+                          blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb,
+                          calibration=calibration)
     try:
         if dask:
             from tasks.engine.distributed import infer_distributed
@@ -189,6 +192,29 @@ def infer(
         _fail(str(exc))
     out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles, {result.model_calls} model calls, "
               f"{result.chunks_written} chunks, {result.seconds:.1f} s)")
+
+
+@app.command()
+def calibrate(
+    dataset: str = typer.Argument(..., help="catalog dataset name"),
+    catalog: Optional[Path] = CatalogOpt,
+    model: Optional[str] = typer.Option(None, "--model", help="models:/NAME/VERSION or models:/NAME@ALIAS "
+                                                              "(default: the catalog's model)"),
+    method: Optional[str] = typer.Option(None, "--method", help="auto | cubic | isotonic | temperature | ovr-cubic "
+                                                                "(default: the catalog's calibration.method)"),
+) -> None:
+    """Fit a calibrator on the model version's validation split and store it with the version in MLflow."""
+    from flows.calibrate import calibration_table, run_calibration
+
+    allowed = ("auto", "cubic", "isotonic", "temperature", "ovr-cubic")
+    if method is not None and method not in allowed:
+        _fail(f"--method must be one of {', '.join(allowed)}, got {method!r}")
+    try:
+        outcome = run_calibration(dataset, str(_catalog_dir(catalog)), model, method)
+    except Exception as exc:  # ScanError, CalibrationError, catalog errors: one line
+        _fail(str(exc))
+    out.print(calibration_table(outcome))
+    out.print(f"chosen: {outcome.calibrator.method} ({outcome.calibrator.chosen_because}); stored with {outcome.model}")
 
 
 @app.command()
@@ -225,6 +251,7 @@ def train(
     out.print(f"trained {report.registered} ({report.architecture}): {report.metric_name}={report.metric:.4f}, "
               f"{report.epochs} epochs, {report.seconds / 60:.1f} min, stopped: {report.stopped}")
     out.print(f"{report.decision}; MLflow run {report.run_id}")
+    out.print(f"calibration: {report.calibration}")
 
 
 def _evaluation_tables(report) -> list[Table]:

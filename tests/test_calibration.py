@@ -5,6 +5,7 @@ calibrator per chunk with the digest, and (slow) a trained model's calibrator in
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -368,7 +369,9 @@ def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
     from tasks.settings import scan_store
     from tasks.training.train import train_dataset
 
-    original_uri = mlflow.get_tracking_uri()
+    # not mlflow.get_tracking_uri(): that returns MLflow's default (./mlflow.db), and setting it back
+    # would export it and send every later test's runs into the repository
+    original_uri = os.environ.get("MLFLOW_TRACKING_URI")
     monkeypatch.setenv("TILEWISE_HOME", str(tmp_path))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("TILEWISE_STORE_ROOT", raising=False)

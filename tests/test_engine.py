@@ -323,3 +323,17 @@ def test_runner_counts_tiles_not_flips():
     runner = ModelRunner(conv_net(2, 1, 2), device="cpu", tta=True)
     out = runner(np.zeros((3, 1, 8, 8), np.float32))
     assert out.shape == (3, 2, 8, 8) and runner.calls == 3
+
+
+def test_a_finished_prediction_is_an_ngff_label_image_readers_find_from_the_scan_root(tmp_path):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+
+    array = np.random.default_rng(11).random((1, 40, 36), dtype=np.float32)
+    store = make_scan(tmp_path, array, (16, 16))
+    infer_scan(store, LoadedModel(conv_net(2, 1, 3), ModelCard(), "m"), EngineConfig(tile=(16, 16)))
+    nodes = list(Reader(parse_url(store))())  # an independent reader, opened at the root
+    label_nodes = [n for n in nodes if "image-label" in n.zarr.root_attrs.get("ome", n.zarr.root_attrs)]
+    assert len(label_nodes) == 1
+    level0 = np.asarray(label_nodes[0].data[0]).reshape(array.shape[1:])
+    np.testing.assert_array_equal(level0, zarr.open_array(f"{store}/prediction/labels")[:])

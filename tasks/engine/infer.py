@@ -45,6 +45,7 @@ from tasks.engine.plan import Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
 from tasks.engine.tiles import ChunkCache, PadMode, read_tile
 from tasks.errors import ScanError
+from tasks.export.ngff import write_prediction_labels_ngff
 from tasks.ingest.to_zarr import COMPRESSOR
 from tasks.version import tilewise_version
 
@@ -329,6 +330,8 @@ def finish(prep: Prepared, extra: dict | None = None) -> None:
     if not done.all():
         raise _fail(prep.store, f"{int((done == 0).sum())} output chunks are not done; not marking complete")
     storage.mark_complete(pred, {"at": datetime.now(timezone.utc).isoformat(), **(extra or {})})
+    # napari / OME-Zarr readers opened at the scan's root overlay the prediction as an NGFF label image
+    write_prediction_labels_ngff(prep.store)
 
 
 def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConfig(), *,
