@@ -9,9 +9,18 @@ from data_catalog.loader import (
     load_catalog,
     load_entry,
 )
-from data_catalog.schema import CatalogEntry, LabelSource, ReaderOptions, ScanSource
+from data_catalog.schema import (
+    CatalogEntry,
+    LabelSource,
+    ReaderOptions,
+    ScanDate,
+    ScanSource,
+    entry_model_name,
+    entry_model_uri,
+)
 
 __all__ = [
     "DEFAULT_CATALOG_DIR", "CatalogEntry", "CatalogError", "CatalogProblem", "LabelSource",
-    "LoadedEntry", "ReaderOptions", "ScanSource", "find_entry", "load_catalog", "load_entry",
+    "LoadedEntry", "ReaderOptions", "ScanDate", "ScanSource", "entry_model_name", "entry_model_uri", "find_entry",
+    "load_catalog", "load_entry",
 ]

@@ -10,17 +10,106 @@ for rasters; never NIfTI's (i, j, k) = (X, Y, Z).
 
 from __future__ import annotations
 
+import datetime as _dt
+import re
+import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Modality = Literal["mri", "em", "satellite"]
 ReaderKind = Literal["nifti", "tiff", "slices", "geotiff"]
+Architecture = Literal["unet", "deeplab", "maskrcnn"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # dataset and registered-model names (no '/', '@', spaces)
 
 
 class _Strict(BaseModel):
     # A misspelt key is an error, not a silently ignored option.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def template_fields(value: str, allowed: tuple[str, ...]) -> list[str]:
+    """The field names of a ``str.format`` template, each checked to be a plain ``{field}`` of
+    ``allowed``: attribute or index access (``{stem.upper}``, ``{name[0]}``), conversions (``!r``),
+    format specs and positional fields are refused, so a template can only insert the values it names.
+    Raises ValueError with the reason."""
+    try:
+        parts = list(string.Formatter().parse(value))
+    except ValueError as exc:
+        raise ValueError(f"not a valid template ({exc})") from None
+    names = []
+    for _, field, spec, conversion in parts:
+        if field is None:
+            continue
+        shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if field not in allowed:
+            hint = ("attribute or index access is not allowed" if re.search(r"[.\[]", field)
+                    else "unknown template field")
+            raise ValueError(f"{hint}: {shown}; use " + ", ".join("{" + a + "}" for a in allowed))
+        if conversion or spec:
+            raise ValueError(f"conversions and format specs are not allowed: {shown}; use {{{field}}}")
+        names.append(field)
+    return names
+
+
+class ScanDate(_Strict):
+    """The date of a scan, for ``tilewise backfill --since/--until``.
+
+    ``from: mtime`` (default): the modification time of the matched file or folder, as a local date.
+    ``from: path``: ``pattern`` is a regular expression searched in the matched path (forward slashes)
+    with exactly one group, parsed with ``format`` (strptime, default ``%Y-%m-%d``), e.g.
+    ``{from: path, pattern: "(\\d{8})", format: "%Y%m%d"}`` for ``.../scan_20240131.tif``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    source: Literal["mtime", "path"] = Field(default="mtime", alias="from")
+    pattern: str | None = Field(default=None, description="regex with one group holding the date (from: path)")
+    format: str = Field(default="%Y-%m-%d", description="strptime format of the group (from: path)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            groups = re.compile(value).groups
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        if groups != 1:
+            raise ValueError(f"must have exactly one group (the date), has {groups}")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _strptime_format(cls, value: str) -> str:
+        sample = _dt.datetime(2024, 1, 31)
+        try:
+            ok = _dt.datetime.strptime(sample.strftime(value), value).date() == sample.date()
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"strptime format {value!r} does not give a date (it needs year, month and day)")
+        return value
+
+    @model_validator(mode="after")
+    def _pattern_iff_path(self) -> "ScanDate":
+        if self.source == "path" and self.pattern is None:
+            raise ValueError("from: path needs a 'pattern' with one group holding the date")
+        if self.source == "mtime" and self.pattern is not None:
+            raise ValueError("'pattern' is only used with from: path")
+        return self
+
+    def from_path(self, path: str) -> _dt.date:
+        """The date in ``path`` (``from: path``); ValueError naming the path when absent or unparsable."""
+        text = str(path).replace("\\", "/")
+        match = re.search(self.pattern or "", text)
+        if match is None or match.group(1) is None:
+            raise ValueError(f"no date matching {self.pattern!r} in {text}")
+        try:
+            return _dt.datetime.strptime(match.group(1), self.format).date()
+        except ValueError as exc:
+            raise ValueError(f"{match.group(1)!r} in {text} is not a date in format {self.format!r} ({exc})") from None
 
 
 class ScanSource(_Strict):
@@ -37,8 +126,10 @@ class ScanSource(_Strict):
     )
     id: str = Field(
         default="{stem}",
-        description="scan id template; fields: {stem} (name without extension), {name}, {parent}",
+        description="scan id template; fields: {stem} (name without extension), {name}, {parent}; "
+                    "the id names the store (<dataset>/<id>.zarr), so no '/', '\\' or '..'",
     )
+    date: ScanDate = Field(default=ScanDate(), description="where a scan's date comes from (backfill ranges)")
 
     @field_validator("channels")
     @classmethod
@@ -53,10 +144,10 @@ class ScanSource(_Strict):
     @field_validator("id")
     @classmethod
     def _id_template(cls, value: str) -> str:
-        try:
-            value.format(stem="s", name="n", parent="p")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(f"unknown template field {exc}; use {{stem}}, {{name}}, {{parent}}") from None
+        if not template_fields(value, ("stem", "name", "parent")):
+            raise ValueError("must contain {stem}, {name} or {parent} (a fixed id would give every scan one store)")
+        if "/" in value or "\\" in value or ".." in value:
+            raise ValueError("must not contain '/', '\\' or '..' (the id is a file name inside the dataset's store folder)")
         return value
 
 
@@ -81,12 +172,7 @@ class LabelSource(_Strict):
     @field_validator("path")
     @classmethod
     def _path_template(cls, value: str) -> str:
-        try:
-            value.format(scan="s", dir="d", name="n", stem="s")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ValueError(
-                f"unknown template field {exc}; use {{scan}}, {{dir}}, {{name}}, {{stem}}"
-            ) from None
+        template_fields(value, ("scan", "dir", "name", "stem"))
         return value
 
     @model_validator(mode="after")
@@ -123,17 +209,44 @@ class ReaderOptions(_Strict):
 
 
 class ModelRef(_Strict):
-    name: str
-    alias: str = "champion"
-    architecture: Literal["unet", "deeplab", "maskrcnn"] = "unet"
+    """The dataset's model in the registry. One source of truth for its name: training registers
+    under :func:`entry_model_name` and inference / nightly read ``models:/<that name>@<alias>``.
+
+    ``name`` is optional and defaults to ``<dataset>-<architecture>``; set it to share a model between
+    datasets or to keep an existing registered name. ``reprocess_on_new_champion``: when the alias
+    moves to a new version, the nightly job re-runs the scans already predicted by an older one
+    (True, default) or uses the new champion for new and changed scans only (False)."""
+
+    name: str | None = Field(default=None, pattern=NAME_PATTERN,
+                             description="registered model name; default <dataset>-<architecture>")
+    alias: str = Field(default="champion", pattern=NAME_PATTERN)
+    architecture: Architecture = "unet"
+    reprocess_on_new_champion: bool = True
 
 
 class Tiling(_Strict):
+    """How the engine tiles a scan. ``dask``: run inference on a Dask cluster, ``local`` or ``local:N``
+    (a local cluster of N worker processes, default 2) or a scheduler address (``tcp://host:8786``);
+    None (default) runs in the calling process."""
+
     tile: list[int] | None = None
     overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
     blend: Literal["gaussian", "constant"] = "gaussian"
     batch: int = Field(default=4, ge=1)
     pad: Literal["reflect", "constant"] = "reflect"
+    dask: str | None = Field(default=None, description="local, local:N or a Dask scheduler address")
+
+    @field_validator("dask")
+    @classmethod
+    def _dask_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value.startswith("local"):
+            if not re.fullmatch(r"local(:[1-9][0-9]*)?", value):
+                raise ValueError(f"must be local, local:N (N >= 1) or a scheduler address, got {value!r}")
+        elif not re.fullmatch(r"([a-z]+://)?[^\s/:]+:[0-9]+", value):
+            raise ValueError(f"a scheduler address is [tcp://]HOST:PORT, got {value!r}")
+        return value
 
     @field_validator("tile")
     @classmethod
@@ -155,21 +268,60 @@ class Export(_Strict):
     format: Literal["nifti", "geotiff", "tiff", "geojson", "zarr"]
 
 
+def _croniter():
+    """Prefect's vendored croniter class (the code Prefect's ``CronSchedule`` validates with), loaded
+    from its file without importing Prefect (~2 s) so that loading the catalog stays instant."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "_tilewise_croniter" not in sys.modules:
+        spec = importlib.util.find_spec("prefect")
+        path = Path(spec.submodule_search_locations[0]) / "_vendor" / "croniter" / "croniter.py" if spec else None
+        if path is None or not path.is_file():  # a Prefect that moved it: import it the slow way
+            from prefect._vendor.croniter import croniter
+
+            return croniter
+        mod_spec = importlib.util.spec_from_file_location("_tilewise_croniter", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+        sys.modules["_tilewise_croniter"] = module
+    return sys.modules["_tilewise_croniter"].croniter
+
+
 class Schedule(_Strict):
+    """When ``tilewise serve`` runs the dataset's nightly job: a five-field cron string (minute hour
+    day month weekday) in an IANA time zone. Validated as Prefect validates a ``CronSchedule``
+    (croniter, no random/hashed ``R``/``H`` fields; a zone of ``zoneinfo.available_timezones()``),
+    so an entry that loads is one Prefect accepts."""
+
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
 
     @field_validator("cron")
     @classmethod
-    def _five_fields(cls, value: str) -> str:
+    def _valid_cron(cls, value: str) -> str:
         if len(value.split()) != 5:
             raise ValueError("cron must have five fields (minute hour day month weekday)")
+        if any(f.casefold() in ("r", "h") for f in value.split()) or not _croniter().is_valid(value):
+            raise ValueError(f"not a valid cron string: {value!r} (minute 0-59, hour 0-23, day 1-31, month 1-12, "
+                             "weekday 0-6)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _iana_zone(cls, value: str) -> str:
+        import zoneinfo
+
+        if value not in zoneinfo.available_timezones():
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as UTC or Europe/Paris")
         return value
 
 
 class Training(_Strict):
     """Budget of the training the nightly job runs once for a dataset that has no model yet
-    (``tilewise train`` takes the same defaults unless told otherwise)."""
+    (``tilewise train`` takes the same defaults unless told otherwise): at most ``epochs`` epochs
+    (>= 1) and ``max_minutes`` of wall-clock time (> 0)."""
 
     epochs: int = Field(default=30, ge=1)
     max_minutes: float = Field(default=20.0, gt=0)
@@ -178,7 +330,7 @@ class Training(_Strict):
 class CatalogEntry(_Strict):
     """One dataset of the catalog."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=NAME_PATTERN)
     modality: Modality
     description: str = ""
     scans: ScanSource
@@ -200,3 +352,27 @@ class CatalogEntry(_Strict):
         if value is not None and (len(value) not in (2, 3) or any(v <= 0 for v in value)):
             raise ValueError("chunks must be 2 or 3 positive sizes, (Y, X) or (Z, Y, X)")
         return value
+
+
+def entry_model_name(entry: CatalogEntry, architecture: str | None = None) -> str:
+    """The registered model name of a dataset: the one name training registers under and inference,
+    calibration and the nightly job look up (``models:/<name>@<alias>``).
+
+    ``model.name`` when the catalog sets it, else ``<dataset>-<architecture>``. A training with
+    another ``architecture`` than the catalog's (``tilewise train --architecture``) registers under
+    ``<dataset>-<that architecture>``: one registered model never mixes architectures, and the
+    catalog's model stays what inference uses.
+    """
+    model = entry.model
+    catalog_architecture = model.architecture if model else "unet"
+    architecture = architecture or catalog_architecture
+    if model is not None and model.name and architecture == catalog_architecture:
+        return model.name
+    return f"{entry.name}-{architecture}"
+
+
+def entry_model_uri(entry: CatalogEntry) -> str | None:
+    """``models:/<entry_model_name>@<alias>`` of a dataset with a ``model`` section, else None."""
+    if entry.model is None:
+        return None
+    return f"models:/{entry_model_name(entry)}@{entry.model.alias}"

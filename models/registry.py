@@ -41,7 +41,10 @@ class RegistryError(Exception):
 
 
 def _home() -> Path:
-    return Path(os.environ.get("TILEWISE_HOME", ".tilewise")).resolve()
+    """The tilewise home (models/home.py: the one resolver every layer uses)."""
+    from models.home import tilewise_home
+
+    return tilewise_home()
 
 
 def tracking_uri() -> str:
@@ -79,6 +82,8 @@ def experiment_id(dataset: str) -> str:
 
 
 def registered_name(dataset: str, architecture: str) -> str:
+    """The default registered name; a catalog entry may set another (``data_catalog.entry_model_name``,
+    which training and inference both use)."""
     return f"{dataset}-{architecture}"
 
 

@@ -1,18 +1,21 @@
-"""Where tilewise keeps its state: ``TILEWISE_HOME`` (default ``./.tilewise``).
+"""Where tilewise keeps its state and its stores.
 
-    $TILEWISE_HOME/stores/<dataset>/<scan>.zarr   scan groups
-    $TILEWISE_HOME/mlflow.db, mlflow-artifacts/  embedded MLflow (unless MLFLOW_TRACKING_URI is set)
-    $TILEWISE_HOME/prefect/                      embedded Prefect database (unless PREFECT_API_URL is set)
+The home folder is resolved in one place, :mod:`models.home` (``TILEWISE_HOME``, then the project
+``.tilewise`` found from the current folder, then the checkout tilewise is installed from, then the
+user's data folder); it is re-exported here for tasks/ and flows/.
+
+    <home>/stores/<dataset>/<scan>.zarr   scan groups
+    <home>/mlflow.db, mlflow-artifacts/  embedded MLflow (unless MLFLOW_TRACKING_URI is set)
+    <home>/prefect/                      embedded Prefect database (unless PREFECT_API_URL is set)
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
+from models.home import home_line, is_new, resolve_home, tilewise_home
 
-def tilewise_home() -> Path:
-    return Path(os.environ.get("TILEWISE_HOME", ".tilewise")).resolve()
+__all__ = ["home_line", "is_new", "resolve_home", "scan_store", "store_root", "tilewise_home"]
 
 
 def store_root() -> str:

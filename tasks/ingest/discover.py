@@ -60,7 +60,9 @@ def localize(url: str, cache_dir: Path | None = None) -> Path:
     fs, path = fsspec.core.url_to_fs(url)
     if "file" in fs.protocol or "local" in fs.protocol:
         return Path(path)
-    cache = cache_dir or Path(os.environ.get("TILEWISE_HOME", ".tilewise")) / "cache"
+    from tasks.settings import tilewise_home
+
+    cache = cache_dir or tilewise_home() / "cache"
     return Path(fsspec.open_local(f"simplecache::{url}", simplecache={"cache_storage": str(cache)}))
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_catalog import LoadedEntry
+from data_catalog import LoadedEntry, entry_model_name
 from models.card import ModelCard, Normalization
 from tasks import storage
 from tasks.ingest import discover_scans
@@ -42,6 +42,11 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
                   seed: int = 0, store_root: str | None = None):
     """Check the data and decide every option, before anything is trained."""
     entry = loaded.entry
+    # None means "the catalog's budget"; 0 is not None: a budget of nothing is an error, not the default
+    if epochs is not None and epochs < 1:
+        raise TrainingError(f"epochs must be at least 1, got {epochs}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise TrainingError(f"max_minutes must be more than 0, got {max_minutes}")
     if entry.labels is None:
         raise TrainingError(f"{loaded.file}: dataset '{entry.name}' has no labels section; nothing to train on")
     architecture = architecture or (entry.model.architecture if entry.model else "unet")
@@ -77,8 +82,8 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
 
         args = {"levels": unet_levels(tile), "base_channels": 16 if model_dims == 3 else 32}
     config = TrainConfig(architecture=architecture, spatial_dims=model_dims, patch=patch, in_channels=channels,
-                         classes=classes, epochs=epochs or entry.training.epochs,
-                         max_minutes=max_minutes or entry.training.max_minutes,
+                         classes=classes, epochs=entry.training.epochs if epochs is None else epochs,
+                         max_minutes=entry.training.max_minutes if max_minutes is None else max_minutes,
                          seed=seed, architecture_args=args, batch=2 if model_dims == 3 else 4)
     train_sampler = PatchSampler(train_regions, arrays, patch, seed=seed)
     val_sampler = PatchSampler(val_regions, arrays, patch, seed=seed + 1)
@@ -114,7 +119,7 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
 
     val_patches = val_sampler.fixed(config.val_patches)
     experiment = registry.experiment_id(entry.name)
-    name = registry.registered_name(entry.name, config.architecture)
+    name = entry_model_name(entry, config.architecture)  # the name inference looks up (catalog model.name)
     with mlflow.start_run(experiment_id=experiment, run_name=f"train {name}") as run:
         mlflow.log_params({
             "architecture": config.architecture, "spatial_dims": config.spatial_dims, "patch": list(config.patch),
