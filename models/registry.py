@@ -40,6 +40,15 @@ class RegistryError(Exception):
     """A model URI that cannot be resolved, said in one line."""
 
 
+class ModelNotFound(RegistryError):
+    """The registry answered: no such registered model, version or alias. The only "not found"."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry could not answer (connection refused, HTTP 5xx, database error): names the
+    tracking URI and the cause. Never to be read as "no model"."""
+
+
 def _home() -> Path:
     """The tilewise home (models/home.py: the one resolver every layer uses)."""
     from models.home import tilewise_home
@@ -160,30 +169,77 @@ def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, va
     return Promotion(name, str(version), alias, decision)
 
 
-def _alias_version(c, name: str, alias: str) -> str | None:
+def _is_not_found(exc: BaseException) -> bool:
+    """MLflow's own "does not exist" (``RESOURCE_DOES_NOT_EXIST``, HTTP 404), nothing else."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def _unavailable(what: str, exc: BaseException) -> RegistryUnavailable:
+    cause = " ".join(str(exc).split())[:300]
+    return RegistryUnavailable(f"model registry at {tracking_uri()} did not answer {what}: "
+                               f"{type(exc).__name__}: {cause}")
+
+
+def _registered(c, name: str):
+    """The RegisteredModel ``name``, or None when the registry says it does not exist."""
     try:
-        return str(c.get_model_version_by_alias(name, alias).version)
-    except Exception:
+        return c.get_registered_model(name)
+    except Exception as exc:
+        if _is_not_found(exc):
+            return None
+        raise _unavailable(f"for registered model '{name}'", exc) from exc
+
+
+def _alias_version(c, name: str, alias: str) -> str | None:
+    """The version ``alias`` points to, or None when ``name`` or its alias does not exist. Raises
+    RegistryUnavailable when the registry cannot answer. (The alias is read from the registered
+    model's alias map: a missing alias is INVALID_PARAMETER_VALUE in MLflow, not a 404.)"""
+    model = _registered(c, name)
+    if model is None:
         return None
+    version = (model.aliases or {}).get(alias)
+    return None if version is None else str(version)
 
 
 def _resolve(uri: str):
+    """(client, ModelVersion) of a ``models:/`` URI. ModelNotFound when the registry says the model,
+    version or alias does not exist; RegistryUnavailable when it cannot answer."""
     match = _URI.match(uri)
     if not match:
         raise RegistryError(f"not a model URI: expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
     c = client()
     name = match["name"]
+    if _registered(c, name) is None:
+        raise ModelNotFound(f"no registered model named '{name}' at {tracking_uri()}")
+    number = _alias_version(c, name, match["alias"]) if match["alias"] else match["version"]
+    if number is None:
+        raise ModelNotFound(f"registered model '{name}' has no alias '{match['alias']}'")
     try:
-        c.get_registered_model(name)
-    except Exception:
-        raise RegistryError(f"no registered model named '{name}' at {tracking_uri()}") from None
+        return c, c.get_model_version(name, number)
+    except Exception as exc:
+        if _is_not_found(exc):
+            raise ModelNotFound(f"registered model '{name}' has no version {number}") from None
+        raise _unavailable(f"for version {number} of '{name}'", exc) from exc
+
+
+def has_model(uri: str) -> bool:
+    """Is ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) registered? False only when
+    the registry answers "does not exist"; raises RegistryUnavailable (naming the tracking URI and
+    the cause) when it cannot answer, and RegistryError for a malformed URI."""
     try:
-        if match["alias"]:
-            return c, c.get_model_version_by_alias(name, match["alias"])
-        return c, c.get_model_version(name, match["version"])
-    except Exception:
-        what = f"alias '{match['alias']}'" if match["alias"] else f"version {match['version']}"
-        raise RegistryError(f"registered model '{name}' has no {what}") from None
+        _resolve(uri)
+    except ModelNotFound:
+        return False
+    return True
+
+
+def resolve_version(uri: str) -> str:
+    """``models:/NAME/VERSION`` that ``uri`` points to now (an alias resolved once). Raises
+    ModelNotFound / RegistryUnavailable as :func:`has_model` tells apart."""
+    _, version = _resolve(uri)
+    return f"models:/{version.name}/{version.version}"
 
 
 def load_registered(uri: str) -> LoadedModel:
@@ -199,8 +255,8 @@ def load_registered(uri: str) -> LoadedModel:
             local = Path(c.download_artifacts(run_id, ARTIFACT_DIR, tmp))
             card = ModelCard.model_validate_json((local / "card.json").read_text())
             state = load_file(str(local / "weights.safetensors"))
-        except Exception as exc:
-            raise RegistryError(f"{uri}: cannot read the model's card and weights ({exc})") from None
+        except Exception as exc:  # the artifact store's outage or a broken upload: never "no model"
+            raise RegistryUnavailable(f"{uri}: cannot read the model's card and weights ({exc})") from None
         calibrator = None
         if (local / CALIBRATOR_FILE).is_file():  # fitted after registration (tilewise calibrate)
             try:

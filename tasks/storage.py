@@ -1,19 +1,34 @@
-"""Scan groups in Zarr: opening, the completion mark, removal.
+"""Scan groups in Zarr: opening, the completion mark, removal, the per-store lock.
 
 Storage contract (README "Zarr layout"): one Zarr v3 group per scan. A group is complete only when
-its ``tilewise.complete`` attribute is present; it is written last, after every array and every
-other attribute. Readers must ignore incomplete groups, and writers replace them.
+its ``tilewise.complete`` attribute is present AND every array that mark vouches for is there with
+the shape it lists (``complete.arrays``: ``{"image/0": [3, 4096, 4096], ...}``). The mark is
+written last, after every array and every other attribute, and only after the arrays it lists
+were checked to exist. Readers must ignore incomplete groups, and writers replace them. Writers
+(ingest, infer) hold :func:`store_lock` for the whole write (tasks/store_lock.py).
+
+"Not there" and "cannot tell" are kept apart: :func:`read_record` returns None only when there is
+no group (missing path, no ``zarr.json``, or a half-written one); a permission error, an I/O error
+or a network error from fsspec propagates with its cause, so an outage is never read as "not
+ingested".
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, Iterable
 
 import fsspec
 import zarr
+from zarr.errors import ContainsArrayError, GroupNotFoundError
+
+from tasks.store_lock import StoreBusy, lock_path, store_lock  # noqa: F401  (the storage API)
 
 COMPLETE_KEY = "complete"
 ATTRS_KEY = "tilewise"
+ARRAYS_KEY = "arrays"  # in the mark: {path inside the group: shape} of every array it vouches for
+# Marks written before the list existed vouch for these (checked for existence only).
+LEGACY_PROMISES = {"scan": ("image/0",), "prediction": ("probabilities", "labels", "done")}
 
 
 def open_group(url: str, mode: str = "r") -> zarr.Group:
@@ -21,23 +36,91 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
 
 
 def read_record(url: str) -> dict[str, Any] | None:
-    """The group's tilewise attributes, or None if there is no readable group at ``url``."""
+    """The group's tilewise attributes, or None when there is no group at ``url``.
+
+    None means: the path does not exist, holds no ``zarr.json`` (zarr's GroupNotFoundError), holds
+    an array rather than a group, or its ``zarr.json`` is half-written (a JSONDecodeError: on a
+    local store a writer is mid-write or crashed mid-write; object stores write it whole). Each
+    is an incomplete group for every caller. Any other error (PermissionError, EIO, s3fs/HTTP
+    errors) propagates: the caller cannot know whether the scan is there.
+    """
     try:
         group = open_group(url, mode="r")
-    except Exception:  # missing, or a half-written zarr.json from a crash
+    except (FileNotFoundError, GroupNotFoundError, KeyError, ContainsArrayError):
+        return None
+    except json.JSONDecodeError:  # half-written zarr.json: incomplete, replaced by the next writer
         return None
     return dict(group.attrs.get(ATTRS_KEY, {}))
 
 
+def _promised(record: dict[str, Any]) -> dict[str, list[int] | None]:
+    mark = record.get(COMPLETE_KEY)
+    arrays = mark.get(ARRAYS_KEY) if isinstance(mark, dict) else None
+    if isinstance(arrays, dict):
+        return {str(k): (list(v) if v is not None else None) for k, v in arrays.items()}
+    # A mark from before marks listed their arrays: it vouches for what its kind always had.
+    kind = record.get("kind") or ("prediction" if "digest" in record else "scan")
+    return {path: None for path in LEGACY_PROMISES.get(kind, ())}
+
+
 def is_complete(url: str) -> bool:
+    """True when the group has its completion mark and every array the mark lists is there with
+    the listed shape (metadata only: one small read per array). Errors other than "not there"
+    propagate (see :func:`read_record`)."""
     record = read_record(url)
-    return bool(record and record.get(COMPLETE_KEY))
+    if not (record and record.get(COMPLETE_KEY)):
+        return False
+    return arrays_match(url, _promised(record))
 
 
-def mark_complete(group: zarr.Group, record: dict[str, Any]) -> None:
-    """Write the completion mark. Call it last."""
+def arrays_match(url: str, arrays: dict[str, list[int] | None]) -> bool:
+    """True when every ``path`` in ``arrays`` is an array of the group at ``url`` with that shape
+    (None: any shape). Metadata only. Errors other than "not there" propagate."""
+    try:
+        group = open_group(url, mode="r")
+    except (FileNotFoundError, GroupNotFoundError, KeyError, ContainsArrayError, json.JSONDecodeError):
+        return False
+    for path, shape in arrays.items():
+        try:
+            node = group[path]
+        except (KeyError, FileNotFoundError, json.JSONDecodeError):
+            return False
+        if not isinstance(node, zarr.Array) or (shape is not None and list(node.shape) != list(shape)):
+            return False
+    return True
+
+
+def _own_arrays(group: zarr.Group, prefix: str = "") -> list[str]:
+    """Every array under ``group``, skipping sub-groups that carry their own tilewise record (the
+    prediction, the NGFF label image): those have their own writer and their own mark."""
+    out = []
+    for name, node in group.members():
+        if isinstance(node, zarr.Array):
+            out.append(f"{prefix}{name}")
+        elif ATTRS_KEY not in node.attrs:
+            out.extend(_own_arrays(node, f"{prefix}{name}/"))
+    return sorted(out)
+
+
+def mark_complete(group: zarr.Group, record: dict[str, Any], arrays: Iterable[str] | None = None) -> None:
+    """Write the completion mark, listing the arrays it vouches for with their shapes. Call it last.
+
+    ``arrays``: paths inside the group the writer promises (default: every array of the group,
+    skipping sub-groups with their own record). Raises ValueError, writing nothing, if one is
+    missing or is not an array: a mark is only ever written on a group whose arrays are there.
+    """
+    paths = list(arrays) if arrays is not None else _own_arrays(group)
+    shapes: dict[str, list[int]] = {}
+    for path in paths:
+        try:
+            node = group[path]
+        except KeyError:
+            raise ValueError(f"{group.store_path}: not marking complete: array '{path}' is missing") from None
+        if not isinstance(node, zarr.Array):
+            raise ValueError(f"{group.store_path}: not marking complete: '{path}' is not an array")
+        shapes[path] = list(node.shape)
     attrs = dict(group.attrs.get(ATTRS_KEY, {}))
-    attrs[COMPLETE_KEY] = record
+    attrs[COMPLETE_KEY] = {**record, ARRAYS_KEY: shapes}
     group.attrs[ATTRS_KEY] = attrs
 
 
@@ -51,14 +134,21 @@ def clear_complete(url: str) -> None:
 
 
 def remove(url: str) -> None:
+    """Delete the group at ``url`` (nothing if there is none). Writers call it holding the lock."""
     fs, path = fsspec.core.url_to_fs(str(url))
-    if fs.exists(path):
+    if exists(url):
         fs.rm(path, recursive=True)
 
 
 def exists(url: str) -> bool:
+    """Is there anything at ``url``? Only "no such file" means no: fsspec's own ``exists`` answers
+    False for any error, which would read an outage as "absent"."""
     fs, path = fsspec.core.url_to_fs(str(url))
-    return fs.exists(path)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def looks_like_group(url: str) -> bool:

@@ -9,12 +9,18 @@ of the single-process plan, in the same order, a distributed result equals the s
 up to float32 summation effects of batching (observed: identical, tolerance 1e-6).
 Tiles that straddle two regions are computed by both workers: that halo is the price of
 independence.
+
+One distributed run is one writer of the store: the driver holds the store's lock
+(``storage.store_lock``, purpose "infer") from ``prepare`` to ``finish``; the workers take no lock
+(they write only their own regions' chunks, under the driver's). Another run on the store waits
+or fails with ``StoreBusy`` while the driver holds it.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
+from tasks import storage
 from tasks.engine.infer import EngineConfig, InferResult, finish, prepare, run_chunks
 from tasks.engine.model_io import LoadedModel, load_model
 from tasks.engine.plan import split_regions
@@ -53,6 +59,14 @@ def infer_distributed(store: str, model_uri: str, config: EngineConfig, address:
 
     t0 = time.perf_counter()
     model = load_model(model_uri)
+    with storage.store_lock(store, purpose="infer"):
+        return _drive(store, model_uri, model, config, address, region_chunks, client, t0)
+
+
+def _drive(store, model_uri, model, config, address, region_chunks, client, t0) -> InferResult:
+    """The driver's part of :func:`infer_distributed`, under the store's lock."""
+    import time
+
     prep = prepare(store, model, config)
     if prep is None:
         return InferResult(str(store), "unchanged")

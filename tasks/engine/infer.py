@@ -190,12 +190,19 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
     pred_url = _prediction(store)
     record = storage.read_record(pred_url)
     resumed = False
-    if record is not None and record.get("digest") == digest and "classes" in record:
-        if record.get(storage.COMPLETE_KEY):
+    reusable = (record is not None and record.get("digest") == digest and "classes" in record
+                and storage.arrays_match(pred_url, {"probabilities": [len(record["classes"]), *plan.shape],
+                                                    "labels": list(plan.shape), "done": list(plan.chunk_grid)}))
+    if reusable and record.get(storage.COMPLETE_KEY):
+        if storage.is_complete(pred_url):
             return None
+        reusable = False  # a mark whose arrays are not all there vouches for nothing
+    if reusable:
         resumed = True
         classes = list(record["classes"])
     else:
+        if record is not None and record.get("digest") == digest:
+            log.warning("%s: arrays missing or reshaped; recomputing the prediction", pred_url)
         if record is not None or storage.exists(pred_url):
             log.info("%s: replacing a prediction made with another model or parameters", pred_url)
             storage.remove(pred_url)
@@ -329,7 +336,8 @@ def finish(prep: Prepared, extra: dict | None = None) -> None:
     done = pred["done"][...]
     if not done.all():
         raise _fail(prep.store, f"{int((done == 0).sum())} output chunks are not done; not marking complete")
-    storage.mark_complete(pred, {"at": datetime.now(timezone.utc).isoformat(), **(extra or {})})
+    storage.mark_complete(pred, {"at": datetime.now(timezone.utc).isoformat(), **(extra or {})},
+                          arrays=("probabilities", "labels", "done"))
     # napari / OME-Zarr readers opened at the scan's root overlay the prediction as an NGFF label image
     write_prediction_labels_ngff(prep.store)
 
@@ -338,13 +346,17 @@ def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConf
                runner: ModelRunner | None = None,
                progress: Callable[[int, int], None] | None = None, calibrator: Any = None) -> InferResult:
     """Run ``model`` over the scan group at ``store`` in one process (see module docstring).
-    ``calibrator`` (a ``Calibrator``) overrides the model version's own."""
+    ``calibrator`` (a ``Calibrator``) overrides the model version's own.
+
+    Holds the store's lock (``storage.store_lock``, purpose "infer", the same lock ingest takes)
+    from ``prepare`` to ``finish``: another run on this store waits or fails with ``StoreBusy``."""
     t0 = time.perf_counter()
-    prep = prepare(store, model, config, runner, calibrator)
-    if prep is None:
-        return InferResult(str(store), "unchanged")
-    result = run_chunks(prep, model, runner=runner, progress=progress)
-    finish(prep, {"tiles": result.tiles, "model_calls": result.model_calls})
+    with storage.store_lock(store, purpose="infer"):
+        prep = prepare(store, model, config, runner, calibrator)
+        if prep is None:
+            return InferResult(str(store), "unchanged")
+        result = run_chunks(prep, model, runner=runner, progress=progress)
+        finish(prep, {"tiles": result.tiles, "model_calls": result.model_calls})
     result.status = "resumed" if prep.resumed else "inferred"
     result.seconds = time.perf_counter() - t0
     return result

@@ -341,6 +341,10 @@ def ingest_scan(
     "unchanged"); anything else there (an older version, a half-written group) is replaced.
     Raises :class:`ScanError` naming the file and the problem for bad input; on any failure the
     partial group is removed, so nothing incomplete is left looking like a result.
+
+    The whole check-and-write holds the store's lock (``storage.store_lock``, purpose "ingest"):
+    a second run on the same store waits ``$TILEWISE_LOCK_WAIT`` seconds (default 0) and then
+    raises ``StoreBusy`` (a ScanError naming the holder); it never removes what the holder writes.
     """
     store = str(store)
     t0 = time.perf_counter()
@@ -352,23 +356,25 @@ def ingest_scan(
         chunks = chunks_for(spec, spatial_shape)
         options = _options_digest(spec, kind, chunks)
         stats_files = _stat_files(files)
-        record = storage.read_record(store)
-        if not force and _unchanged(record, stats_files, options):
-            return IngestResult(spec.scan_id, store, "unchanged", tuple(reader.shape), time.perf_counter() - t0)
-        if storage.exists(store):
-            if not storage.looks_like_group(store):
-                raise ScanError(store, "exists and is not a Zarr group; refusing to replace it")
-            if record and record.get(storage.COMPLETE_KEY):
-                storage.clear_complete(store)  # the old result stops being 'complete' first
-                log.info("%s: source or options changed; re-ingesting", store)
-            else:
-                log.warning("%s: replacing an incomplete group (an earlier run did not finish)", store)
-            storage.remove(store)
-        try:
-            result = _write_scan(spec, store, reader, kind, chunks, options, stats_files, progress)
-        except BaseException:
-            storage.remove(store)
-            raise
+        with storage.store_lock(store, purpose="ingest"):
+            record = storage.read_record(store)
+            # the mark's promise is checked too: a mark above missing arrays is not "unchanged"
+            if not force and _unchanged(record, stats_files, options) and storage.is_complete(store):
+                return IngestResult(spec.scan_id, store, "unchanged", tuple(reader.shape), time.perf_counter() - t0)
+            if storage.exists(store):
+                if not storage.looks_like_group(store):
+                    raise ScanError(store, "exists and is not a Zarr group; refusing to replace it")
+                if record and record.get(storage.COMPLETE_KEY):
+                    storage.clear_complete(store)  # the old result stops being 'complete' first
+                    log.info("%s: source, options or arrays changed; re-ingesting", store)
+                else:
+                    log.warning("%s: replacing an incomplete group (an earlier run did not finish)", store)
+                storage.remove(store)
+            try:
+                result = _write_scan(spec, store, reader, kind, chunks, options, stats_files, progress)
+            except BaseException:
+                storage.remove(store)  # ours: the lock is held, no other run writes here
+                raise
     return IngestResult(spec.scan_id, store, "ingested", result, time.perf_counter() - t0)
 
 
@@ -455,5 +461,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         },
     }
     group.attrs[storage.ATTRS_KEY] = record
-    storage.mark_complete(group, {"at": datetime.now(timezone.utc).isoformat(), "options_digest": options})
+    promised = [f"image/{level}" for level in range(plan.levels)] + (["labels/reference"] if labels else [])
+    storage.mark_complete(group, {"at": datetime.now(timezone.utc).isoformat(), "options_digest": options},
+                          arrays=promised)
     return tuple(reader.shape)
