@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -14,7 +17,7 @@ from flows.ingest import transient_io_error
 from flows.outcomes import ScanOutcome, final_state
 from tasks import storage
 from tasks.engine.infer import EngineConfig, InferResult, infer_scan
-from tasks.engine.model_io import load_model
+from tasks.engine.model_io import LoadedModel, load_model
 from tasks.ingest import discover_scans
 from tasks.settings import scan_store
 
@@ -26,13 +29,117 @@ def engine_config(entry: CatalogEntry) -> EngineConfig:
 
 
 def model_uri(entry: CatalogEntry) -> str | None:
-    return f"models:/{entry.model.name}@{entry.model.alias}" if entry.model else None
+    """``models:/NAME@ALIAS`` of the dataset's model (the name training registers), None without ``model``."""
+    from data_catalog import entry_model_uri
+
+    return entry_model_uri(entry)
+
+
+GPU_LIMIT = "gpu"
+_local_slots: threading.BoundedSemaphore | None = None
+_models: dict[str, LoadedModel] = {}
+_models_lock = threading.Lock()
+
+
+def gpu_slots() -> int:
+    """Inference runs at once (``TILEWISE_GPU_SLOTS``, default 1)."""
+    try:
+        return max(1, int(os.environ.get("TILEWISE_GPU_SLOTS", "1")))
+    except ValueError:
+        return 1
+
+
+def server_mode() -> bool:
+    """A Prefect server was chosen (``PREFECT_API_URL``); else the embedded one of this process."""
+    return bool(os.environ.get("PREFECT_API_URL"))
+
+
+def ensure_gpu_limit() -> None:
+    """Create the global concurrency limit ``gpu`` on the Prefect server when it is missing
+    (``TILEWISE_GPU_SLOTS`` slots). A limit an administrator set is left as it is."""
+    if not server_mode():
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=gpu_slots()))
+            except ObjectAlreadyExists:  # another run created it meanwhile
+                pass
+
+
+@contextmanager
+def gpu_slot():
+    """Hold one inference slot: a semaphore of this process (``TILEWISE_GPU_SLOTS``) and, with a
+    Prefect server, a slot of the server's global limit ``gpu`` shared by every worker.
+
+    The global limit is not used with the embedded server: its slot leases live in that server's
+    memory, so after a kill -9 the slot would stay taken in the database for ever; with a real
+    server a killed holder's lease expires (60 s) and the slot comes back."""
+    global _local_slots
+    with _models_lock:
+        if _local_slots is None:
+            _local_slots = threading.BoundedSemaphore(gpu_slots())
+    with _local_slots:
+        if server_mode():
+            from prefect.concurrency.sync import concurrency
+
+            with concurrency(GPU_LIMIT, occupy=1, lease_duration=60):
+                yield
+        else:
+            yield
+
+
+def forget_models() -> None:
+    """Start of a run: load versions afresh (a calibrator may have been added to one since)."""
+    with _models_lock:
+        _models.clear()
+
+
+def cached_model(uri: str) -> LoadedModel:
+    """The model of a version URI, loaded once per run and shared by the run's scans."""
+    with _models_lock:
+        if uri not in _models:
+            if len(_models) >= 4:
+                _models.pop(next(iter(_models)))
+            _models[uri] = load_model(uri)
+        return _models[uri]
+
+
+def resolve_version(uri: str) -> str | None:
+    """``models:/NAME@ALIAS`` -> ``models:/NAME/VERSION`` (once per run, so a promotion during the
+    run never mixes versions); a version URI or a file stays itself; None when the registry has no
+    such model or alias. Any other failure (registry unreachable) is raised with its cause."""
+    if not uri.startswith("models:/"):
+        return uri
+    from models.registry import RegistryError, describe
+
+    try:
+        found = describe(uri)
+    except RegistryError:
+        return None
+    return f"models:/{found['name']}/{found['version']}"
 
 
 @task(name="infer-scan", task_run_name="infer {store}", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=transient_io_error, cache_policy=NO_CACHE, persist_result=False)
-def infer_scan_task(store: str, uri: str, config: EngineConfig) -> InferResult:
-    return infer_scan(store, load_model(uri), config)
+def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None = None,
+                    replace: bool = False) -> InferResult:
+    """``uri`` over one scan, holding a ``gpu`` slot while the model runs. ``replace``: drop a
+    complete prediction first (backfill --force); an incomplete one is resumed as always."""
+    if replace and storage.is_complete(f"{store}/prediction"):
+        storage.remove(f"{store}/prediction")
+    with gpu_slot():
+        if dask:
+            from tasks.engine.distributed import infer_distributed
+
+            return infer_distributed(store, uri, config, dask)
+        return infer_scan(store, cached_model(uri), config)
 
 
 @flow(name="infer", flow_run_name="infer {dataset}")
@@ -43,15 +150,20 @@ def infer_flow(dataset: str, catalog: str = str(DEFAULT_CATALOG_DIR), model: str
     logger = get_run_logger()
     loaded = find_entry(dataset, Path(catalog))
     entry = loaded.entry
-    uri = model or model_uri(entry)
-    if uri is None:
+    alias = model or model_uri(entry)
+    if alias is None:
         raise ValueError(f"dataset '{dataset}' names no model in the catalog; pass one")
+    uri = resolve_version(alias)  # once: every scan of this run gets the same version
+    if uri is None:
+        raise ValueError(f"no model at {alias}; run: tilewise train {dataset}")
+    forget_models()
+    ensure_gpu_limit()
     stores = [scan_store(dataset, s.scan_id, store_root) for s in discover_scans(loaded)]
     ready = [s for s in stores if storage.is_complete(s)]
     if len(ready) < len(stores):
         logger.warning("%d scans are not ingested (complete) and are skipped", len(stores) - len(ready))
     config = engine_config(entry)
-    futures = [infer_scan_task.submit(s, uri, config) for s in ready]
+    futures = [infer_scan_task.submit(s, uri, config, getattr(entry.tiling, "dask", None)) for s in ready]
     wait(futures)
     outcomes = []
     for store, future in zip(ready, futures):
@@ -59,8 +171,9 @@ def infer_flow(dataset: str, catalog: str = str(DEFAULT_CATALOG_DIR), model: str
         if future.state.is_completed():
             r = future.result()
             outcomes.append(ScanOutcome(dataset, scan_id, "infer", r.status, store,
-                                        f"{uri}, {r.model_calls} tiles" if r.model_calls else uri, r.seconds))
+                                        f"{uri}, {r.model_calls} tiles" if r.model_calls else uri, r.seconds,
+                                        model=uri))
         else:
             err = future.state.result(raise_on_failure=False)
-            outcomes.append(ScanOutcome(dataset, scan_id, "infer", "failed", store, str(err)))
+            outcomes.append(ScanOutcome(dataset, scan_id, "infer", "failed", store, str(err), model=uri))
     return final_state(outcomes, key=f"infer-{dataset.lower().replace('_', '-').replace('.', '-')}")

@@ -1,8 +1,11 @@
-"""The ``nightly`` flow: every catalog dataset, every new or changed scan, through every step.
+"""The ``nightly`` flow: every catalog dataset (or the named ones), every new or changed scan,
+through ingest -> infer (the dataset's champion, resolved once; trained first when none is
+registered and the dataset has labels) -> evaluate (where labels exist) -> export (the catalog's
+format). See flows/chain.py for how work is decided from digests.
 
-Steps today: ingest → (train, once, when the dataset has labels but no champion model yet) →
-infer with the champion. Each step of each dataset is its own subflow, so one failure is visible
-on its own and never stops the next dataset; the run ends Failed naming every failed scan.
+A second run with nothing new computes nothing: every step reports ``unchanged``. One scan failing
+never stops the others; the run ends Failed naming each failed scan and step. The summary is a
+Prefect markdown artifact, a table artifact and an MLflow run per dataset (``nightly <date>``).
 """
 
 from __future__ import annotations
@@ -11,68 +14,66 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from data_catalog import DEFAULT_CATALOG_DIR, LoadedEntry, load_catalog
-from flows.infer import infer_flow, model_uri
-from flows.ingest import ingest_flow
+from data_catalog import DEFAULT_CATALOG_DIR, load_catalog
+from flows import summary
+from flows.chain import ChainOptions, run_dataset
+from flows.infer import ensure_gpu_limit, forget_models
 from flows.outcomes import ScanOutcome, final_state
-from flows.train import train_flow
+from tasks.errors import ScanError
+from tasks.ingest import discover_scans
 
 
-def _has_model(uri: str) -> bool:
-    from models.registry import RegistryError, describe
-
-    try:
-        describe(uri)
-        return True
-    except RegistryError:
-        return False
-
-
-def _rows(state, dataset: str, step: str) -> list[ScanOutcome]:
-    result = state.result(raise_on_failure=False)
-    if isinstance(result, list):
-        return result
-    return [ScanOutcome(dataset, "*", step, "failed", message=str(result))]
+def select_datasets(catalog: str, datasets: list[str] | None):
+    """The catalog's entries, or the named ones; ValueError naming any name the catalog lacks."""
+    entries = load_catalog(Path(catalog))
+    if not datasets:
+        return entries
+    known = {e.entry.name for e in entries}
+    unknown = [d for d in datasets if d not in known]
+    if unknown:
+        raise ValueError(f"unknown dataset{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} in {catalog}; "
+                         f"the catalog has: {', '.join(sorted(known))}")
+    return [e for e in entries if e.entry.name in datasets]
 
 
-def _ensure_model(loaded: LoadedEntry, catalog: str, store_root: str | None, train_missing: bool,
-                  logger) -> ScanOutcome | None:
-    entry = loaded.entry
-    uri = model_uri(entry)
-    if uri is None or _has_model(uri):
-        return None
-    if not (train_missing and entry.labels is not None):
-        return ScanOutcome(entry.name, "*", "infer", "skipped",
-                           message=f"no model at {uri}; run: tilewise train {entry.name}")
-    t = entry.training
-    state = train_flow(entry.name, catalog=catalog, architecture=entry.model.architecture, epochs=t.epochs,
-                       max_minutes=t.max_minutes, store_root=store_root, return_state=True)
-    report = state.result(raise_on_failure=False)
-    if isinstance(report, BaseException):
-        logger.error("%s: training failed: %s", entry.name, report)
-        return ScanOutcome(entry.name, "*", "train", "failed", message=str(report))
-    return ScanOutcome(entry.name, "*", "train", "trained", message=f"{report.registered}: {report.decision}",
-                       seconds=report.seconds)
+def run_entries(entries, catalog: str, store_root: str | None, options: ChainOptions, select=None,
+                logger=None) -> list[ScanOutcome]:
+    """The chain over each entry's scans (``select(loaded, specs)`` narrows them, for backfill)."""
+    ensure_gpu_limit()
+    forget_models()
+    outcomes: list[ScanOutcome] = []
+    for loaded in entries:
+        name = loaded.entry.name
+        try:
+            specs = discover_scans(loaded)
+            if select is not None:
+                specs = select(loaded, specs)
+        except (ScanError, ValueError) as exc:
+            outcomes.append(ScanOutcome(name, "*", "discover", "failed", message=str(exc)))
+            continue
+        if not specs:
+            logger.warning("%s: no scan to process", name)
+            continue
+        outcomes += run_dataset(loaded, specs, catalog, store_root, options)
+    return outcomes
+
+
+def finish(title: str, outcomes: list[ScanOutcome], key: str, logger):
+    if outcomes and not any(o.did_work or o.failed for o in outcomes):
+        logger.info("nothing new: %d scans, every step unchanged", len({(o.dataset, o.scan_id) for o in outcomes}))
+    summary.create_artifact(title, outcomes, key=f"{key}-summary")
+    return final_state(outcomes, key=key)
 
 
 @flow(name="nightly")
 def nightly_flow(catalog: str = str(DEFAULT_CATALOG_DIR), datasets: list[str] | None = None,
                  store_root: str | None = None, force: bool = False, infer: bool = True,
-                 train_missing: bool = True):
+                 train_missing: bool = True, dask: str | None = None):
+    """``force``: recompute every step of every scan. ``infer=False``: ingest (and train missing
+    models unless ``train_missing`` is False), no inference, evaluation or export. ``dask``: run
+    the engine's regions on that Dask cluster (default: the catalog's ``tiling.dask``)."""
     logger = get_run_logger()
-    entries = [e for e in load_catalog(Path(catalog)) if not datasets or e.entry.name in datasets]
-    outcomes: list[ScanOutcome] = []
-    for loaded in entries:
-        name = loaded.entry.name
-        outcomes += _rows(ingest_flow(name, catalog=catalog, store_root=store_root, force=force,
-                                      return_state=True), name, "ingest")
-        if not infer or loaded.entry.model is None:
-            continue
-        trained = _ensure_model(loaded, catalog, store_root, train_missing, logger)
-        if trained is not None:
-            outcomes.append(trained)
-            if trained.status != "trained":
-                continue
-        outcomes += _rows(infer_flow(name, catalog=catalog, store_root=store_root, return_state=True),
-                          name, "infer")
-    return final_state(outcomes, key="nightly")
+    entries = select_datasets(catalog, datasets)
+    options = ChainOptions(force=force, infer=infer, train_missing=train_missing, dask=dask, kind="nightly")
+    outcomes = run_entries(entries, catalog, store_root, options, logger=logger)
+    return finish(f"tilewise {summary.run_name('nightly')}", outcomes, "nightly", logger)

@@ -13,9 +13,10 @@ def report_dir(dataset: str | None, scan_id: str) -> Path:
 
 
 def evaluate_and_report(store: str, labels_path=None, entry=None, boundary_class: str | None = None,
-                        log_mlflow: bool = True):
+                        log_mlflow: bool = True, parent_run_id: str | None = None):
     """Evaluate ``store`` (tasks.metrics.evaluate.evaluate_scan), draw its pictures and, unless
-    ``log_mlflow`` is False, log everything to an MLflow run. Returns (report, images, run id or None)."""
+    ``log_mlflow`` is False, log everything to an MLflow run (nested under ``parent_run_id`` when
+    given). Returns (report, images, run id or None)."""
     from tasks.metrics.evaluate import evaluate_scan
     from tasks.reports.overlay import evaluation_images
 
@@ -25,5 +26,5 @@ def evaluate_and_report(store: str, labels_path=None, entry=None, boundary_class
     if log_mlflow:
         from tasks.reports.tracking import log_evaluation
 
-        run_id = log_evaluation(report, images)
+        run_id = log_evaluation(report, images, parent_run_id=parent_run_id)
     return report, images, run_id

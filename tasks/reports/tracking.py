@@ -23,8 +23,9 @@ def dataset_of(report: EvaluationReport) -> str:
     return report.dataset or Path(report.store).parent.name or "unknown"
 
 
-def log_evaluation(report: EvaluationReport, images: Sequence[str | Path] = ()) -> str:
-    """Create a finished MLflow run for ``report``; returns its run id."""
+def log_evaluation(report: EvaluationReport, images: Sequence[str | Path] = (), parent_run_id: str | None = None) -> str:
+    """Create a finished MLflow run for ``report``; returns its run id. ``parent_run_id``: nest it
+    under that run (the nightly job's run of the dataset; MLflow's ``mlflow.parentRunId`` tag)."""
     from mlflow.entities import Metric, Param, RunTag
     from PIL import Image
 
@@ -41,6 +42,8 @@ def log_evaluation(report: EvaluationReport, images: Sequence[str | Path] = ()) 
         "tilewise.calibrator": str(calibrator) if calibrator else "none", "tilewise.reference": report.reference,
         "tilewise.prediction_digest": report.prediction_digest or "",
     }
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(dataset), run_name=f"evaluate {report.scan_id}",
                        tags={"mlflow.runName": f"evaluate {report.scan_id}", **tags})
     run_id = run.info.run_id

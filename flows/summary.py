@@ -1,0 +1,143 @@
+"""What a nightly or backfill run says when it ends: one row per scan (steps, model version, key
+metric, outputs, seconds), as a Prefect markdown artifact, as an MLflow run per dataset (experiment
+``tilewise/<dataset>``, run ``nightly <date>``, tag ``tilewise.kind``; the per-scan evaluate runs
+nested under it) and as the CLI's table."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from flows.outcomes import ScanOutcome
+
+STEPS = ("ingest", "train", "infer", "evaluate", "export")
+KEY_METRICS = (("mean_dice", "Dice"), ("isbi_v_rand", "V_rand"), ("mean_iou", "IoU"))
+
+
+def key_metric(metrics: dict) -> str:
+    """The headline numbers of an evaluation: mean Dice, and V_rand for EM (ISBI 2012)."""
+    shown = [f"{label} {metrics[k]:.3f}" for k, label in KEY_METRICS[:2] if k in metrics]
+    if not shown and "mean_iou" in metrics:
+        shown = [f"IoU {metrics['mean_iou']:.3f}"]
+    return ", ".join(shown)
+
+
+def scan_rows(outcomes: list[ScanOutcome]) -> list[dict]:
+    """One row per (dataset, scan) in first-seen order; ``*`` rows hold dataset-wide steps."""
+    rows: dict[tuple[str, str], dict] = {}
+    for o in outcomes:
+        row = rows.setdefault((o.dataset, o.scan_id), {"dataset": o.dataset, "scan": o.scan_id, "model": "",
+                                                       "metric": "", "outputs": [], "seconds": 0.0,
+                                                       "errors": [], "metrics": {}})
+        row[o.step] = o.status
+        row["seconds"] = round(row["seconds"] + o.seconds, 2)
+        if o.model and o.step in ("infer", "train"):
+            row["model"] = o.model
+        if o.metrics:
+            row["metrics"] = dict(o.metrics)
+            row["metric"] = key_metric(o.metrics)
+        if o.output and o.step == "export":
+            row["outputs"].append(o.output)
+        if o.failed or o.status == "skipped":
+            row["errors"].append(f"{o.step}: {o.message}")
+    return list(rows.values())
+
+
+def markdown(title: str, outcomes: list[ScanOutcome]) -> str:
+    rows = scan_rows(outcomes)
+    failed = sorted({(o.dataset, o.scan_id) for o in outcomes if o.failed})
+    worked = sum(1 for o in outcomes if o.did_work)
+    lines = [f"# {title}", "",
+             f"{len(rows)} scans, {len(failed)} failed, {worked} steps did work"
+             + (" (nothing new: every step unchanged)" if not worked and not failed else ""), "",
+             "| dataset | scan | model | " + " | ".join(STEPS) + " | metric | outputs | seconds |",
+             "|" + "---|" * (len(STEPS) + 6)]
+    for r in rows:
+        cells = [r["dataset"], r["scan"], r["model"], *(r.get(s, "") for s in STEPS), r["metric"],
+                 "<br>".join(r["outputs"]), f"{r['seconds']:.1f}"]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    if failed:
+        lines += ["", "## Failures", ""]
+        lines += [f"- `{o.dataset}/{o.scan_id}` ({o.step}): {o.message}" for o in outcomes if o.failed]
+    return "\n".join(lines)
+
+
+def create_artifact(title: str, outcomes: list[ScanOutcome], key: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(markdown(title, outcomes), key=key, description=title)
+
+
+def run_name(kind: str, when: datetime | None = None) -> str:
+    return f"{kind} {(when or datetime.now(timezone.utc)).strftime('%Y-%m-%d')}"
+
+
+def start_mlflow_run(dataset: str, kind: str, logger=None) -> str | None:
+    """An MLflow run for this dataset's part of the run (status RUNNING until finished); None, with
+    a warning, when MLflow cannot be reached (the scans still run)."""
+    try:
+        from models.registry import client, experiment_id
+
+        name = run_name(kind)
+        run = client().create_run(experiment_id(dataset), run_name=name,
+                                  tags={"mlflow.runName": name, "tilewise.kind": kind, "tilewise.dataset": dataset})
+        return run.info.run_id
+    except Exception as exc:
+        if logger is not None:
+            logger.warning("%s: no MLflow summary run (%s: %s)", dataset, type(exc).__name__, exc)
+        return None
+
+
+def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: str | None, seconds: float,
+                      logger=None) -> None:
+    """Per-scan status, metrics, outputs, model version and durations on the dataset's run; counts
+    as metrics (scans_ok, scans_failed, scans_changed, steps_unchanged, seconds)."""
+    if run_id is None:
+        return
+    try:
+        from mlflow.entities import Metric, RunTag
+
+        from models.registry import client
+
+        c = client()
+        rows = [r for r in scan_rows(outcomes) if r["scan"] != "*"]
+        failed = {(o.dataset, o.scan_id) for o in outcomes if o.failed}
+        changed = {(o.dataset, o.scan_id) for o in outcomes if o.did_work and o.scan_id != "*"}
+        now = int(time.time() * 1000)
+        counts = {"scans": len(rows), "scans_ok": sum(1 for r in rows if (r["dataset"], r["scan"]) not in failed),
+                  "scans_failed": len(failed), "scans_changed": len(changed),
+                  "steps_unchanged": sum(1 for o in outcomes if o.status == "unchanged"), "seconds": seconds}
+        metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
+        for r in rows:
+            for k, label in KEY_METRICS:
+                if k in r["metrics"]:
+                    metrics.append(Metric(f"{r['scan']}.{k}"[:250], float(r["metrics"][k]), now, 0))
+        tags = [RunTag("tilewise.model", version or "none")]
+        c.log_batch(run_id, metrics=metrics[:900], tags=tags)
+        c.log_dict(run_id, {"model": version, "scans": [{k: v for k, v in r.items()} for r in rows],
+                            "steps": [{"dataset": o.dataset, "scan": o.scan_id, "step": o.step, "status": o.status,
+                                       "seconds": round(o.seconds, 2), "model": o.model, "output": o.output,
+                                       "message": o.message} for o in outcomes]}, "summary/scans.json")
+        c.log_text(run_id, markdown(f"{rows[0]['dataset'] if rows else ''} {run_name('run')}", outcomes),
+                   "summary/summary.md")
+        c.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    except Exception as exc:
+        if logger is not None:
+            logger.warning("MLflow summary run %s not completed (%s: %s)", run_id, type(exc).__name__, exc)
+
+
+def rich_table(title: str, outcomes: list[ScanOutcome]):
+    """The CLI's table: a row per scan, a column per step, colour by status, nothing cut."""
+    from rich.table import Table
+
+    colours = {"failed": "red", "unchanged": "dim", "kept": "dim", "skipped": "yellow"}
+    rows = scan_rows(outcomes)
+    steps = [s for s in STEPS if any(s in r for r in rows)]
+    table = Table(title=title)
+    for column in ("dataset", "scan", "model", *steps, "metric", "outputs", "seconds"):
+        table.add_column(column, overflow="fold")
+    for r in rows:
+        cells = [f"[{colours.get(r[s], 'green')}]{r[s]}[/]" if s in r else "-" for s in steps]
+        table.add_row(r["dataset"], r["scan"], r["model"].removeprefix("models:/"), *cells, r["metric"],
+                      "\n".join(r["outputs"]), f"{r['seconds']:.1f}")
+    return table
