@@ -51,15 +51,13 @@ def calibration_table(outcome: CalibrationOutcome):
     cal = outcome.calibrator
     table = Table(title=f"calibration of {outcome.model} on held-out validation pixels "
                         f"(validation split {outcome.regions_from})")
-    for col in ("method", "ECE before", "ECE after", "Brier before", "Brier after", "NLL before", "NLL after"):
-        table.add_column(col)
+    for col in ("method", "ECE before → after", "Brier before → after", "NLL before → after"):
+        table.add_column(col, overflow="fold")  # full names when piped (80 columns)
     for name, res in cal.candidates.items():
         before, after = res.get("before", {}), res.get("after")
-        mark = f"{name} *" if name == cal.method else name
+        mark = f"{name} (chosen)" if name == cal.method else name
         if after is None:
-            table.add_row(mark, f"{before.get('ece', float('nan')):.4f}", "failed", "", "", "", res.get("error", ""))
+            table.add_row(mark, f"{before.get('ece', float('nan')):.4f} → failed", "", res.get("error", ""))
             continue
-        table.add_row(mark, *(f"{d[k]:.4f}" for k in ("ece",) for d in (before, after)),
-                      *(f"{d[k]:.4f}" for k in ("brier",) for d in (before, after)),
-                      *(f"{d[k]:.4f}" for k in ("nll",) for d in (before, after)))
+        table.add_row(mark, *(f"{before[k]:.4f} → {after[k]:.4f}" for k in ("ece", "brier", "nll")))
     return table
