@@ -13,8 +13,8 @@ Pause and restart. Prefect's ``serve`` pauses every served deployment when it st
 up as *Late* while nothing executes them). Every start registers each deployment again with
 ``paused=False`` and active schedules, and then checks, through the API, that none is left paused
 or with an inactive schedule (resuming any that is): a restart always re-activates the schedules.
-A ``nightly/<name>`` deployment whose dataset left the catalog is paused (not deleted: its run
-history stays).
+A served ``nightly/<name>`` deployment whose dataset left the catalog is paused (not deleted: its
+run history stays); work-pool deployments (``prefect.yaml``) are left alone.
 
 A Prefect *server* is required (``PREFECT_API_URL``): the embedded API of ``tilewise run`` lives
 only as long as one command and nothing else (UI, ``prefect deployment run``) can reach it.
@@ -112,7 +112,8 @@ def reactivate(deployment_names: list[str], stale_nightly_pause: bool = True) ->
             # limit and sort spelled out: the sync client sends null for both otherwise (HTTP 422)
             nightly = FlowFilter(name=FlowFilterName(any_=[NIGHTLY_FLOW]))
             for dep in client.read_deployments(flow_filter=nightly, limit=200, sort=DeploymentSort.NAME_ASC):
-                if dep.name not in wanted and not dep.paused:
+                # only served ones: work-pool deployments (prefect.yaml) belong to their workers
+                if dep.name not in wanted and not dep.paused and dep.work_pool_name is None:
                     client.pause_deployment(dep.id)
                     changes.append(f"{NIGHTLY_FLOW}/{dep.name}: paused (not in the catalog)")
     return changes
