@@ -44,9 +44,11 @@ class ModelNotFound(RegistryError):
     """The registry answered: no such registered model, version or alias. The only "not found"."""
 
 
-class RegistryUnavailable(RegistryError):
+class RegistryUnavailable(ConnectionError):
     """The registry could not answer (connection refused, HTTP 5xx, database error): names the
-    tracking URI and the cause. Never to be read as "no model"."""
+    tracking URI and the cause. Never to be read as "no model": deliberately NOT a RegistryError,
+    so ``except RegistryError`` (meaning "no such model") never swallows an outage; a
+    ConnectionError, so the flows' transient-I/O retry applies to it."""
 
 
 def _home() -> Path:
@@ -227,7 +229,8 @@ def _resolve(uri: str):
 def has_model(uri: str) -> bool:
     """Is ``uri`` (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) registered? False only when
     the registry answers "does not exist"; raises RegistryUnavailable (naming the tracking URI and
-    the cause) when it cannot answer, and RegistryError for a malformed URI."""
+    the cause) when it cannot answer, and RegistryError for a malformed URI. The one question a
+    flow asks before training or inferring."""
     try:
         _resolve(uri)
     except ModelNotFound:
@@ -255,8 +258,8 @@ def load_registered(uri: str) -> LoadedModel:
             local = Path(c.download_artifacts(run_id, ARTIFACT_DIR, tmp))
             card = ModelCard.model_validate_json((local / "card.json").read_text())
             state = load_file(str(local / "weights.safetensors"))
-        except Exception as exc:  # the artifact store's outage or a broken upload: never "no model"
-            raise RegistryUnavailable(f"{uri}: cannot read the model's card and weights ({exc})") from None
+        except Exception as exc:
+            raise RegistryError(f"{uri}: cannot read the model's card and weights ({exc})") from None
         calibrator = None
         if (local / CALIBRATOR_FILE).is_file():  # fitted after registration (tilewise calibrate)
             try:
