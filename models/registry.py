@@ -4,7 +4,7 @@ Embedded default: MLflow on SQLite (``$TILEWISE_HOME/mlflow.db``) with artifacts
 ``$TILEWISE_HOME/mlflow-artifacts``; ``MLFLOW_TRACKING_URI`` switches to a server.
 
 Each trained model is logged twice in its run: as an MLflow PyTorch model (``mlflow.pytorch``,
-with signature and input example, for MLflow's own tools; saved in MLflow's safe ``pt2`` graph
+with a free-shape signature and a small input example (:func:`small_example`), for MLflow's own tools; saved in MLflow's safe ``pt2`` graph
 format where ``torch.export`` can trace the network, else -- Mask R-CNN -- in MLflow's pickle
 format, tagged ``tilewise.mlflow_model_format`` on the run) and, under ``tilewise/``, as a
 safetensors state dict plus the model card. tilewise loads only the second: it rebuilds the
@@ -98,13 +98,47 @@ def registered_name(dataset: str, architecture: str) -> str:
     return f"{dataset}-{architecture}"
 
 
+EXAMPLE_EDGE = {2: 64, 3: 16}  # pixels per spatial axis of the logged input example (see log_model)
+
+
+def small_example(example, card: ModelCard):
+    """A centre crop of ``example`` (B, C, *spatial), axes (Z, Y, X) or (Y, X), small enough to keep the
+    logged model light: about 64 x 64 (2D) or 16^3 (3D) float32 pixels, each axis a multiple of the
+    network's down-sampling factor (2^(levels-1) for U-Net, 16 for DeepLab's output stride, 32 for
+    Mask R-CNN's FPN) so the network and ``torch.export`` accept it. Two items (the first repeated if
+    there is one): ``torch.export`` fixes an axis of size 1 in the graph, and a batch of 2 keeps the
+    exported model's batch axis free."""
+    import numpy as np
+
+    factor = {"unet": 2 ** (int(card.architecture_args.get("levels", 4)) - 1), "deeplab": 16,
+              "maskrcnn": 32}.get(card.architecture, 32)
+    spatial = example.shape[2:]
+    edge = EXAMPLE_EDGE.get(len(spatial), 16)
+    crop = []
+    for size in spatial:
+        want = max(factor, -(-edge // factor) * factor)  # edge rounded up to a multiple of the factor
+        crop.append(size if want >= size else want)
+    starts = [(size - c) // 2 for size, c in zip(spatial, crop)]
+    window = tuple(slice(s0, s0 + c) for s0, c in zip(starts, crop))
+    crop_example = example[(slice(0, 2), slice(None), *window)]
+    if crop_example.shape[0] < 2:
+        crop_example = np.concatenate([crop_example, crop_example], axis=0)
+    return np.ascontiguousarray(crop_example, dtype=np.float32)
+
+
 def log_model(network, card: ModelCard, input_example) -> Any:
-    """Inside an active MLflow run: the MLflow PyTorch model and tilewise's safetensors + card."""
+    """Inside an active MLflow run: the MLflow PyTorch model and tilewise's safetensors + card.
+
+    The MLflow model gets a small input example (:func:`small_example`; a whole training patch made
+    12-19 MB of JSON per model, twice: ``input_example.json`` and ``serving_input_example.json``, plus
+    a pickled copy inside the pt2 archive) and a signature whose batch and spatial axes are variable
+    (-1), so MLflow's tools accept tiles of any valid size, not just the example's."""
     import mlflow
     import mlflow.pytorch
     import numpy as np
     import torch
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
     from safetensors.torch import save_file
 
     network = network.eval()
@@ -113,18 +147,22 @@ def log_model(network, card: ModelCard, input_example) -> Any:
         save_file(state, str(Path(tmp) / "weights.safetensors"))
         (Path(tmp) / "card.json").write_text(card.model_dump_json(indent=2))
         mlflow.log_artifacts(tmp, artifact_path=ARTIFACT_DIR)
+    example = small_example(np.asarray(input_example), card)
     with torch.no_grad():
-        out = network(torch.from_numpy(input_example))
+        out = network(torch.from_numpy(example))
+    free = (-1, example.shape[1], *(-1 for _ in example.shape[2:]))  # (B, C, *spatial): any batch, any tile
+    inputs = Schema([TensorSpec(np.dtype(np.float32), free)])
     if isinstance(out, (list, tuple)):  # Mask R-CNN in eval mode returns detections, not a tensor
-        signature = infer_signature(input_example)
+        signature = ModelSignature(inputs=inputs)
     else:
-        signature = infer_signature(input_example, out.numpy().astype(np.float32))
+        out_free = (-1, int(out.shape[1]), *(-1 for _ in out.shape[2:]))
+        signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), out_free)]))
     try:  # MLflow's safe graph format (torch.export); models with data-dependent control flow refuse it
-        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=input_example,
+        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=example,
                                         serialization_format="pt2", pip_requirements=_requirements())
     except Exception as exc:  # Mask R-CNN (NMS output sizes): MLflow's pickle format, flagged on the run
         mlflow.set_tag("tilewise.mlflow_model_format", f"pickle (torch.export failed: {type(exc).__name__})")
-        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=input_example,
+        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=example,
                                         serialization_format="pickle", pip_requirements=_requirements())
 
 

@@ -248,3 +248,30 @@ def test_loading_never_unpickles(unet_champion, monkeypatch):
     loaded = registry.load_registered("models:/toy_em-unet@champion")
     x = np.random.default_rng(8).random((1, 1, 16, 16), dtype=np.float32)
     assert torch.equal(_out(loaded.module, x), _out(net, x))
+
+
+def test_logged_model_stays_small_with_a_small_input_example(registry_home):
+    """The review found 12-19 MB input examples per model: a whole training patch serialised as JSON,
+    twice. The bound: the weights (safetensors + the pt2 archive's own copy), the card, and at most
+    1 MB for everything else -- a 2 x 1 x 64 x 64 float32 example is 32 KB of numbers, ~0.2 MB as
+    MLflow's JSON; the full 256 x 256 patch given here would be ~3 MB of JSON in each of two files."""
+    import json
+
+    torch.manual_seed(3)
+    net = build("unet", 2, 1, 2, **UNET_ARGS).eval()
+    patch = np.random.default_rng(3).standard_normal((1, 1, 256, 256)).astype(np.float32)
+    uri, run_id = _log(net, UNET_CARD, patch, "toy_small")
+    root = registry_home / "mlflow-artifacts" / "toy_small"
+    sizes = {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    weights = sum(v.numel() * v.element_size() for v in net.state_dict().values())
+    assert sum(sizes.values()) < 2 * weights + 1_000_000, sizes
+    example_file = next(p for p in root.rglob("input_example.json"))
+    data = json.loads(example_file.read_text())
+    values = np.asarray(data["inputs"] if isinstance(data, dict) and "inputs" in data else data)
+    assert values.shape == (2, 1, 64, 64)  # a centre crop, batch of two
+    np.testing.assert_allclose(values[0, 0], patch[0, 0, 96:160, 96:160], rtol=1e-6)
+    # the signature leaves batch and spatial axes free: MLflow's tools take any tile size
+    import mlflow
+
+    signature = mlflow.models.get_model_info(uri).signature
+    assert signature.inputs.inputs[0].shape == (-1, 1, -1, -1)
