@@ -9,7 +9,17 @@ import os as _os
 
 from tasks.settings import tilewise_home as _home
 
+# The home is resolved once per process (models/home.py) and pinned, so Prefect, MLflow, Dask workers
+# and any subprocess agree on it whatever folder they start in.
+_os.environ.setdefault("TILEWISE_HOME", str(_home()))
 _os.environ.setdefault("PREFECT_HOME", str(_home() / "prefect"))
+# tasks/ logs with the standard library (no Prefect import there); this attaches Prefect's API handler to
+# the "tasks" loggers so training epochs, ingest and engine messages appear in the flow run's logs.
+_os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+import logging as _logging  # noqa: E402
+
+if _logging.getLogger("tasks").level == _logging.NOTSET:
+    _logging.getLogger("tasks").setLevel(_logging.INFO)
 _os.makedirs(_os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect makes only the last folder
 # The embedded server takes ~15 s to start on 2 busy cores; Prefect's default wait is 20 s.
 _os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
