@@ -89,7 +89,9 @@ def experiment_id(dataset: str) -> str:
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (_home() / "mlflow-artifacts" / dataset).as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    # MLflow 3's UI files experiments without a kind under GenAI ("Evaluations"); ours are model training.
+    return c.create_experiment(name, artifact_location=location,
+                               tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def registered_name(dataset: str, architecture: str) -> str:
