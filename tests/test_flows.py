@@ -128,5 +128,7 @@ def test_run_nightly_cli_on_bundled_catalog(prefect_server, tmp_path, monkeypatc
     mri = zarr.open_group(str(tmp_path / "stores/brats2015_mri/brats_2013_pat0003_1.zarr"))
     assert mri["image/0"].shape[0] == 2  # FLAIR + T1c as channels
     assert mri.attrs["tilewise"]["channel_names"] == ["Flair_subtrMeanDivStd", "T1c_subtrMeanDivStd"]
-    second = CliRunner().invoke(app, ["run", "nightly", "--no-infer"], env={"COLUMNS": "200"})
-    assert second.exit_code == 0 and second.output.count("unchanged") == 6, second.output
+    # --no-infer alone would still train the missing models; --no-train too: ingest only
+    second = CliRunner().invoke(app, ["run", "nightly", "--no-infer", "--no-train"], env={"COLUMNS": "200"})
+    assert second.exit_code == 0 and second.output.count("│ unchanged") == 6, second.output
+    assert "nightly: nothing new; 6 scans up to date" in second.output

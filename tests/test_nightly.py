@@ -324,6 +324,10 @@ def test_nightly_killed_during_inference_completes_on_the_next_run(em, home, sam
     assert proc.poll() is None, "the nightly finished before it could be killed: " + proc.stdout.read().decode()[-2000:]
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # with a server, the run created the global limit
+        assert client.read_global_concurrency_limit_by_name("gpu").limit == 1
     mask = zarr.open_array(str(pred / "done"), mode="r")[:]
     assert not storage.is_complete(str(pred)) and 0 < mask.sum() < mask.size
     finished = {p: p.stat().st_mtime_ns for idx in zip(*np.nonzero(mask))
