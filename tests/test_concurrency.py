@@ -312,6 +312,12 @@ def test_registry_outage_is_not_no_model(isolated_mlflow):
                  lambda: registry._alias_version(registry.client(), "toy-unet", "champion")):
         with pytest.raises(registry.RegistryUnavailable, match=f"model registry at {uri} did not answer"):
             call()
+    # code that reads RegistryError as "no such model" cannot swallow an outage
+    with pytest.raises(registry.RegistryUnavailable, match="Connection refused|Max retries"):
+        try:
+            load_model("models:/toy-unet@champion")
+        except registry.RegistryError:
+            pytest.fail("an outage was read as 'no model'")
 
 
 def test_registry_not_found_is_false_and_found_is_true(isolated_mlflow):
