@@ -17,10 +17,8 @@ One scan failing a step stops only that scan's later steps; the other scans and 
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from prefect import allow_failure, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -39,9 +37,6 @@ from tasks.ingest import ScanSpec
 from tasks.settings import scan_store
 
 REFERENCE = "labels/reference"
-# Evaluations one at a time: their pictures go through matplotlib, whose text layout (mathtext's
-# pyparsing grammar) is not thread-safe (seen: ParseException in concurrent tick labels).
-_evaluate_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -92,8 +87,7 @@ def evaluate_step_task(store: str, entry: CatalogEntry, parent_run_id: str | Non
         return "unchanged", _stored_metrics(store), None
     from tasks.reports import evaluate_and_report
 
-    with _evaluate_lock:
-        report, _, run_id = evaluate_and_report(store, entry=entry, log_mlflow=True, parent_run_id=parent_run_id)
+    report, _, run_id = evaluate_and_report(store, entry=entry, log_mlflow=True, parent_run_id=parent_run_id)
     return "evaluated", report.flat_metrics(), run_id
 
 

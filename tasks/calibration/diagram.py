@@ -8,8 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from tasks.calibration.scores import ReliabilityBins
+from tasks.drawing import serialised
 
 
+@serialised
 def reliability_diagram(before: ReliabilityBins | None, after: ReliabilityBins, path: str | Path,
                         title: str = "reliability") -> Path:
     """Write the diagram of ``after`` (and ``before``, if given, beside it) to ``path`` (PNG).

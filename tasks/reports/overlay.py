@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from tasks.drawing import serialised
+
 REFERENCE_COLOUR = (0.0, 0.9, 0.2)  # green
 PREDICTION_COLOUR = (1.0, 0.1, 0.9)  # magenta
 AGREEMENT_COLOUR = (1.0, 0.85, 0.0)  # yellow: both contours on the same pixel
@@ -57,6 +59,7 @@ def _image_planes(store: str, level: int, ndim: int) -> tuple[list[np.ndarray], 
     return [np.asarray(image[:, z]), np.asarray(image[:, :, y]), np.asarray(image[:, :, :, x])], spacing
 
 
+@serialised
 def overlay_png(store: str, level: int, reference_planes: Sequence[np.ndarray],
                 prediction_planes: Sequence[np.ndarray], path: str | Path, title: str = "") -> Path:
     """Draw the image planes of ``store`` at pyramid ``level`` with reference and predicted contours.
