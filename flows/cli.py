@@ -34,6 +34,14 @@ def _catalog_dir(path: Optional[Path]) -> Path:
     return Path(path) if path else DEFAULT_CATALOG_DIR
 
 
+def _announce_home() -> None:
+    """First line of every command that reads or writes tilewise state: where that state is (stderr)."""
+    from tasks.settings import home_line
+
+    line = home_line()
+    err.print(line, style="yellow" if line.endswith("yet)") else "dim", highlight=False, soft_wrap=True)
+
+
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -54,9 +62,14 @@ def catalog_validate(path: Optional[Path] = typer.Argument(None, help="catalog f
 
 
 @catalog_app.command("list")
-def catalog_list(catalog: Optional[Path] = CatalogOpt) -> None:
-    """Datasets with their modality, scan count and labels."""
-    from data_catalog import CatalogError, load_catalog
+def catalog_list(catalog: Optional[Path] = CatalogOpt,
+                 as_json: bool = typer.Option(False, "--json", help="one JSON array on stdout, for scripts")) -> None:
+    """Datasets with their modality, scan count, labels, model and schedule. A table in a terminal;
+    tab-separated values with a header line when stdout is a pipe or a file (names never cut); --json for scripts."""
+    import json
+    import sys
+
+    from data_catalog import CatalogError, entry_model_uri, load_catalog
     from tasks.errors import ScanError
     from tasks.ingest.discover import discover_scans
 
@@ -64,17 +77,44 @@ def catalog_list(catalog: Optional[Path] = CatalogOpt) -> None:
         entries = load_catalog(_catalog_dir(catalog))
     except CatalogError as exc:
         _fail(str(exc))
-    table = Table(title="tilewise catalog")
-    for column in ("dataset", "modality", "scans", "labels", "model", "schedule", "file"):
-        table.add_column(column)
+    rows = []
     for loaded in entries:
         e = loaded.entry
         try:
-            count = str(len(discover_scans(loaded)))
+            count, problem = len(discover_scans(loaded)), None
         except ScanError as exc:
-            count = f"error: {exc}"
-        table.add_row(e.name, e.modality, count, "yes" if e.labels else "no",
-                      f"{e.model.name}@{e.model.alias}" if e.model else "-", e.schedule.cron, loaded.file.name)
+            count, problem = None, str(exc)
+        rows.append({"dataset": e.name, "modality": e.modality, "scans": count, "scan_error": problem,
+                     "labels": e.labels is not None, "model": entry_model_uri(e),
+                     "schedule": e.schedule.cron, "timezone": e.schedule.timezone, "file": str(loaded.file)})
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    columns = ("dataset", "modality", "scans", "labels", "model", "schedule", "file")
+
+    def cell(row: dict, column: str) -> str:
+        if column == "scans":
+            return str(row["scans"]) if row["scan_error"] is None else f"error: {row['scan_error']}"
+        if column == "labels":
+            return "yes" if row["labels"] else "no"
+        if column == "schedule":
+            return f"{row['schedule']} ({row['timezone']})"
+        if column == "file":
+            return Path(row["file"]).name
+        if column == "model" and row["model"]:
+            return row["model"].removeprefix("models:/")
+        return row[column] or "-"
+
+    if not out.is_terminal:  # a pipe or a file: whole values, one line per dataset, tab-separated
+        sys.stdout.write("\t".join(columns) + "\n")
+        for row in rows:
+            sys.stdout.write("\t".join(cell(row, c).replace("\t", " ").replace("\n", " ") for c in columns) + "\n")
+        return
+    table = Table(title="tilewise catalog")
+    for column in columns:
+        table.add_column(column, overflow="fold")  # a narrow terminal wraps a name, never cuts it
+    for row in rows:
+        table.add_row(*(cell(row, c) for c in columns))
     out.print(table)
 
 
@@ -155,6 +195,7 @@ def infer(
                                      help="apply the model version's calibrator, if it has one"),
 ) -> None:
     """Sliding-window inference over a scan group; writes prediction/probabilities and labels."""
+    _announce_home()
     choices = {"--amp": (amp, ("none", "bf16", "fp16")), "--blend": (blend, ("gaussian", "constant")),
                "--pad": (pad, ("reflect", "constant")), "--placement": (placement, ("even", "monai")),
                "--dtype": (dtype, ("float16", "float32"))}
@@ -204,6 +245,7 @@ def calibrate(
                                                                 "(default: the catalog's calibration.method)"),
 ) -> None:
     """Fit a calibrator on the model version's validation split and store it with the version in MLflow."""
+    _announce_home()
     from flows.calibrate import calibration_table, run_calibration
 
     allowed = ("auto", "cubic", "isotonic", "temperature", "ovr-cubic")
@@ -229,10 +271,15 @@ def train(
 ) -> None:
     """Train on the dataset's labelled scans; track in MLflow; register; promote if it beats the champion.
     Budget defaults: the catalog entry's 'training' section."""
+    _announce_home()
     from data_catalog import CatalogError, find_entry
 
     if architecture is not None and architecture not in ("unet", "deeplab", "maskrcnn"):
         _fail(f"--architecture must be unet, deeplab or maskrcnn, got {architecture!r}")
+    if epochs is not None and epochs < 1:  # 0 is not "the catalog's value"
+        _fail(f"--epochs must be at least 1, got {epochs}")
+    if max_minutes is not None and not max_minutes > 0:
+        _fail(f"--max-minutes must be more than 0, got {max_minutes}")
     catalog_dir = _catalog_dir(catalog)
     try:
         find_entry(dataset, catalog_dir)
@@ -305,6 +352,7 @@ def evaluate(
 ) -> None:
     """Score a prediction against reference labels: FCN table, Dice/IoU, calibration, HD95 (3D), ISBI (EM).
     Writes the metrics into the prediction's attributes; pictures and an MLflow run beside."""
+    _announce_home()
     import json
 
     from data_catalog import CatalogError, find_entry
@@ -348,6 +396,7 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="export even if the file is up to date"),
 ) -> None:
     """Export the prediction: NIfTI, Cloud-Optimized GeoTIFF, OME-TIFF, GeoJSON or NGFF labels in the store."""
+    _announce_home()
     from tasks.errors import ScanError
     from tasks.export import ExportOptions, export_scan
 
@@ -370,35 +419,132 @@ def _outcome_table(title: str, outcomes) -> Table:
     return table
 
 
+def _check_datasets(catalog_dir: Path, names: list[str]) -> None:
+    """Fail fast, before starting Prefect, on a broken catalog or a dataset it does not have."""
+    from data_catalog import CatalogError
+    from flows.nightly import select_datasets
+
+    try:
+        select_datasets(str(catalog_dir), names or None)
+    except CatalogError as exc:
+        _fail(str(exc))
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _report_run(kind: str, state) -> None:
+    """The run's table (a row per scan: steps, model version, key metric, outputs), the notes of
+    skipped steps, the failures (exit 1) or one line saying what was done."""
+    from flows import summary
+
+    outcomes = state.result(raise_on_failure=False)
+    if not isinstance(outcomes, list):
+        _fail(f"{kind} flow failed: {outcomes}")
+    out.print(summary.rich_table(f"tilewise {summary.run_name(kind)}", outcomes))
+    for o in outcomes:
+        if o.status == "skipped" and o.scan_id == "*":
+            out.print(f"[yellow]{o.dataset}: {o.step} skipped: {o.message}[/]", highlight=False)
+    if state.is_failed():
+        _fail(state.message or "some scans failed")
+    scans = len({(o.dataset, o.scan_id) for o in outcomes if o.scan_id != "*"})
+    worked = sum(1 for o in outcomes if o.did_work)
+    if outcomes and not worked:
+        out.print(f"[green]{kind}: nothing new; {scans} scans up to date, every step unchanged[/]")
+    else:
+        out.print(f"[green]{kind}: {scans} scans ok, {worked} steps did work, {len(outcomes)} steps[/]")
+    from models.registry import tracking_uri
+
+    out.print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}", highlight=False)
+
+
+DaskOpt = typer.Option(None, "--dask", help="run inference on a Dask cluster: local[:N] or a scheduler address "
+                                            "(default: the catalog's tiling.dask)")
+
+
 @run_app.command("nightly")
 def run_nightly(
     catalog: Optional[Path] = CatalogOpt,
     dataset: Optional[list[str]] = typer.Option(None, "--dataset", help="only these datasets (repeatable)"),
-    force: bool = typer.Option(False, "--force", help="re-ingest even where the store is up to date"),
-    infer: bool = typer.Option(True, "--infer/--no-infer", help="run the champion model over the scans"),
+    force: bool = typer.Option(False, "--force", help="recompute every step of every scan, even where up to date"),
+    infer: bool = typer.Option(True, "--infer/--no-infer",
+                               help="run the champion over the scans, then evaluate and export; --no-infer "
+                                    "ingests (and still trains a missing model unless --no-train)"),
     train: bool = typer.Option(True, "--train/--no-train",
                                help="train once (catalog 'training' budget) where a dataset has no model yet"),
+    dask: Optional[str] = DaskOpt,
 ) -> None:
-    """The nightly job: ingest new or changed scans, train missing models once, infer with the champions."""
+    """The nightly job: new or changed scans through ingest, infer (the champion, trained first when
+    missing), evaluate (where labels exist) and export (the catalog's format)."""
+    _announce_home()
+    catalog_dir = _catalog_dir(catalog)
+    _check_datasets(catalog_dir, dataset or [])
+    from flows.nightly import nightly_flow
+
+    state = nightly_flow(catalog=str(catalog_dir), datasets=dataset or None, force=force, infer=infer,
+                         train_missing=train, dask=dask, return_state=True)
+    _report_run("nightly", state)
+
+
+@app.command()
+def backfill(
+    dataset: str = typer.Argument(..., help="catalog dataset name"),
+    catalog: Optional[Path] = CatalogOpt,
+    since: Optional[str] = typer.Option(None, "--since", help="first scan date, YYYY-MM-DD (inclusive)"),
+    until: Optional[str] = typer.Option(None, "--until", help="last scan date, YYYY-MM-DD (inclusive)"),
+    force: bool = typer.Option(False, "--force", help="recompute every step of the selected scans"),
+    dask: Optional[str] = DaskOpt,
+) -> None:
+    """The nightly chain over one dataset's scans dated in a range (the catalog's scans.date: file
+    time by default, or a date in the path), or all of them. --force recomputes exactly those."""
+    from flows.backfill import parse_date
+
+    _announce_home()
+    catalog_dir = _catalog_dir(catalog)
+    _check_datasets(catalog_dir, [dataset])
+    try:
+        start, end = parse_date(since, "--since"), parse_date(until, "--until")
+    except ValueError as exc:
+        _fail(str(exc))
+    if start and end and start > end:
+        _fail(f"--since {start} is after --until {end}")
+    from flows.backfill import backfill_flow
+
+    state = backfill_flow(dataset, catalog=str(catalog_dir), since=since, until=until, force=force, dask=dask,
+                          return_state=True)
+    _report_run("backfill", state)
+
+
+@app.command("serve")
+def serve(
+    catalog: Optional[Path] = CatalogOpt,
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most N flow runs at once"),
+) -> None:
+    """Serve the schedules: nightly/<dataset> on each dataset's cron (its time zone), backfill/backfill on demand.
+
+    Needs a Prefect server (PREFECT_API_URL). Runs until Ctrl-C / SIGTERM; stopping pauses the
+    deployments, the next start resumes them.
+    """
     from data_catalog import CatalogError, load_catalog
 
     catalog_dir = _catalog_dir(catalog)
     try:
-        load_catalog(catalog_dir)  # fail fast, before starting Prefect, on a broken catalog
+        load_catalog(catalog_dir)
     except CatalogError as exc:
         _fail(str(exc))
-    from flows.nightly import nightly_flow
+    from flows.serve import ServeError, require_server, serve_catalog
 
-    state = nightly_flow(catalog=str(catalog_dir), datasets=dataset or None, force=force, infer=infer,
-                         train_missing=train, return_state=True)
-    outcomes = state.result(raise_on_failure=False)
-    if not isinstance(outcomes, list):
-        _fail(f"nightly flow failed: {outcomes}")
-    out.print(_outcome_table("tilewise nightly", outcomes))
-    if state.is_failed():
-        _fail(state.message or "some scans failed")
-    scans = len({(o.dataset, o.scan_id) for o in outcomes if o.scan_id != "*"})
-    out.print(f"[green]nightly: {scans} scans ok, {len(outcomes)} steps[/]")
+    try:
+        url = require_server()
+    except ServeError as exc:
+        _fail(str(exc))
+
+    def started(lines: list[str]) -> None:
+        out.print(f"serving {len(lines)} deployment(s) against {url} (Ctrl-C stops and pauses them):")
+        for line in lines:
+            out.print(f"  {line}")
+        out.print("run a backfill: prefect deployment run 'backfill/backfill' -p dataset=NAME [-p force=true]")
+
+    serve_catalog(catalog_dir, limit=limit, on_started=started)
 
 
 def main() -> None:  # pragma: no cover - console entry point
