@@ -330,3 +330,30 @@ def test_serve_restart_reactivates_schedules_and_backfill_runs_on_demand(servers
     with prefect_client(servers) as pc:
         check_live(pc)
     procs.stop(second)
+
+
+def test_prefect_yaml_deploys_to_a_tilewise_work_pool(servers, tmp_path):
+    """``prefect deploy --all`` from the repository accepts prefect.yaml: the same deployments, on a
+    ``tilewise`` process work pool, with the catalog's schedules and time zones (last in this module:
+    these deployments share their names with the served ones)."""
+    from data_catalog import DEFAULT_CATALOG_DIR, load_catalog
+
+    repo = Path(__file__).resolve().parents[1]
+    env = client_env(servers, tmp_path / "home")
+    env["PWD"] = str(repo)
+    for cmd in (["work-pool", "create", "tilewise", "--type", "process", "--overwrite"],
+                ["--no-prompt", "deploy", "--all"]):
+        done = subprocess.run([str(BIN / "prefect"), *cmd], env=env, cwd=repo, capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with prefect_client(servers) as pc:
+        for loaded in load_catalog(DEFAULT_CATALOG_DIR):
+            entry = loaded.entry
+            dep = _deployment(pc, f"nightly/{entry.name}")
+            assert dep.work_pool_name == "tilewise" and dep.entrypoint == "flows/nightly.py:nightly_flow"
+            assert dep.parameters == {"catalog": str(repo / "data_catalog"), "datasets": [entry.name]}
+            assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == \
+                [(entry.schedule.cron, entry.schedule.timezone, True)]
+        backfill = _deployment(pc, "backfill/backfill")
+        assert backfill.work_pool_name == "tilewise" and backfill.entrypoint == "flows/backfill.py:backfill_flow"
+        assert backfill.schedules == []
