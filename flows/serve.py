@@ -130,6 +130,11 @@ def serve_catalog(catalog: Path, limit: int | None = None, on_started=None) -> N
     from prefect.exceptions import TerminationSignal
     from prefect.runner import Runner
 
+    import warnings
+
+    # Prefect 3.8.8's SIGTERM handler calls the async stop() without awaiting it; shutdown (and the
+    # pause) still happens through the runner's context exit, so the warning is noise.
+    warnings.filterwarnings("ignore", message="coroutine 'Runner.astop' was never awaited")
     require_server()
     deployments = build_deployments(catalog)
     runner = Runner(name="tilewise-serve", pause_on_shutdown=True, limit=limit)
