@@ -82,7 +82,7 @@ def catalog_list(catalog: Optional[Path] = CatalogOpt,
         e = loaded.entry
         try:
             count, problem = len(discover_scans(loaded)), None
-        except ScanError as exc:
+        except (ScanError, ConnectionError) as exc:  # ConnectionError: the registry is unreachable
             count, problem = None, str(exc)
         rows.append({"dataset": e.name, "modality": e.modality, "scans": count, "scan_error": problem,
                      "labels": e.labels is not None, "model": entry_model_uri(e),
@@ -168,7 +168,7 @@ def ingest(
             job = bar.add_task(f"ingest {spec.scan_id}", total=None)
             result = ingest_scan(spec, store, force=force,
                                  progress=lambda done, total: bar.update(job, completed=done, total=total))
-    except ScanError as exc:
+    except (ScanError, ConnectionError) as exc:  # ConnectionError: the registry is unreachable
         _fail(str(exc))
     shape = "x".join(str(n) for n in result.shape)
     out.print(f"{result.status}: {result.store} ({modality}, shape {shape}, {result.seconds:.1f} s)")
@@ -229,7 +229,7 @@ def infer(
                 job = bar.add_task(f"infer {Path(store).name}", total=None)
                 result = infer_scan(store, loaded, config,
                                     progress=lambda done, total: bar.update(job, completed=done, total=total))
-    except ScanError as exc:
+    except (ScanError, ConnectionError) as exc:  # ConnectionError: the registry is unreachable
         _fail(str(exc))
     out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles, {result.model_calls} model calls, "
               f"{result.chunks_written} chunks, {result.seconds:.1f} s)")
@@ -371,7 +371,7 @@ def evaluate(
     try:
         report, images, run_id = evaluate_and_report(store, labels_path=labels, entry=entry,
                                                      boundary_class=boundary_class, log_mlflow=mlflow)
-    except ScanError as exc:
+    except (ScanError, ConnectionError) as exc:  # ConnectionError: the registry is unreachable
         _fail(str(exc))
     if as_json:
         print(json.dumps(report.to_dict(), indent=1))
@@ -402,7 +402,7 @@ def export_cmd(
 
     try:
         result = export_scan(store, ExportOptions(fmt, out_path, what=what, crs=crs, force=force))
-    except ScanError as exc:
+    except (ScanError, ConnectionError) as exc:  # ConnectionError: the registry is unreachable
         _fail(str(exc))
     note = " (prediction and options unchanged since the last export)" if result.status == "unchanged" else ""
     out.print(f"{result.status}: {result.out} ({result.format}, {result.seconds:.1f} s){note}")
@@ -521,8 +521,7 @@ def serve(
 ) -> None:
     """Serve the schedules: nightly/<dataset> on each dataset's cron (its time zone), backfill/backfill on demand.
 
-    Needs a Prefect server (PREFECT_API_URL). Runs until Ctrl-C / SIGTERM; stopping pauses the
-    deployments, the next start resumes them.
+    Needs a Prefect server (PREFECT_API_URL). Runs until Ctrl-C / SIGTERM; stopping pauses the deployments, the next start resumes them.
     """
     from data_catalog import CatalogError, load_catalog
 

@@ -117,11 +117,11 @@ def resolve_version(uri: str) -> str | None:
     such model or alias. Any other failure (registry unreachable) is raised with its cause."""
     if not uri.startswith("models:/"):
         return uri
-    from models.registry import RegistryError, describe
+    from models.registry import ModelNotFound, describe
 
     try:
         found = describe(uri)
-    except RegistryError:
+    except ModelNotFound:  # only a real "does not exist"; an outage or a malformed URI is raised
         return None
     return f"models:/{found['name']}/{found['version']}"
 

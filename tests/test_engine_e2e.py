@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from tasks import storage
+from tests.cli_output import without_home
 from tests.compare import assert_labels_equal_where_decided
 from tasks.engine.distributed import infer_distributed
 from tasks.engine.infer import EngineConfig, infer_scan
@@ -99,7 +100,7 @@ def test_killed_run_resumes_from_written_chunks(tmp_path):
 
     result = runner.invoke(app, ["infer", "--store", store, "--model", str(model), *args])
     assert result.exit_code == 0, result.output
-    summary = result.output.strip()
+    summary = without_home(result.output)
     assert summary.startswith("resumed:")
     total_tiles = 23 * 23  # even placement: ceil((384 - 32) / 16) + 1 tiles per axis
     assert int(summary.split("(")[1].split(" tiles")[0]) < total_tiles

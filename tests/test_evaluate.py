@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from data_catalog.schema import CatalogEntry
 from flows.cli import app
 from tasks import storage
+from tests.cli_output import without_home
 from tasks.errors import ScanError
 from tasks.ingest import ScanSpec, ingest_scan
 from tasks.ingest.discover import LabelSpec
@@ -178,7 +179,7 @@ def test_cli_json_and_errors(tmp_path, monkeypatch):
     ):
         bad = runner.invoke(app, ["evaluate", "--store", store, "--no-mlflow", *args])
         assert bad.exit_code == 1 and message in bad.output and "Traceback" not in bad.output
-        assert len(bad.output.strip().splitlines()) == 1, bad.output
+        assert len(without_home(bad.output).splitlines()) == 1, bad.output
     other = make_store(tmp_path, ref, name="unpredicted")
     bad = runner.invoke(app, ["evaluate", "--store", other, "--json"])
     assert bad.exit_code == 1 and "has no complete prediction" in bad.output
