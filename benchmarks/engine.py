@@ -78,33 +78,7 @@ DEFAULT_CFG: dict = {}  # the engine's own defaults: placement even, pad reflect
 
 # --------------------------------------------------------------------------------------------
 # memory helpers (worker side)
-
-
-def _vm(field: str) -> int:
-    """A /proc/self/status field (kB) in bytes; 0 if unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _maxrss() -> int:
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru if sys.platform == "darwin" else ru * 1024
-
-
-def _reset_peak() -> bool:
-    """Reset this process's peak RSS mark to its current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from measure import maxrss as _maxrss, proc_status as _vm, reset_peak as _reset_peak  # noqa: E402
 
 
 def _say(msg: str) -> None:

@@ -64,7 +64,6 @@ import importlib.util
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -116,32 +115,7 @@ def _ingest_bench():
 
 # --------------------------------------------------------------------------------------------
 # memory helpers (as in benchmarks/ingest.py)
-
-
-def _status(field: str) -> int:
-    """A /proc/self/status field (kB) in bytes; 0 if unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _rss() -> int:
-    rss = _status("VmRSS")
-    if rss:
-        return rss
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _maxrss() -> int:
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru if sys.platform == "darwin" else ru * 1024
+from measure import maxrss as _maxrss, proc_status as _status, reset_peak as _reset_peak, rss as _rss  # noqa: E402
 
 
 def _peak(reset: bool) -> int:
@@ -151,15 +125,6 @@ def _peak(reset: bool) -> int:
     driver's size as a floor. Without a reset, ru_maxrss is all there is."""
     hwm = _status("VmHWM") if reset else 0
     return hwm or _maxrss()
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------

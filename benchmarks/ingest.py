@@ -51,7 +51,6 @@ import gzip
 import json
 import math
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -79,42 +78,7 @@ EM_UNIT = "nanometer"
 
 # --------------------------------------------------------------------------------------------
 # memory helpers
-
-
-def _vm(field: str) -> int:
-    """A /proc/self/status field (kB) in bytes; 0 if unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _rss() -> int:
-    rss = _vm("VmRSS")
-    if rss:
-        return rss
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-def _maxrss() -> int:
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru if sys.platform == "darwin" else ru * 1024
-
-
-def _reset_peak() -> bool:
-    """Reset the process peak RSS (VmHWM / ru_maxrss) to the current RSS, Linux >= 4.0."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+from measure import maxrss as _maxrss, proc_status as _vm, reset_peak as _reset_peak, rss as _rss  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""Memory probes the benchmarks share: each measurement runs in a fresh worker process that reads
+its own resident set from /proc (Linux), resets the peak mark before the measured step and reads it
+after."""
+
+from __future__ import annotations
+
+import resource
+import sys
+
+
+def proc_status(field: str) -> int:
+    """A /proc/self/status field (kB) in bytes; 0 if unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss() -> int:
+    """This process's resident set, bytes."""
+    value = proc_status("VmRSS")
+    if value:
+        return value
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def maxrss() -> int:
+    """getrusage's peak resident set, bytes. On Linux it keeps the peak of the image exec replaced
+    (the parent's at fork) and clear_refs does not lower it: prefer VmHWM after ``reset_peak``."""
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru if sys.platform == "darwin" else ru * 1024
+
+
+def reset_peak() -> bool:
+    """Reset this process's peak RSS mark (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
