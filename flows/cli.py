@@ -16,7 +16,8 @@ from rich.table import Table
 import flows  # noqa: F401  (sets the embedded Prefect defaults before Prefect is imported)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="Segment very large medical and satellite images: ingest, infer, calibrate, export.")
+                  help="Segment very large medical and satellite images on a schedule: ingest, train, infer, "
+                       "calibrate, evaluate, export; nightly, backfill and serve.")
 catalog_app = typer.Typer(no_args_is_help=True, help="List and validate the data catalog.")
 run_app = typer.Typer(no_args_is_help=True, help="Run the scheduled jobs now.")
 app.add_typer(catalog_app, name="catalog")
