@@ -589,3 +589,88 @@ def test_cli_train_then_infer_with_the_champion(prefect_server, own_home, monkey
     assert storage.read_record(store + "/prediction")["model"] == "models:/isbi2012_em-unet/1"
     labels = zarr.open_array(f"{store}/prediction/labels", mode="r")
     assert labels.shape == (8, 512, 512)
+
+
+# ------------------------------------------------------------------------------------ progress (issue 8)
+
+
+class _StopAfterEpochs(Exception):
+    pass
+
+
+def test_epoch_log_records_carry_the_row(sample_root, own_home, monkeypatch, caplog):
+    """train_dataset logs one INFO line per epoch on tasks.training.train, with the row attached for the CLI bar."""
+    import dataclasses
+    import logging
+
+    import tasks.training.train as train
+    from tasks.training.loop import train_semantic as real
+
+    loaded = find_entry("isbi2012_em", DEFAULT_CATALOG_DIR)
+
+    def tiny(config, *args, **kwargs):  # the real loop, few small steps; stop before model logging
+        real(dataclasses.replace(config, iterations_per_epoch=2, batch=2, val_patches=2,
+                                 architecture_args={"levels": 3, "base_channels": 4}), *args, **kwargs)
+        raise _StopAfterEpochs
+
+    monkeypatch.setattr(train, "train_semantic", tiny)
+    with caplog.at_level(logging.INFO, logger="tasks.training.train"), pytest.raises(_StopAfterEpochs):
+        train.train_dataset(loaded, architecture="unet", epochs=2, max_minutes=5,
+                            store_root=str(sample_root[0]))
+    records = [r for r in caplog.records if hasattr(r, "tilewise_epoch")]
+    assert [r.tilewise_epoch["epoch"] for r in records] == [0, 1]
+    for k, r in enumerate(records, start=1):
+        assert r.name == "tasks.training.train" and r.levelno == logging.INFO
+        assert r.tilewise_epochs == 2 and r.tilewise_metric == "val_dice" and r.tilewise_max_minutes == 5
+        row = r.tilewise_epoch
+        assert np.isfinite(row["train_loss"]) and 0 <= row["val_dice"] <= 1 and row["seconds"] > 0
+        message = r.getMessage()
+        assert f"epoch {k}/2:" in message
+        assert f"train_loss={row['train_loss']:.4f}" in message and f"val_dice={row['val_dice']:.4f}" in message
+
+
+def _epoch_record(epoch: int, epochs: int = 3, loss: float = 0.5, dice: float = 0.25, seconds: float = 30.0):
+    import logging
+
+    record = logging.LogRecord("tasks.training.train", logging.INFO, __file__, 0, "epoch", (), None)
+    record.tilewise_epoch = {"epoch": epoch, "train_loss": loss, "val_dice": dice, "seconds": seconds}
+    record.tilewise_epochs, record.tilewise_metric, record.tilewise_max_minutes = epochs, "val_dice", 1.5
+    return record
+
+
+def test_progress_handler_advances_one_step_per_epoch():
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows.progress import EpochProgressHandler, epoch_progress, make_progress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=160)
+    progress = make_progress(console)
+    handler = EpochProgressHandler(progress)
+    handler.handle(logging.LogRecord("tasks.training.train", logging.INFO, __file__, 0, "no row", (), None))
+    assert progress.tasks == []  # records without an epoch row draw nothing
+    seen = []
+    for epoch in range(3):
+        handler.handle(_epoch_record(epoch, loss=0.5 - 0.1 * epoch, dice=0.2 * (epoch + 1), seconds=30.0 * (epoch + 1)))
+        (task,) = progress.tasks
+        seen.append((task.completed, task.total, task.fields["status"]))
+    assert seen == [(1, 3, "loss 0.5000 · val_dice 0.2000 · 0.5/1.5 min"),
+                    (2, 3, "loss 0.4000 · val_dice 0.4000 · 1.0/1.5 min"),
+                    (3, 3, "loss 0.3000 · val_dice 0.6000 · 1.5/1.5 min")]
+    assert progress.tasks[0].finished
+
+    # installed on a terminal (the bar is drawn, the handler removed afterwards), not otherwise
+    logger = logging.getLogger("tasks.training")
+    before = list(logger.handlers)
+    with epoch_progress(console) as live:
+        assert live is not None and len(logger.handlers) == len(before) + 1
+        logging.getLogger("tasks.training.train").handle(_epoch_record(0, epochs=2))
+        assert live.tasks[0].completed == 1 and live.tasks[0].total == 2
+    assert logger.handlers == before
+    assert "1/2" in console.file.getvalue() and "val_dice 0.2500" in console.file.getvalue()
+    plain = Console(file=io.StringIO(), force_terminal=False)
+    with epoch_progress(plain) as live:
+        assert live is None and logger.handlers == before
+    assert plain.file.getvalue() == ""

@@ -135,10 +135,16 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
 
         mlflow.log_dict(validation_record(val_sampler.regions, entry.name, seed), "tilewise/validation.json")
 
+        metric_name = "val_ap50" if config.architecture == "maskrcnn" else "val_dice"  # what fit() selects on
+
         def on_epoch(row: dict) -> None:
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and v == v}, step=row["epoch"])
-            log.info("%s epoch %d: %s", name, row["epoch"],
-                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"))
+            # the row rides on the record (extra=) so a terminal front end can draw a progress bar from it
+            # (flows/progress.py); everywhere else, the message is the progress report.
+            log.info("%s epoch %d/%d: %s", name, row["epoch"] + 1, config.epochs,
+                     ", ".join(f"{k}={v:.4f}" for k, v in row.items() if k != "epoch"),
+                     extra={"tilewise_epoch": dict(row), "tilewise_epochs": config.epochs,
+                            "tilewise_metric": metric_name, "tilewise_max_minutes": config.max_minutes})
 
         outcome: TrainOutcome
         if config.architecture == "maskrcnn":
