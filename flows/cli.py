@@ -286,11 +286,13 @@ def train(
         find_entry(dataset, catalog_dir)
     except CatalogError as exc:
         _fail(str(exc))
+    from flows.progress import epoch_progress
     from flows.train import train_flow
     from tasks.training.data import TrainingError
 
-    state = train_flow(dataset, catalog=str(catalog_dir), architecture=architecture, epochs=epochs,
-                       max_minutes=max_minutes, seed=seed, return_state=True)
+    with epoch_progress(err):  # a bar on a terminal; the epoch log lines either way
+        state = train_flow(dataset, catalog=str(catalog_dir), architecture=architecture, epochs=epochs,
+                           max_minutes=max_minutes, seed=seed, return_state=True)
     report = state.result(raise_on_failure=False)
     if isinstance(report, TrainingError):
         _fail(str(report))
