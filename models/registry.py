@@ -3,15 +3,16 @@
 Embedded default: MLflow on SQLite (``$TILEWISE_HOME/mlflow.db``) with artifacts under
 ``$TILEWISE_HOME/mlflow-artifacts``; ``MLFLOW_TRACKING_URI`` switches to a server.
 
-Each trained model is logged twice in its run: as an MLflow PyTorch model (``mlflow.pytorch``,
-with a free-shape signature and a small input example (:func:`small_example`), for MLflow's own tools; saved in MLflow's safe ``pt2`` graph
-format where ``torch.export`` can trace the network, else -- Mask R-CNN -- in MLflow's pickle
-format, tagged ``tilewise.mlflow_model_format`` on the run) and, under ``tilewise/``, as a
-safetensors state dict plus the model card. tilewise loads only the second: it rebuilds the
-network from the card and loads the tensors, so loading never unpickles anything, whoever
-wrote the registry. ``mlflow.pytorch.load_model`` on a pickle-format model would execute the
-pickle; MLflow allows that unless ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, and tilewise
-never calls it.
+Each trained model is logged once in its run, its weights stored once: an MLflow "models from
+code" pyfunc (models/pyfunc_model.py) whose artifacts are a safetensors state dict and the model
+card, with a free-shape signature and a small input example (:func:`small_example`). MLflow's tools
+load it with ``mlflow.pyfunc.load_model`` (the pyfunc rebuilds the network from the card and loads
+the tensors); tilewise downloads just those two files and does the same, so loading never
+unpickles anything, whoever wrote the registry. Versions logged before issue 8 (an
+``mlflow.pytorch`` model plus ``tilewise/weights.safetensors`` and ``tilewise/card.json`` in the
+run) still load, from ``tilewise/``; tilewise never calls ``mlflow.pytorch.load_model``.
+The run's ``tilewise/`` folder holds what comes later: the calibrator, the validation split
+(models/calibrator_store.py).
 
 A registered model per dataset and architecture (``<dataset>-<architecture>``). A new version
 becomes ``champion`` only if its validation metric beats the current champion's; otherwise it is
@@ -33,6 +34,9 @@ from models.card import LoadedModel, ModelCard
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_DIR = "tilewise"
 CALIBRATOR_FILE = "calibrator.json"  # under ARTIFACT_DIR, written by models/calibrator_store.py
+MODEL_NAME = "model"  # the logged MLflow model's name in its run
+WEIGHTS_FILE, CARD_FILE = "weights.safetensors", "card.json"  # in the MLflow model's artifacts/ (or, versions
+# logged before issue 8, in the run's ARTIFACT_DIR)
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 
 
@@ -129,43 +133,42 @@ def small_example(example, card: ModelCard):
 
 
 def log_model(network, card: ModelCard, input_example) -> Any:
-    """Inside an active MLflow run: the MLflow PyTorch model and tilewise's safetensors + card.
+    """Inside an active MLflow run: the network as one MLflow model holding its weights once.
 
-    The MLflow model gets a small input example (:func:`small_example`; a whole training patch made
-    12-19 MB of JSON per model, twice: ``input_example.json`` and ``serving_input_example.json``, plus
-    a pickled copy inside the pt2 archive) and a signature whose batch and spatial axes are variable
-    (-1), so MLflow's tools accept tiles of any valid size, not just the example's."""
+    An MLflow "models from code" pyfunc (models/pyfunc_model.py; nothing pickled) whose artifacts
+    are tilewise's safetensors state dict and model card (:data:`WEIGHTS_FILE`, :data:`CARD_FILE`):
+    MLflow's tools load it with ``mlflow.pyfunc.load_model``, and :func:`load_registered` reads the
+    same two files. It gets a small input example (:func:`small_example`; a whole training patch
+    made 12-19 MB of JSON per model) and a signature whose batch and spatial axes are variable (-1),
+    so MLflow's tools accept tiles of any valid size, not just the example's. (Until issue 8 the
+    weights were stored twice: an ``mlflow.pytorch`` pt2/pickle model plus ``tilewise/`` files.)"""
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
     import numpy as np
     import torch
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
     from safetensors.torch import save_file
 
+    from models import pyfunc_model
+    from models.zoo import inference_module
+
     network = network.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        state = {k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-        save_file(state, str(Path(tmp) / "weights.safetensors"))
-        (Path(tmp) / "card.json").write_text(card.model_dump_json(indent=2))
-        mlflow.log_artifacts(tmp, artifact_path=ARTIFACT_DIR)
     example = small_example(np.asarray(input_example), card)
-    with torch.no_grad():
-        out = network(torch.from_numpy(example))
+    with torch.no_grad():  # what the pyfunc's predict returns: the inference module's output
+        out = inference_module(card, network)(torch.from_numpy(example))
     free = (-1, example.shape[1], *(-1 for _ in example.shape[2:]))  # (B, C, *spatial): any batch, any tile
-    inputs = Schema([TensorSpec(np.dtype(np.float32), free)])
-    if isinstance(out, (list, tuple)):  # Mask R-CNN in eval mode returns detections, not a tensor
-        signature = ModelSignature(inputs=inputs)
-    else:
-        out_free = (-1, int(out.shape[1]), *(-1 for _ in out.shape[2:]))
-        signature = ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype(np.float32), out_free)]))
-    try:  # MLflow's safe graph format (torch.export); models with data-dependent control flow refuse it
-        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=example,
-                                        serialization_format="pt2", pip_requirements=_requirements())
-    except Exception as exc:  # Mask R-CNN (NMS output sizes): MLflow's pickle format, flagged on the run
-        mlflow.set_tag("tilewise.mlflow_model_format", f"pickle (torch.export failed: {type(exc).__name__})")
-        return mlflow.pytorch.log_model(network, name="model", signature=signature, input_example=example,
-                                        serialization_format="pickle", pip_requirements=_requirements())
+    out_free = (-1, int(out.shape[1]), *(-1 for _ in out.shape[2:]))
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), free)]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), out_free)]))
+    with tempfile.TemporaryDirectory() as tmp:
+        weights, card_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / CARD_FILE
+        save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(weights))
+        card_file.write_text(card.model_dump_json(indent=2))
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=pyfunc_model.__file__, signature=signature, input_example=example,
+            artifacts={pyfunc_model.WEIGHTS_KEY: str(weights), pyfunc_model.CARD_KEY: str(card_file)},
+            pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:
@@ -285,8 +288,35 @@ def resolve_version(uri: str) -> str:
     return f"models:/{version.name}/{version.version}"
 
 
+_LOGGED_MODEL = re.compile(r"^models:/(?P<id>m-[^/@]+)/?$")  # an MLflow 3 logged model's URI
+
+
+def _fetch_model_files(c, version, run_id: str | None, run_files: set[str], tmp: str) -> Path:
+    """A local folder holding the version's :data:`WEIGHTS_FILE` and :data:`CARD_FILE`: from the MLflow
+    model's ``artifacts/`` (only those two files are downloaded), or -- versions logged before
+    issue 8 -- from the run's ``tilewise/``."""
+    import mlflow.artifacts
+
+    if WEIGHTS_FILE in run_files:  # the old layout: weights beside an mlflow.pytorch model
+        return Path(c.download_artifacts(run_id, ARTIFACT_DIR, tmp))
+    match = _LOGGED_MODEL.match(version.source or "")
+    model_id = getattr(version, "model_id", None) or (match["id"] if match else None)
+    if not model_id:
+        raise FileNotFoundError(f"the version's source {version.source!r} is not a logged model and its run "
+                                f"has no {ARTIFACT_DIR}/{WEIGHTS_FILE}")
+    location = c.get_logged_model(model_id).artifact_location.rstrip("/")
+    folder = Path(tmp) / "model"
+    for name in (WEIGHTS_FILE, CARD_FILE):
+        mlflow.artifacts.download_artifacts(artifact_uri=f"{location}/artifacts/{name}", dst_path=str(folder),
+                                            tracking_uri=tracking_uri())
+    return folder
+
+
 def load_registered(uri: str) -> LoadedModel:
-    """The network of a registry URI, rebuilt from its card and safetensors weights (no pickle)."""
+    """The network of a registry URI, rebuilt from its card and safetensors weights (no pickle):
+    the two files in the MLflow model's ``artifacts/`` (see :func:`log_model`), or in the run's
+    ``tilewise/`` for versions logged before issue 8. The calibrator, when one was fitted after
+    registration (tilewise calibrate), is the run's ``tilewise/calibrator.json``."""
     from safetensors.torch import load_file
 
     from models.zoo import build_from_card, inference_module
@@ -295,15 +325,17 @@ def load_registered(uri: str) -> LoadedModel:
     run_id = version.run_id or version.tags.get("run_id")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = Path(c.download_artifacts(run_id, ARTIFACT_DIR, tmp))
-            card = ModelCard.model_validate_json((local / "card.json").read_text())
-            state = load_file(str(local / "weights.safetensors"))
+            run_files = {Path(f.path).name for f in c.list_artifacts(run_id, ARTIFACT_DIR)} if run_id else set()
+            local = _fetch_model_files(c, version, run_id, run_files, tmp)
+            card = ModelCard.model_validate_json((local / CARD_FILE).read_text())
+            state = load_file(str(local / WEIGHTS_FILE))
         except Exception as exc:
             raise RegistryError(f"{uri}: cannot read the model's card and weights ({exc})") from None
         calibrator = None
-        if (local / CALIBRATOR_FILE).is_file():  # fitted after registration (tilewise calibrate)
+        if CALIBRATOR_FILE in run_files:  # fitted after registration (tilewise calibrate)
             try:
-                calibrator = json.loads((local / CALIBRATOR_FILE).read_text())
+                path = c.download_artifacts(run_id, f"{ARTIFACT_DIR}/{CALIBRATOR_FILE}", tmp)
+                calibrator = json.loads(Path(path).read_text())
             except ValueError as exc:
                 raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{CALIBRATOR_FILE} ({exc})") from None
     network = build_from_card(card)
