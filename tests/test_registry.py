@@ -321,3 +321,21 @@ def test_versions_logged_in_the_old_layout_still_load(registry_home):
     assert loaded.card == UNET_CARD
     x = np.random.default_rng(10).random((2, 1, 16, 16), dtype=np.float32)
     assert torch.equal(_out(loaded.module, x), _out(net, x))
+
+
+def test_a_calibrator_stored_after_registration_comes_with_the_loaded_model():
+    """The run's tilewise/ folder now holds only what comes later (models/calibrator_store.py): the
+    loader still finds the calibrator there, beside weights that live in the MLflow model."""
+    import json
+
+    from models import calibrator_store
+
+    torch.manual_seed(5)
+    uri, run_id = _log(build("unet", 2, 1, 2, **UNET_ARGS), UNET_CARD, np.zeros((1, 1, 16, 16), np.float32),
+                       "toy_cal")
+    promotion = registry.register_and_promote("toy_cal-unet", uri, run_id, "val_dice", 0.5)
+    version_uri = f"models:/{promotion.name}/{promotion.version}"
+    assert registry.load_registered(version_uri).calibrator is None
+    calibrator_store.store_calibrator(version_uri, json.dumps({"method": "cubic", "params": [1, 2]}),
+                                      {"method": "cubic"}, {})
+    assert registry.load_registered(version_uri).calibrator == {"method": "cubic", "params": [1, 2]}
