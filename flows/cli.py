@@ -6,6 +6,7 @@ them, so ``tilewise --help`` and ``tilewise catalog validate`` answer at once.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +24,9 @@ run_app = typer.Typer(no_args_is_help=True, help="Run the scheduled jobs now.")
 app.add_typer(catalog_app, name="catalog")
 app.add_typer(run_app, name="run")
 
-out = Console(soft_wrap=True)  # long paths stay on one line (scripts read this)
+# Long paths stay on one line (scripts read this). Piped, rich would lay tables out in 80 columns and
+# fold the nightly's summary into slivers: give them room instead.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True)
 
 CatalogOpt = typer.Option(None, "--catalog", help="catalog folder or file (default: the bundled sample catalog)")
