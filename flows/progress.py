@@ -31,6 +31,10 @@ def describe_epoch(row: dict, metric: str, max_minutes: float | None) -> str:
     return " · ".join(parts)
 
 
+def _skip_epoch_records(record: logging.LogRecord) -> bool:
+    return not isinstance(getattr(record, "tilewise_epoch", None), dict)
+
+
 class EpochProgressHandler(logging.Handler):
     """Advances a rich ``Progress`` by one step per epoch record; ignores every other record."""
 
@@ -43,6 +47,13 @@ class EpochProgressHandler(logging.Handler):
         row = getattr(record, "tilewise_epoch", None)
         if not isinstance(row, dict):
             return
+        # This handler sees the record before the root logger's; from now on the console handlers
+        # there skip epoch records (the bar shows them; Prefect's API handler still stores them),
+        # so their lines do not print into the live bar.
+        for console_handler in logging.getLogger().handlers:
+            if isinstance(console_handler, logging.StreamHandler) or "Console" in type(console_handler).__name__:
+                if _skip_epoch_records not in console_handler.filters:
+                    console_handler.addFilter(_skip_epoch_records)
         try:
             total = getattr(record, "tilewise_epochs", None)
             metric = getattr(record, "tilewise_metric", "")
@@ -77,3 +88,5 @@ def epoch_progress(console: Console) -> Iterator[Progress | None]:
             yield progress
     finally:
         logger.removeHandler(handler)
+        for console_handler in logging.getLogger().handlers:
+            console_handler.removeFilter(_skip_epoch_records)

@@ -674,3 +674,35 @@ def test_progress_handler_advances_one_step_per_epoch():
     with epoch_progress(plain) as live:
         assert live is None and logger.handlers == before
     assert plain.file.getvalue() == ""
+
+
+def test_console_lines_of_epochs_stay_out_of_the_live_bar():
+    """While the bar is shown, the root logger's console handlers (Prefect's, in the CLI) skip epoch
+    records, which would print into the bar; other lines pass, and afterwards epoch lines pass again."""
+    import io
+    import logging
+
+    from rich.console import Console
+
+    from flows.progress import epoch_progress
+
+    bar = Console(file=io.StringIO(), force_terminal=True, width=100)
+    lines = io.StringIO()
+    console_handler = logging.StreamHandler(lines)
+    root, log = logging.getLogger(), logging.getLogger("tasks.training.train")
+    root.addHandler(console_handler)
+    level, root_level = log.level, root.level
+    log.setLevel(logging.INFO)
+    epoch = {"tilewise_epoch": {"epoch": 0, "train_loss": 0.5, "val_dice": 0.25}, "tilewise_epochs": 2,
+             "tilewise_metric": "val_dice", "tilewise_max_minutes": 1.0}
+    try:
+        with epoch_progress(bar):
+            log.info("epoch line", extra=epoch)
+            log.info("another line")
+        log.info("epoch line after", extra=epoch)
+    finally:
+        root.removeHandler(console_handler)
+        log.setLevel(level)
+        root.setLevel(root_level)
+    assert lines.getvalue().splitlines() == ["another line", "epoch line after"]
+    assert "loss 0.5000" in bar.file.getvalue()
