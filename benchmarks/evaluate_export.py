@@ -131,22 +131,12 @@ def _peak(reset: bool) -> int:
 # label files matching the benchmark inputs
 
 
-def make_mri_labels(path: Path, shape_ijk: tuple[int, int, int]) -> None:
+def make_mri_labels(path: Path, shape_ijk: tuple[int, int, int], bench) -> None:
     """NIfTI uint8 labels of _mri_block's geometry: 1 head, 2 brain, 3 ventricle (in the brain)."""
-    import nibabel as nib
     import numpy as np
 
     ni, nj, nk = shape_ijk
-    zoom = 0.5
-    affine = np.diag([zoom, zoom, zoom, 1.0])
-    affine[:3, 3] = [-ni * zoom / 2, -nj * zoom / 2, -nk * zoom / 2]
-    hdr = nib.Nifti1Header()
-    hdr.set_data_shape((ni, nj, nk))
-    hdr.set_data_dtype(np.uint8)
-    hdr.set_zooms((zoom, zoom, zoom))
-    hdr.set_xyzt_units("mm", "sec")
-    hdr.set_qform(affine, 1)
-    hdr.set_sform(affine, 1)
+    hdr = bench.mri_header(shape_ijk, np.uint8)
     hdr.set_intent("label")
     hdr["vox_offset"] = 352
     f32 = np.float32
@@ -299,7 +289,7 @@ def build_scan(workdir: Path, kind: str, size: int) -> dict:
     t0 = time.perf_counter()
     if kind == "mri":
         bench.make_nifti(image, size)
-        make_mri_labels(labels, bench._nifti_shape(size))
+        make_mri_labels(labels, bench._nifti_shape(size), bench)
         mapping = {v: v for v in range(4)}
         spec_extra = {}
     elif kind in ("em", "em-isbi"):

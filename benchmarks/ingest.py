@@ -115,21 +115,31 @@ def _mri_block(k0: int, k1: int, nk: int, nj: int, ni: int, rng) -> "np.ndarray"
     return vol
 
 
-def make_nifti(path: Path, size: int, seed: int = 1) -> dict:
+def mri_header(shape_ijk: tuple[int, int, int], dtype):
+    """The NIfTI header of the synthetic head: 0.5 mm isotropic, centred, sform = qform (code 1)."""
     import nibabel as nib
     import numpy as np
 
-    ni, nj, nk = _nifti_shape(size)
+    ni, nj, nk = shape_ijk
     zoom = 0.5
     affine = np.diag([zoom, zoom, zoom, 1.0])
     affine[:3, 3] = [-ni * zoom / 2, -nj * zoom / 2, -nk * zoom / 2]
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((ni, nj, nk))
-    hdr.set_data_dtype(np.float32)
+    hdr.set_data_dtype(dtype)
     hdr.set_zooms((zoom, zoom, zoom))
     hdr.set_xyzt_units("mm", "sec")
     hdr.set_qform(affine, 1)
     hdr.set_sform(affine, 1)
+    return hdr
+
+
+def make_nifti(path: Path, size: int, seed: int = 1) -> dict:
+    import nibabel as nib
+    import numpy as np
+
+    ni, nj, nk = _nifti_shape(size)
+    hdr = mri_header((ni, nj, nk), np.float32)
     hdr.set_slope_inter(1.0, 0.0)
     hdr["vox_offset"] = 352
     hdr["descrip"] = b"tilewise benchmark synthetic MRI"
