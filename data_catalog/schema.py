@@ -168,6 +168,9 @@ class LabelSource(_Strict):
     boundary_class: str | None = Field(
         default=None, description="the class that marks cell boundaries (EM): evaluate scores it as the ISBI "
                                   "2012 challenge does (pixel error, V_rand, V_info, warping error)")
+    stuff_classes: list[str] | None = Field(
+        default=None, description="amorphous classes (roads, water, membrane): with instance_classes (the "
+                                  "'things') they make the panoptic output and PQ")
 
     @field_validator("path")
     @classmethod
@@ -187,6 +190,12 @@ class LabelSource(_Strict):
             raise ValueError(f"instance_classes {unknown} are not in 'classes'")
         if self.boundary_class is not None and self.boundary_class not in self.classes:
             raise ValueError(f"boundary_class {self.boundary_class!r} is not in 'classes'")
+        unknown = [c for c in self.stuff_classes or [] if c not in self.classes]
+        if unknown:
+            raise ValueError(f"stuff_classes {unknown} are not in 'classes'")
+        both = sorted(set(self.stuff_classes or []) & set(self.instance_classes or []))
+        if both:
+            raise ValueError(f"{both} cannot be both a thing (instance_classes) and stuff (stuff_classes)")
         return self
 
 
@@ -264,8 +273,27 @@ class Calibration(_Strict):
     method: Literal["cubic", "isotonic", "temperature", "auto", "none"] = "cubic"
 
 
+class Instances(_Strict):
+    """Objects from the dataset's semantic prediction, after ``infer`` (tasks/instances): ``components``
+    (connected components of each class in ``classes``, default ``labels.instance_classes``, out of
+    core), ``watershed`` (EM: a seeded watershed of the calibrated ``membrane_class`` probability into
+    cells, default ``labels.boundary_class``) or ``none``. Objects smaller than ``min_size`` pixels
+    (voxels) are dropped. A Mask R-CNN model (``model.architecture: maskrcnn``) makes instances itself
+    and ignores this section."""
+
+    method: Literal["components", "watershed", "none"] = "components"
+    classes: list[str] | None = None
+    min_size: int = Field(default=16, ge=1)
+    membrane_class: str | None = None
+
+
 class Export(_Strict):
+    """What the nightly job exports per scan: the class labels in ``format``, and the instances (one
+    polygon per object, with its table's attributes) as ``instances`` (geojson: EPSG:4326 per RFC
+    7946; gpkg: GeoPackage in the source CRS) where the scan has them."""
+
     format: Literal["nifti", "geotiff", "tiff", "geojson", "zarr"]
+    instances: Literal["geojson", "gpkg"] | None = None
 
 
 def _croniter():
@@ -343,6 +371,7 @@ class CatalogEntry(_Strict):
     tiling: Tiling = Tiling()
     training: Training = Training()
     calibration: Calibration = Calibration()
+    instances: Instances | None = None
     export: Export | None = None
     schedule: Schedule = Schedule()
 
@@ -352,6 +381,25 @@ class CatalogEntry(_Strict):
         if value is not None and (len(value) not in (2, 3) or any(v <= 0 for v in value)):
             raise ValueError("chunks must be 2 or 3 positive sizes, (Y, X) or (Z, Y, X)")
         return value
+
+    @model_validator(mode="after")
+    def _instances_classes_known(self) -> "CatalogEntry":
+        inst = self.instances
+        if inst is None or inst.method == "none":
+            return self
+        classes = self.labels.classes if self.labels else None
+        if classes is None:
+            if inst.classes is None and inst.method == "components":
+                raise ValueError("instances: without labels, name the classes (instances.classes) to label")
+            return self
+        unknown = [c for c in (inst.classes or []) + ([inst.membrane_class] if inst.membrane_class else [])
+                   if c not in classes]
+        if unknown:
+            raise ValueError(f"instances: {unknown} are not in labels.classes {classes}")
+        if inst.method == "watershed" and not (inst.membrane_class or self.labels.boundary_class):
+            raise ValueError("instances: watershed needs a membrane class (instances.membrane_class or "
+                             "labels.boundary_class)")
+        return self
 
 
 def entry_model_name(entry: CatalogEntry, architecture: str | None = None) -> str:

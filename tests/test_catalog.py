@@ -23,6 +23,9 @@ scans: {path: "slices/*"}
 """
 
 
+LABELS = "labels: {path: '{dir}/x', mapping: {0: 0, 1: 1}, classes: [a, b]%s}\n"
+
+
 def write(tmp_path: Path, name: str, text: str) -> Path:
     path = tmp_path / name
     path.write_text(textwrap.dedent(text))
@@ -164,6 +167,13 @@ def test_cli_list_in_a_terminal_folds_long_names_instead_of_cutting_them(tmp_pat
         (GOOD + "tiling: {dask: 'local:0'}\n", "tiling.dask", "local:N"),
         (GOOD + "tiling: {dask: 'somewhere'}\n", "tiling.dask", "HOST:PORT"),
         (GOOD + "training: {epochs: 0}\n", "training.epochs", "greater than or equal to 1"),
+        (GOOD + LABELS % ", stuff_classes: [c]", "labels", "stuff_classes ['c'] are not in 'classes'"),
+        (GOOD + LABELS % ", stuff_classes: [b], instance_classes: [b]", "labels", "cannot be both a thing"),
+        (GOOD + LABELS % "" + "instances: {method: watershed}\n", "(entry)", "watershed needs a membrane class"),
+        (GOOD + LABELS % "" + "instances: {classes: [z]}\n", "(entry)", "['z'] are not in labels.classes"),
+        (GOOD + "instances: {method: components}\n", "(entry)", "name the classes"),
+        (GOOD + LABELS % "" + "instances: {min_size: 0}\n", "instances.min_size", "greater than or equal to 1"),
+        (GOOD + "export: {format: tiff, instances: shp}\n", "export.instances", "'geojson' or 'gpkg'"),
     ],
 )
 def test_invalid_schedules_templates_and_new_fields_are_refused_at_load(tmp_path, text, field, reason):
