@@ -57,6 +57,8 @@ class EvaluationReport:
     model: str | None = None
     calibrator: Any = None
     prediction_digest: str | None = None
+    instances: dict | None = None  # AP / F1 / PQ of prediction/instances (tasks/metrics/instance_eval.py)
+    instances_digest: str | None = None  # the instances' digest when they were scored
     seconds: float = 0.0
     evaluated_at: str = ""
     # Not JSON: what the reports draw (reliability bins, strided mid-planes and their level).
@@ -78,6 +80,8 @@ class EvaluationReport:
         for key, value in (self.isbi or {}).items():
             if isinstance(value, (int, float)) and key != "sections":
                 flat[f"isbi_{key}"] = value
+        for key in ("ap", "ap50", "ap75", "f1", "precision", "recall", "pq", "sq", "rq"):
+            flat[f"instances_{key}"] = (self.instances or {}).get(key)
         return {_metric_name(k): float(v) for k, v in flat.items()
                 if isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
 
@@ -217,10 +221,12 @@ def evaluate_scan(store: str, labels_path: str | Path | None = None, entry=None,
     if not pred_record or not pred_record.get(storage.COMPLETE_KEY):
         raise ScanError(store, "has no complete prediction (prediction/ missing or unfinished): run tilewise infer")
     group = storage.open_group(store)
-    labels, probs = group["prediction/labels"], group["prediction/probabilities"]
+    labels = group["prediction/labels"]
+    # an instance model's prediction has class labels and instances, no probabilities
+    probs = group["prediction/probabilities"] if "probabilities" in group["prediction"] else None
     shape, ndim = tuple(labels.shape), labels.ndim
-    single = probs.shape[0] == 1  # one output channel: foreground probability, labels by threshold
-    k = 2 if single else probs.shape[0]
+    single = probs is not None and probs.shape[0] == 1  # one output channel: foreground probability
+    k = 2 if single else (probs.shape[0] if probs is not None else len(pred_record.get("classes") or []) or 2)
     names = list(pred_record.get("classes") or [])
     if single:
         names = [f"not_{names[0]}" if names else "background", names[0] if names else "foreground"]
@@ -268,7 +274,7 @@ def evaluate_scan(store: str, labels_path: str | Path | None = None, entry=None,
 
     confusion, bins = ConfusionMatrix(k), ReliabilityBins()
     isbi = None
-    if boundary is not None:
+    if boundary is not None and probs is not None:
         from tasks.metrics.isbi import IsbiStackScores
 
         isbi = IsbiStackScores()
@@ -288,6 +294,8 @@ def evaluate_scan(store: str, labels_path: str | Path | None = None, entry=None,
                 except ValueError as exc:
                     where = reference_name if "reference" in str(exc) else f"{store}/prediction/labels"
                     raise ScanError(where, f"slab {start}-{stop}: {exc}") from None
+                if probs is None:
+                    continue
                 p = np.asarray(probs[(slice(None), slice(start, stop)) + box], dtype=np.float32).reshape(probs.shape[0], -1)
                 if np.isnan(p).any():
                     raise ScanError(f"{store}/prediction/probabilities",
@@ -326,7 +334,9 @@ def evaluate_scan(store: str, labels_path: str | Path | None = None, entry=None,
                    "per_class": {names[c]: {"hd95": json_float(v["hd95"]), "surface_dice": json_float(v["surface_dice"])}
                                  for c, v in scores.items()}}
 
-    calibration = {k2: json_float(v) if isinstance(v, float) else v for k2, v in bins.scores().items()}
+    calibration = ({k2: json_float(v) if isinstance(v, float) else v for k2, v in bins.scores().items()}
+                   if probs is not None else None)
+    instances, instances_digest = _instance_scores(store, group, record, pred_record, entry, names, reference_name)
     report = EvaluationReport(
         store=store, scan_id=record.get("scan_id") or Path(store).name.removesuffix(".zarr"),
         dataset=record.get("dataset") or (entry.name if entry is not None else None), modality=modality,
@@ -334,13 +344,38 @@ def evaluate_scan(store: str, labels_path: str | Path | None = None, entry=None,
         semantic=semantic_report(confusion.matrix, names), calibration=calibration, surface=surface,
         isbi=jsonable(isbi.result()) if isbi is not None else None, model=pred_record.get("model"),
         calibrator=pred_record.get("calibrator"), prediction_digest=pred_record.get("digest"),
-        seconds=time.perf_counter() - t0, evaluated_at=datetime.now(timezone.utc).isoformat(),
+        instances=instances, instances_digest=instances_digest, seconds=time.perf_counter() - t0, evaluated_at=datetime.now(timezone.utc).isoformat(),
         extras={"bins": bins, "overlay_level": overlay_level, "overlay_factors": of,
                 "planes": {w: [p.data for p in ps] for w, ps in planes.items()}},
     )
     if write:
         write_evaluation(pred_url, report)
     return report
+
+
+def _instance_scores(store: str, group, record: dict, pred_record: dict, entry, names: list[str],
+                     reference_name: str) -> tuple[dict | None, str | None]:
+    """AP / F1 / PQ of the scan's instances against connected components of the reference's thing
+    classes (the catalog's ``labels.instance_classes``, default every class but the first; stuff:
+    ``labels.stuff_classes``), when the instances are complete and the reference is the store's."""
+    from tasks.instances import store as inst_store
+
+    inst = pred_record.get(inst_store.RECORD_KEY) or {}
+    if not inst_store.instances_complete(store) or reference_name != "labels/reference":
+        return None, None
+    ref_names = list(entry.labels.classes) if entry is not None and entry.labels is not None else list(names)
+    thing_names = (entry.labels.instance_classes if entry is not None and entry.labels is not None else None) \
+        or (inst.get("params") or {}).get("classes") or ref_names[1:]
+    stuff_names = (entry.labels.stuff_classes if entry is not None and entry.labels is not None else None) or []
+    reference = group["labels/reference"]
+    from tasks.instances.from_semantic import _per_section_default
+    from tasks.metrics.instance_eval import evaluate_instances
+
+    per_section = reference.ndim == 3 and (record.get("modality") == "em" or _per_section_default(pred_record, 3))
+    scores = evaluate_instances(store, reference, things=[ref_names.index(n) for n in thing_names if n in ref_names],
+                                stuff=[ref_names.index(n) for n in stuff_names if n in ref_names],
+                                per_section=per_section, names=ref_names)
+    return jsonable(scores), inst.get("digest")
 
 
 def write_evaluation(pred_url: str, report: EvaluationReport) -> None:
