@@ -1,7 +1,9 @@
 """The chain every scan of a nightly or backfill run goes through, one dataset at a time:
 
-    ingest -> infer (the dataset's model version, its calibrator applied per chunk) -> evaluate
-    (where labels exist) -> export (the catalog's format)
+    ingest -> infer (the dataset's model version, its calibrator applied per chunk; an instance
+    model runs tile by tile) -> instances (the catalog's ``instances`` section: components or
+    watershed of the prediction; the panoptic output; an MLflow run with the instance table) ->
+    evaluate (where labels exist) -> export (the catalog's format)
 
 Work is decided from content, never from paths or times: ingest compares the sources' sha256 and
 options with the store's record, infer the prediction's digest (model version, calibrator,
@@ -29,6 +31,7 @@ from data_catalog.schema import CatalogEntry
 from flows import summary
 from flows.export import export_path, export_scan_task
 from flows.infer import engine_config, infer_scan_task, model_uri, resolve_version
+from flows.instances import instance_settings, instances_scan_task, outcome_row
 from flows.ingest import ingest_scan_task
 from flows.outcomes import ScanOutcome
 from tasks import storage
@@ -63,8 +66,11 @@ def evaluation_is_current(store: str) -> bool:
     digest) against the store's reference labels."""
     record = storage.read_record(f"{store}/prediction") or {}
     evaluation = record.get("evaluation") or {}
+    instances = record.get("instances") or {}
+    current_instances = instances.get("digest") if instances.get(storage.COMPLETE_KEY) else None
     return bool(record.get(storage.COMPLETE_KEY) and evaluation.get("prediction_digest") == record.get("digest")
-                and evaluation.get("reference") == REFERENCE)
+                and evaluation.get("reference") == REFERENCE
+                and evaluation.get("instances_digest") == current_instances)
 
 
 def _stored_metrics(store: str) -> dict:
@@ -162,6 +168,8 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
     config = engine_config(entry)
     dask = options.dask or getattr(entry.tiling, "dask", None)
     fmt = entry.export.format if entry.export else None
+    settings = instance_settings(entry)
+    detector = entry.model is not None and entry.model.architecture == "maskrcnn"
     rows: list[ScanOutcome] = []
     infers = {}
     for scan_id in scan_ids:
@@ -187,17 +195,28 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
             note = f"{r.model_calls} model calls over {r.tiles} tiles" if r.model_calls else "prediction up to date"
             rows.append(ScanOutcome(name, scan_id, "infer", r.status, store, note, r.seconds, model=version,
                                     output=f"{store}/prediction"))
+        instances = None
+        if settings is not None or detector:
+            instances = instances_scan_task.submit(store, entry, settings, parent_run_id, options.force)
         evaluation = None
         if entry.labels is not None:
-            evaluation = evaluate_step_task.submit(store, entry, parent_run_id, options.force)
+            evaluation = evaluate_step_task.submit(store, entry, parent_run_id, options.force,
+                                                   wait_for=[allow_failure(instances)] if instances is not None else None)
         export = None
         if fmt is not None:
             export = export_scan_task.submit(store, ExportOptions(fmt, export_path(name, scan_id, fmt),
                                                                   force=options.force),
                                              wait_for=[allow_failure(evaluation)] if evaluation is not None else None)
-        later.append((scan_id, store, evaluation, export, time.perf_counter()))
-    for scan_id, store, evaluation, export, t0 in later:
+        later.append((scan_id, store, instances, evaluation, export, time.perf_counter()))
+    for scan_id, store, instances, evaluation, export, t0 in later:
         model = str((storage.read_record(f"{store}/prediction") or {}).get("model", version))
+        if instances is not None:
+            instances.wait()
+            if instances.state.is_completed():
+                rows.append(outcome_row(name, scan_id, store, instances.result(), model=model))
+            else:
+                rows.append(ScanOutcome(name, scan_id, "instances", "failed", store, _error(instances.state),
+                                        model=model))
         if evaluation is None:
             rows.append(ScanOutcome(name, scan_id, "evaluate", "skipped", store, "no labels in the catalog",
                                     model=model))

@@ -197,10 +197,14 @@ def infer(
     dask: Optional[str] = typer.Option(None, "--dask", help="scheduler address, or local[:N] for a local cluster"),
     calibration: bool = typer.Option(True, "--calibration/--no-calibration",
                                      help="apply the model version's calibrator, if it has one"),
+    mode: str = typer.Option("auto", "--mode", help="auto (the model card decides) | semantic | instances"),
 ) -> None:
-    """Sliding-window inference over a scan group; writes prediction/probabilities and labels."""
+    """Sliding-window inference over a scan group. A semantic model writes prediction/probabilities and
+    labels; an instance model (Mask R-CNN) runs tile by tile, merges objects across tiles and writes
+    prediction/instances, its table and the class labels."""
     _announce_home()
     choices = {"--amp": (amp, ("none", "bf16", "fp16")), "--blend": (blend, ("gaussian", "constant")),
+               "--mode": (mode, ("auto", "semantic", "instances")),
                "--pad": (pad, ("reflect", "constant")), "--placement": (placement, ("even", "monai")),
                "--dtype": (dtype, ("float16", "float32"))}
     for flag, (value, allowed) in choices.items():
@@ -214,7 +218,8 @@ def infer(
             _fail(f"--tile must be comma-separated integers, got {tile!r}")
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    from tasks.engine.infer import EngineConfig, infer_scan
+    from flows.infer import run_model
+    from tasks.engine.infer import EngineConfig
     from tasks.engine.model_io import load_model
     from tasks.errors import ScanError
 
@@ -222,19 +227,26 @@ def infer(
                           blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb,
                           calibration=calibration)
     try:
-        if dask:
+        if dask and mode != "instances":
             from tasks.engine.distributed import infer_distributed
 
             result = infer_distributed(store, model, config, dask)
         else:
             loaded = load_model(model)
+            if dask:
+                _fail("--dask: instance inference (Mask R-CNN) runs in one process; drop --dask")
             with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total} tiles",
                           TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:
                 job = bar.add_task(f"infer {Path(store).name}", total=None)
-                result = infer_scan(store, loaded, config,
-                                    progress=lambda done, total: bar.update(job, completed=done, total=total))
+                result = run_model(store, loaded, config, mode,
+                                   progress=lambda done, total: bar.update(job, completed=done, total=total))
     except (ScanError, ConnectionError) as exc:  # ConnectionError: the registry is unreachable
         _fail(str(exc))
+    if hasattr(result, "instances"):
+        out.print(f"{result.status}: {store}/prediction/instances ({result.instances} instances, {result.tiles} "
+                  f"tiles, {result.skipped_nodata} nodata tiles skipped, {result.model_calls} model calls, "
+                  f"{result.seconds:.1f} s)")
+        return
     out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles, {result.model_calls} model calls, "
               f"{result.chunks_written} chunks, {result.seconds:.1f} s)")
 
@@ -261,6 +273,50 @@ def calibrate(
         _fail(str(exc))
     out.print(calibration_table(outcome))
     out.print(f"chosen: {outcome.calibrator.method} ({outcome.calibrator.chosen_because}); stored with {outcome.model}")
+
+
+@app.command()
+def instances(
+    dataset: str = typer.Argument(..., help="catalog dataset name"),
+    catalog: Optional[Path] = CatalogOpt,
+    method: Optional[str] = typer.Option(None, "--method", help="components | watershed (default: the catalog's "
+                                                                "instances.method)"),
+    min_size: Optional[int] = typer.Option(None, "--min-size", help="drop objects smaller than this many pixels "
+                                                                    "(voxels); default: the catalog's"),
+    force: bool = typer.Option(False, "--force", help="recompute even when up to date"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per scan instead of the table"),
+) -> None:
+    """Objects from each scan's semantic prediction (connected components out of core, or a seeded watershed
+    of the membrane probability for EM), the panoptic output, the instance table; an MLflow run per scan."""
+    _announce_home()
+    if method is not None and method not in ("components", "watershed"):
+        _fail(f"--method must be components or watershed, got {method!r}")
+    if min_size is not None and min_size < 1:
+        _fail(f"--min-size must be at least 1, got {min_size}")
+    catalog_dir = _catalog_dir(catalog)
+    from data_catalog import CatalogError, find_entry
+
+    try:
+        find_entry(dataset, catalog_dir)
+    except CatalogError as exc:
+        _fail(str(exc))
+    from flows.instances import instances_flow
+
+    state = instances_flow(dataset, catalog=str(catalog_dir), method=method, min_size=min_size, force=force,
+                           return_state=True)
+    outcomes = state.result(raise_on_failure=False)
+    if not isinstance(outcomes, list):
+        _fail(str(outcomes))
+    if as_json:
+        import json
+
+        for o in outcomes:
+            out.print_json(json.dumps({"dataset": o.dataset, "scan": o.scan_id, "status": o.status,
+                                       "message": o.message, "output": o.output, "seconds": round(o.seconds, 2)}))
+    else:
+        out.print(_outcome_table(f"instances {dataset}", outcomes))
+    if any(o.failed for o in outcomes):
+        raise typer.Exit(1)
 
 
 @app.command()

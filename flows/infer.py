@@ -126,6 +126,25 @@ def resolve_version(uri: str) -> str | None:
     return f"models:/{found['name']}/{found['version']}"
 
 
+INSTANCE_ARCHITECTURES = ("maskrcnn",)
+
+
+def is_instance_model(model: LoadedModel) -> bool:
+    """The model card says the network finds objects (Mask R-CNN) rather than classifying pixels."""
+    return model.card.architecture in INSTANCE_ARCHITECTURES
+
+
+def run_model(store: str, model: LoadedModel, config: EngineConfig, mode: str = "auto", progress=None):
+    """One scan through ``model``: the semantic engine (tasks/engine) or, for an instance model or
+    ``mode="instances"``, Mask R-CNN over tiles (tasks/instances/detect.py). A mode the model
+    cannot serve is that module's one-line ScanError."""
+    if mode == "instances" or (mode == "auto" and is_instance_model(model)):
+        from tasks.instances.detect import infer_instances
+
+        return infer_instances(store, model, config, progress=progress)
+    return infer_scan(store, model, config, progress=progress)
+
+
 @task(name="infer-scan", task_run_name="infer {store}", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=transient_io_error, cache_policy=NO_CACHE, persist_result=False)
 def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None = None,
@@ -135,11 +154,12 @@ def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None
     if replace and storage.is_complete(f"{store}/prediction"):
         storage.remove(f"{store}/prediction")
     with gpu_slot():
-        if dask:
+        model = cached_model(uri)
+        if dask and not is_instance_model(model):  # instance inference runs in one process
             from tasks.engine.distributed import infer_distributed
 
             return infer_distributed(store, uri, config, dask)
-        return infer_scan(store, cached_model(uri), config)
+        return run_model(store, model, config)
 
 
 @flow(name="infer", flow_run_name="infer {dataset}")

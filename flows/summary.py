@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 from flows.outcomes import ScanOutcome
 
-STEPS = ("ingest", "train", "infer", "evaluate", "export")
+STEPS = ("ingest", "train", "infer", "instances", "evaluate", "export")
 KEY_METRICS = (("mean_dice", "Dice"), ("isbi_v_rand", "V_rand"), ("mean_iou", "IoU"))
 
 
