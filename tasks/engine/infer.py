@@ -169,6 +169,9 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
             calibrator: Any = None) -> Prepared | None:
     """Validate everything, create (or reopen) the output; None when the output is complete already."""
     store = str(store)
+    if model.card.architecture == "maskrcnn":
+        raise _fail(store, f"model {model.identity} is an instance model (Mask R-CNN): run it in instance mode "
+                           "(tilewise infer --mode instances, the default for it)")
     calibrator, cal_record = resolve_calibrator(model, config, calibrator)
     if not 0.0 <= config.overlap < 1.0:
         raise _fail(store, f"overlap must be in [0, 1), got {config.overlap}")

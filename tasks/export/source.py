@@ -25,7 +25,7 @@ class ExportSource:
     record: dict[str, Any]  # the scan group's attrs["tilewise"]
     prediction: dict[str, Any]  # prediction/ attrs["tilewise"]
     labels: zarr.Array  # prediction/labels, (*spatial) uint8
-    probabilities: zarr.Array  # prediction/probabilities, (K, *spatial)
+    probabilities: zarr.Array | None  # prediction/probabilities, (K, *spatial); None from an instance model
     classes: list[str]
 
     @property
@@ -74,11 +74,12 @@ def open_source(store: str) -> ExportSource:
         raise ScanError(store, "prediction is incomplete (no completion mark): run tilewise infer again to finish it")
     try:
         labels = group["prediction/labels"]
-        probabilities = group["prediction/probabilities"]
+        # an instance model's prediction has class labels and instances, no probabilities
+        probabilities = None if pred.get("mode") == "instances" else group["prediction/probabilities"]
     except KeyError as exc:
         raise ScanError(store, f"prediction lacks the array {exc}") from None
     spatial = tuple(group["image/0"].shape[1:])
-    if tuple(labels.shape) != spatial or tuple(probabilities.shape[1:]) != spatial:
+    if tuple(labels.shape) != spatial or (probabilities is not None and tuple(probabilities.shape[1:]) != spatial):
         raise ScanError(store, f"prediction shape {tuple(labels.shape)} differs from the image's {spatial}")
     classes = list(pred.get("classes") or [f"class_{k}" for k in range(probabilities.shape[0])])
     return ExportSource(store, record, pred, labels, probabilities, classes)

@@ -147,6 +147,10 @@ class TileMerger:
     def open_count(self) -> int:
         return len(self._open)
 
+    def open_boxes(self) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Bounding boxes (lo, hi) of the unfinished instances: what later pieces may still grow."""
+        return [(inst.lo, inst.hi) for inst in self._open.values()]
+
     def _tile_index(self, origin: tuple[int, ...]) -> int:
         idx = []
         for axis, o in enumerate(origin):

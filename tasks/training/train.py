@@ -163,19 +163,22 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
         info = registry.log_model(outcome.network, card, example)
         promotion = registry.register_and_promote(name, info.model_uri, run.info.run_id, outcome.metric_name,
                                                   outcome.best_metric)
-    calibration = _calibrate(loaded, f"models:/{promotion.name}/{promotion.version}", store_root, seed)
+    calibration = _calibrate(loaded, f"models:/{promotion.name}/{promotion.version}", store_root, seed,
+                             config.architecture)
     return TrainReport(entry.name, config.architecture, run.info.run_id, outcome.metric_name, outcome.best_metric,
                        len(outcome.history), outcome.stopped, outcome.seconds, f"{promotion.name}/{promotion.version}",
                        promotion.alias, promotion.decision, outcome.history[0]["train_loss"],
                        outcome.history[-1]["train_loss"], calibration)
 
 
-def _calibrate(loaded: LoadedEntry, uri: str, store_root: str | None, seed: int) -> str:
+def _calibrate(loaded: LoadedEntry, uri: str, store_root: str | None, seed: int, architecture: str = "unet") -> str:
     """Fit and store the new version's calibrator (catalog ``calibration.method``). The model is
     registered already: a sample that cannot be calibrated (one class, constant scores) is a warning."""
     method = loaded.entry.calibration.method
     if method == "none":
         return "none (catalog calibration.method: none)"
+    if architecture == "maskrcnn":
+        return "none (an instance model: its scores are the detector's; calibration maps pixel probabilities)"
     from tasks.calibration.model_version import calibrate_model
     from tasks.calibration.scores import CalibrationError
 
