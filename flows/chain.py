@@ -172,6 +172,7 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
     detector = entry.model is not None and entry.model.architecture == "maskrcnn"
     rows: list[ScanOutcome] = []
     infers = {}
+    later_polygons: dict = {}
     for scan_id in scan_ids:
         store = scan_store(name, scan_id, store_root)
         kept = None if options.force else _kept(store, version, entry)
@@ -207,7 +208,16 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
             export = export_scan_task.submit(store, ExportOptions(fmt, export_path(name, scan_id, fmt),
                                                                   force=options.force),
                                              wait_for=[allow_failure(evaluation)] if evaluation is not None else None)
+        polygons = None
+        if instances is not None and entry.export is not None and entry.export.instances:
+            kind = entry.export.instances
+            polygons = export_scan_task.submit(store, ExportOptions(kind, export_path(name, scan_id, kind,
+                                                                                      what="instances"),
+                                                                    what="instances", force=options.force),
+                                               wait_for=[instances])
         later.append((scan_id, store, instances, evaluation, export, time.perf_counter()))
+        if polygons is not None:
+            later_polygons[scan_id] = polygons
     for scan_id, store, instances, evaluation, export, t0 in later:
         model = str((storage.read_record(f"{store}/prediction") or {}).get("model", version))
         if instances is not None:
@@ -230,6 +240,16 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
             else:
                 rows.append(ScanOutcome(name, scan_id, "evaluate", "failed", store, _error(evaluation.state),
                                         model=model))
+        polygons = later_polygons.get(scan_id)
+        if polygons is not None:
+            polygons.wait()
+            if polygons.state.is_completed():
+                r = polygons.result()
+                rows.append(ScanOutcome(name, scan_id, "export", r.status, store, "instance polygons",
+                                        seconds=r.seconds, model=model, output=r.out))
+            else:
+                rows.append(ScanOutcome(name, scan_id, "export", "failed", store,
+                                        f"instance polygons: {_error(polygons.state)}", model=model))
         if export is None:
             rows.append(ScanOutcome(name, scan_id, "export", "skipped", store, "no export format in the catalog",
                                     model=model))

@@ -450,14 +450,16 @@ def evaluate(
 @app.command("export")
 def export_cmd(
     store: str = typer.Option(..., "--store", help="scan group with a complete prediction (SCAN.zarr)"),
-    fmt: str = typer.Option(..., "--format", help="nifti | geotiff | tiff | geojson | zarr"),
+    fmt: str = typer.Option(..., "--format", help="nifti | geotiff | tiff | geojson | gpkg | zarr"),
     out_path: Optional[str] = typer.Option(None, "--out", help="file to write (.nii[.gz], .tif, .ome.tif, "
-                                                                ".geojson); zarr writes into the store"),
-    what: str = typer.Option("labels", "--what", help="labels | probabilities"),
+                                                                ".geojson, .gpkg); zarr writes into the store"),
+    what: str = typer.Option("labels", "--what", help="labels | probabilities | instances (one polygon per "
+                                                      "instance: geojson or gpkg)"),
     crs: str = typer.Option("4326", "--crs", help="GeoJSON coordinates: 4326 (RFC 7946) | source"),
     force: bool = typer.Option(False, "--force", help="export even if the file is up to date"),
 ) -> None:
-    """Export the prediction: NIfTI, Cloud-Optimized GeoTIFF, OME-TIFF, GeoJSON or NGFF labels in the store."""
+    """Export the prediction: NIfTI, Cloud-Optimized GeoTIFF, OME-TIFF, GeoJSON or NGFF labels in the store;
+    instances as GeoJSON or GeoPackage polygons."""
     _announce_home()
     from tasks.errors import ScanError
     from tasks.export import ExportOptions, export_scan

@@ -29,12 +29,13 @@ def export_scan_task(store: str, options: ExportOptions) -> ExportResult:
     return export_scan(store, options)
 
 
-def export_path(dataset: str, scan_id: str, fmt: str, out_dir: str | None = None) -> str | None:
+def export_path(dataset: str, scan_id: str, fmt: str, out_dir: str | None = None, what: str = "labels") -> str | None:
+    """``exports/<dataset>/<scan><suffix>``; instances ``<scan>.instances<suffix>``."""
     if fmt == "zarr":
         return None
     folder = Path(out_dir) if out_dir else tilewise_home() / "exports" / dataset
     folder.mkdir(parents=True, exist_ok=True)
-    return str(folder / f"{scan_id}{DEFAULT_SUFFIX[fmt]}")
+    return str(folder / f"{scan_id}{'.instances' if what == 'instances' else ''}{DEFAULT_SUFFIX[fmt]}")
 
 
 @flow(name="export", flow_run_name="export {dataset}")
@@ -52,8 +53,8 @@ def export_flow(dataset: str, catalog: str = str(DEFAULT_CATALOG_DIR), fmt: str 
              if storage.is_complete(st) and (storage.read_record(f"{st}/prediction") or {}).get(storage.COMPLETE_KEY)]
     if len(ready) < len(scans):
         logger.warning("%d scans have no complete prediction and are skipped", len(scans) - len(ready))
-    futures = [export_scan_task.submit(st, ExportOptions(fmt, export_path(dataset, sid, fmt, out_dir), what=what,
-                                                         force=force))
+    futures = [export_scan_task.submit(st, ExportOptions(fmt, export_path(dataset, sid, fmt, out_dir, what),
+                                                         what=what, force=force))
                for sid, st in ready]
     wait(futures)
     outcomes = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
-from flows.outcomes import ScanOutcome
+from flows.outcomes import NO_WORK, ScanOutcome
 
 STEPS = ("ingest", "train", "infer", "instances", "evaluate", "export")
 KEY_METRICS = (("mean_dice", "Dice"), ("isbi_v_rand", "V_rand"), ("mean_iou", "IoU"))
@@ -29,7 +29,9 @@ def scan_rows(outcomes: list[ScanOutcome]) -> list[dict]:
         row = rows.setdefault((o.dataset, o.scan_id), {"dataset": o.dataset, "scan": o.scan_id, "model": "",
                                                        "metric": "", "outputs": [], "seconds": 0.0,
                                                        "errors": [], "metrics": {}})
-        row[o.step] = o.status
+        old = row.get(o.step)  # two rows of a step (labels and instance polygons): the worst, else the busiest
+        if old is None or o.failed or (old in NO_WORK and not o.failed and o.status not in NO_WORK):
+            row[o.step] = o.status if old != "failed" else old
         row["seconds"] = round(row["seconds"] + o.seconds, 2)
         if o.model and o.step in ("infer", "train"):
             row["model"] = o.model

@@ -17,21 +17,23 @@ from tasks.errors import ScanError
 from tasks.export import provenance as prov
 from tasks.export.source import open_source
 
-FORMATS = ("nifti", "geotiff", "tiff", "geojson", "zarr")
+FORMATS = ("nifti", "geotiff", "tiff", "geojson", "gpkg", "zarr")
+WHAT = ("labels", "probabilities", "instances")
 SUFFIXES = {
     "nifti": (".nii", ".nii.gz"),
     "geotiff": (".tif", ".tiff"),
     "tiff": (".tif", ".tiff"),
     "geojson": (".geojson", ".json"),
+    "gpkg": (".gpkg",),
 }
-DEFAULT_SUFFIX = {"nifti": ".nii.gz", "geotiff": ".tif", "tiff": ".ome.tif", "geojson": ".geojson"}
+DEFAULT_SUFFIX = {"nifti": ".nii.gz", "geotiff": ".tif", "tiff": ".ome.tif", "geojson": ".geojson", "gpkg": ".gpkg"}
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     format: str
     out: str | None = None  # the file to write; unused for zarr
-    what: Literal["labels", "probabilities"] = "labels"
+    what: Literal["labels", "probabilities", "instances"] = "labels"
     crs: Literal["4326", "source"] = "4326"  # GeoJSON only
     force: bool = False
     tile: int = 512  # GeoTIFF internal tile / GeoJSON polygonising window, pixels
@@ -39,7 +41,7 @@ class ExportOptions:
     def identity(self) -> dict[str, Any]:
         """The options that change the bytes written."""
         d: dict[str, Any] = {"what": self.what}
-        if self.format in ("geotiff", "geojson"):
+        if self.format in ("geotiff", "geojson") and self.what != "instances":
             d["tile"] = self.tile
         if self.format == "geojson":
             d["crs"] = self.crs
@@ -63,15 +65,20 @@ class ExportResult:
 def _check_options(store: str, options: ExportOptions) -> None:
     if options.format not in FORMATS:
         raise ScanError(store, f"unknown export format {options.format!r}; choose one of {', '.join(FORMATS)}")
-    if options.what not in ("labels", "probabilities"):
-        raise ScanError(store, f"--what must be labels or probabilities, got {options.what!r}")
+    if options.what not in WHAT:
+        raise ScanError(store, f"--what must be one of {', '.join(WHAT)}, got {options.what!r}")
+    if options.what == "instances" and options.format not in ("geojson", "gpkg"):
+        raise ScanError(store, f"--what instances writes polygons: --format geojson or gpkg, not {options.format} "
+                               "(the instance label image is prediction/instances in the store)")
+    if options.format == "gpkg" and options.what != "instances":
+        raise ScanError(store, "GeoPackage export writes instance polygons: use --what instances")
     if options.crs not in ("4326", "source"):
         raise ScanError(store, f"--crs must be 4326 or source, got {options.crs!r}")
     if options.format == "zarr":
         if options.what != "labels":
             raise ScanError(store, "zarr export writes the NGFF label image; probabilities are already in the store")
         return
-    if options.format == "geojson" and options.what != "labels":
+    if options.format == "geojson" and options.what == "probabilities":
         raise ScanError(store, "GeoJSON export polygonises labels; --what probabilities is not available")
     if not options.out:
         raise ScanError(store, f"--out is required for {options.format} (e.g. scan{DEFAULT_SUFFIX[options.format]})")
@@ -88,6 +95,8 @@ def export_scan(store: str, options: ExportOptions) -> ExportResult:
     store = str(store).rstrip("/")
     _check_options(store, options)
     src = open_source(store)
+    if options.what == "probabilities" and src.probabilities is None:
+        raise ScanError(store, "the prediction has no probabilities (an instance model's): export labels or instances")
     if options.format == "zarr":
         from tasks.export.ngff import write_prediction_labels_ngff
 
@@ -95,8 +104,18 @@ def export_scan(store: str, options: ExportOptions) -> ExportResult:
         return ExportResult(store, "zarr", f"{store}/labels/prediction", status, None, time.perf_counter() - t0)
 
     out = Path(options.out)
-    record = prov.provenance(src, options.format, options.identity())
-    if options.format == "nifti":
+    identity = options.identity()
+    if options.what == "instances":
+        from tasks.instances import store as inst_store
+        from tasks.export.instances import check_instances
+
+        check_instances(src)
+        identity["instances_digest"] = (inst_store.read_instances_record(store) or {}).get("digest")
+    record = prov.provenance(src, options.format, identity)
+    if options.what == "instances":
+        from tasks.export.geojson import check_fits
+        from tasks.export.instances import export_instance_polygons as write
+    elif options.format == "nifti":
         from tasks.export.nifti import check_fits, export_nifti as write
     elif options.format == "geotiff":
         from tasks.export.geotiff import check_fits, export_geotiff as write
@@ -109,7 +128,7 @@ def export_scan(store: str, options: ExportOptions) -> ExportResult:
         return ExportResult(store, options.format, str(out), "unchanged", str(prov.sidecar_path(out)),
                             time.perf_counter() - t0)
     with prov.atomic_output(out) as tmp:
-        details = write(src, tmp, options, record) if options.format in ("geotiff", "geojson") \
+        details = write(src, tmp, options, record) if options.format in ("geotiff", "geojson", "gpkg") \
             else write(src, tmp, options.what, record)
     sidecar = prov.write_sidecar(out, {**record, "details": details})
     return ExportResult(store, options.format, str(out), "exported", str(sidecar), time.perf_counter() - t0, details)
