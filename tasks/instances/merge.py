@@ -87,6 +87,7 @@ class _Open:
     pieces: list[_Piece] = field(default_factory=list)
     lo: tuple[int, ...] = ()
     hi: tuple[int, ...] = ()
+    last: int = -1  # the raster-last plan tile touching the box: finished once it is added
 
     def add(self, piece: _Piece) -> None:
         self.pieces.append(piece)
@@ -196,21 +197,46 @@ class TileMerger:
         if number != self._next:
             raise ValueError(f"tiles must come in plan order: expected tile {self._next}, got {number} at {origin}")
         self._next += 1
-        for piece in self._pieces(origin, number, detections):
-            partners = [key for key, inst in self._open.items()
-                        if _overlap(inst.lo, inst.hi, piece.lo, piece.hi) is not None
-                        and any(pieces_match(piece, other, self.min_ios) for other in inst.pieces)]
+        pieces = self._pieces(origin, number, detections)
+        # boxes of the objects open before this tile (a piece never matches a piece of its own tile,
+        # so what this tile adds to an object does not change which pieces can match)
+        keys = list(self._open)
+        if keys and pieces:
+            lo = np.asarray([self._open[k].lo for k in keys])
+            hi = np.asarray([self._open[k].hi for k in keys])
+        moved: dict[int, int] = {}  # objects merged during this tile -> the one they went into
+        touched = set()
+        for piece in pieces:
+            partners: list[int] = []
+            if keys:
+                near = np.flatnonzero(np.all((lo < np.asarray(piece.hi)) & (hi > np.asarray(piece.lo)), axis=1))
+                for i in near:
+                    key = keys[i]
+                    while key in moved:
+                        key = moved[key]
+                    if key in partners or key not in self._open:
+                        continue
+                    if any(pieces_match(piece, other, self.min_ios) for other in self._open[key].pieces
+                           if other.tile != number):
+                        partners.append(key)
             if not partners:
                 self._key += 1
                 self._open[self._key] = target = _Open()
+                partners = [self._key]
             else:
                 target = self._open[partners[0]]
                 for key in partners[1:]:  # the piece joins two objects: they are one
                     for other in self._open.pop(key).pieces:
                         target.add(other)
+                    moved[key] = partners[0]
             target.add(piece)
+            touched.add(partners[0])
+        for key in touched:
+            if key in self._open:
+                inst = self._open[key]
+                inst.last = self._last_tile(inst.lo, inst.hi)
         self.peak_open = max(self.peak_open, len(self._open))
-        done = [key for key, inst in self._open.items() if self._last_tile(inst.lo, inst.hi) <= number]
+        done = [key for key, inst in self._open.items() if inst.last <= number]
         return self._close(done)
 
     def finish(self) -> list[Instance]:
