@@ -156,24 +156,31 @@ TARGETS = {"em": ("adapted_rand_error", "<=", 0.15), "mri": ("whole_tumour_dice"
            "deeplab": ("building_iou", ">=", 0.65), "maskrcnn": ("building_ap50", ">=", None)}
 
 
-def run_case(case: str, shared: Path, minutes: float, epochs: int) -> dict:
+def ingest_datasets(catalog: Path, names: list[str]) -> dict[str, list[str]]:
+    """Every scan of the named catalog datasets ingested into the current home; their stores."""
     from data_catalog import find_entry
     from tasks.ingest import discover_scans, ingest_scan
     from tasks.settings import scan_store
+
+    stores: dict[str, list[str]] = {}
+    for name in names:
+        stores[name] = []
+        for spec in discover_scans(find_entry(name, catalog)):
+            store = scan_store(name, spec.scan_id)
+            ingest_scan(spec, store)
+            stores[name].append(store)
+    return stores
+
+
+def run_case(case: str, shared: Path, minutes: float, epochs: int) -> dict:
+    from data_catalog import find_entry
     from tasks.training.train import train_dataset
 
     work = Path(tempfile.mkdtemp(prefix=f"tilewise-bench-{case}-"))
     os.environ["TILEWISE_HOME"] = str(work / "home")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     catalog, train_name, test_name, arch = prepare(case, shared, work)
-    stores = {}
-    for name in (train_name, test_name):
-        loaded = find_entry(name, catalog)
-        stores[name] = []
-        for spec in discover_scans(loaded):
-            store = scan_store(name, spec.scan_id)
-            ingest_scan(spec, store)
-            stores[name].append(store)
+    stores = ingest_datasets(catalog, [train_name, test_name])
     t0 = time.perf_counter()
     report = train_dataset(find_entry(train_name, catalog), architecture=arch, epochs=epochs, max_minutes=minutes)
     train_minutes = (time.perf_counter() - t0) / 60

@@ -15,10 +15,12 @@ KEY_METRICS = (("mean_dice", "Dice"), ("isbi_v_rand", "V_rand"), ("mean_iou", "I
 
 
 def key_metric(metrics: dict) -> str:
-    """The headline numbers of an evaluation: mean Dice, and V_rand for EM (ISBI 2012)."""
+    """The headline numbers of an evaluation: mean Dice, V_rand for EM (ISBI 2012), instance F1."""
     shown = [f"{label} {metrics[k]:.3f}" for k, label in KEY_METRICS[:2] if k in metrics]
     if not shown and "mean_iou" in metrics:
         shown = [f"IoU {metrics['mean_iou']:.3f}"]
+    if "instances_f1" in metrics:  # objects: F1 at IoU 0.5 (tasks/metrics/instance_eval.py)
+        shown.append(f"F1@0.5 {metrics['instances_f1']:.3f}")
     return ", ".join(shown)
 
 

@@ -108,3 +108,16 @@ def test_memory_is_a_chunk_not_the_scan(tmp_path):
     tracemalloc.stop()
     assert n == 1
     assert peak < 0.25 * data.size * 4, f"peak {peak / 2**20:.1f} MiB for a {data.size * 4 / 2**20:.0f} MiB label image"
+
+
+def test_more_components_than_ids_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    from tasks.errors import ScanError
+    from tasks.instances import store as inst_store
+
+    data = np.zeros((40, 40), np.uint8)
+    data[::4, ::4] = 1  # 100 one-pixel components
+    src, out = arrays(tmp_path, data, (16, 16))
+    monkeypatch.setattr(inst_store, "MAX_ID", 99)
+    with pytest.raises(ScanError, match="100 instances exceed"):
+        label_components(src, [1], out, where="scan.zarr")
+    assert not out[...].any()

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from tasks.instances.store import MAX_ID
+from tasks.instances import store as inst_store
 
 
 def structure_for(ndim: int, connectivity: int, per_section: bool) -> np.ndarray:
@@ -130,9 +130,9 @@ def label_components(source: zarr.Array, classes: list[int], out: zarr.Array, *,
         keep = sizes >= min_size
         keep[0] = False
         count = int(keep.sum())
-        if count > MAX_ID:
-            raise ScanError(where or str(out.store), f"{count} instances exceed the uint32 label image's {MAX_ID} "
-                                                     "ids; raise the minimum size or split the scan")
+        if count > inst_store.MAX_ID:
+            raise ScanError(where or str(out.store), f"{count} instances exceed the uint32 label image's "
+                                                     f"{inst_store.MAX_ID} ids; raise the minimum size or split the scan")
         final = np.zeros(len(sizes), np.uint32)
         final[keep] = np.arange(1, count + 1, dtype=np.uint32)
         lookup = final[component]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from tasks.instances.store import MAX_ID
+from tasks.instances import store as inst_store
 
 
 def cells_in_section(membrane: np.ndarray, *, seed_threshold: float = 0.3, min_size: int = 16) -> np.ndarray:
@@ -58,9 +58,9 @@ def watershed_cells(probabilities: zarr.Array, membrane_class: int, out: zarr.Ar
             p = probabilities[membrane_class, z] if len(spatial) == 3 else probabilities[membrane_class]
             cells = cells_in_section(np.asarray(p), seed_threshold=seed_threshold, min_size=min_size)
             n = int(cells.max())
-            if total + n > MAX_ID:
-                raise ScanError(where or str(out.store), f"more than {MAX_ID} cells: the uint32 label image cannot "
-                                                         "hold them; raise the minimum size")
+            if total + n > inst_store.MAX_ID:
+                raise ScanError(where or str(out.store), f"more than {inst_store.MAX_ID} cells: the uint32 label image "
+                                                         "cannot hold them; raise the minimum size")
             ids = np.where(cells > 0, cells + total, 0).astype(np.uint32)
             total += n
             if slab is None:
