@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import zarr
+from skimage.measure import regionprops
 from typer.testing import CliRunner
 
 from tasks import storage
@@ -62,8 +63,15 @@ def test_nightly_makes_instances_panoptic_and_an_mlflow_run_then_does_no_work(em
         present = np.unique(ids[ids > 0])
         # the table lists exactly the ids in the image, with their pixel counts
         assert sorted(table["id"]) == present.tolist()
-        counts = dict(zip(*np.unique(ids[ids > 0], return_counts=True)))
-        assert all(counts[i] == a for i, a in zip(table["id"], table["area"]))
+        # real data: the table agrees with scikit-image's regionprops (areas, boxes, centroids)
+        props = {r.label: r for r in regionprops(ids.astype(np.int64))}
+        for row, i in enumerate(table["id"]):
+            r = props[i]
+            assert table["area"][row] == r.area
+            assert [table[k][row] for k in ("z0", "y0", "x0", "z1", "y1", "x1")] == list(r.bbox)
+            np.testing.assert_allclose([table[f"centroid_{a}"][row] for a in "zyx"], r.centroid)
+            np.testing.assert_allclose([table[f"world_{a}"][row] for a in "zyx"],
+                                       np.asarray(r.centroid) * [50, 4, 4])  # the catalog's spacing, nm
         # panoptic: cells keep their ids, membrane pixels (stuff) one segment, nothing else
         panoptic = zarr.open_array(f"{store}/prediction/panoptic")[:]
         np.testing.assert_array_equal(panoptic[ids > 0], ids[ids > 0])
