@@ -6,7 +6,9 @@ chunk face, join them (``scipy.sparse.csgraph.connected_components`` on that gra
 chunk. dask-image runs these steps as one graph, which holds every block's labels in memory until
 the global relabelling can start (peak = the whole label volume); here the block labels are
 spilled to a Zarr array beside the output, so memory is one chunk plus a few integers per block
-label (the join table): O(number of components), never O(voxels).
+label (the join table): O(number of components), never O(voxels). Measured on an 8192² grid of
+lines (chunks 1024², a 256 MiB uint32 label image, one process, synchronous scheduler): dask-image's
+``label`` + ``to_zarr`` peaked at 451 MiB of working memory, this at 80 MiB.
 
 Classes are labelled separately (two touching components of different classes stay two), with ids
 unique over all classes. Components smaller than ``min_size`` voxels are dropped (their voxels are
