@@ -2,8 +2,9 @@
 
 The run carries the method and its parameters, the instance count (in total and per class), the
 table (``instances/instances.parquet``: id, class, score, box, area, centroid in pixels and in world
-coordinates, tasks/instances/table.py) and, where the dataset has stuff classes, the panoptic
-segments. Client API, as in :mod:`tasks.reports.tracking`: no process-wide active run.
+coordinates, tasks/instances/table.py), for a raster with a CRS and up to 5000 instances their
+polygons as ``instances/instances.geojson`` (the MLflow UI draws it on a map) and, where the dataset
+has stuff classes, the panoptic segments. Client API, as in :mod:`tasks.reports.tracking`: no process-wide active run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from tasks.instances import store as inst_store
 
 ARTIFACT_DIR = "instances"
+PREVIEW_MAX = 5000  # instances drawn as a GeoJSON artifact (the MLflow UI previews it on a map)
 
 
 def log_instances(store: str, dataset: str, outcome: dict, parent_run_id: str | None = None) -> str:
@@ -53,12 +55,33 @@ def log_instances(store: str, dataset: str, outcome: dict, parent_run_id: str | 
             local = Path(tmp) / inst_store.TABLE
             pq.write_table(table, local)
             c.log_artifact(run_id, str(local), ARTIFACT_DIR)
+            polygons = _polygons_for_preview(store, table.num_rows, Path(tmp))
+            if polygons is not None:  # the MLflow UI draws a GeoJSON artifact on a map
+                c.log_artifact(run_id, str(polygons), ARTIFACT_DIR)
         if outcome.get("panoptic"):
             c.log_dict(run_id, outcome["panoptic"], f"{ARTIFACT_DIR}/panoptic_segments.json")
         status = "FINISHED"
     finally:
         c.set_terminated(run_id, status=status)
     return run_id
+
+
+def _polygons_for_preview(store: str, count: int, folder: Path) -> Path | None:
+    """``instances.geojson`` (EPSG:4326) for a raster scan with a CRS and at most PREVIEW_MAX
+    instances, else None."""
+    from tasks.errors import ScanError
+    from tasks.export import ExportOptions, export_scan
+
+    record = inst_store.storage.read_record(store) or {}
+    spatial = record.get("spatial") or {}
+    if count > PREVIEW_MAX or spatial.get("format") != "geotiff" or not spatial.get("crs_wkt"):
+        return None
+    out = folder / "instances.geojson"
+    try:
+        export_scan(store, ExportOptions("geojson", str(out), what="instances"))
+    except ScanError:
+        return None
+    return out
 
 
 def _counts(values: list) -> tuple[list[str], list[int]]:
