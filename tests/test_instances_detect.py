@@ -176,3 +176,26 @@ def test_real_mask_rcnn_writes_a_consistent_result(tmp_path):
     assert table["id"] == sorted(np.unique(got[got > 0]).tolist())
     counts = dict(zip(*np.unique(got[got > 0], return_counts=True)))
     assert all(counts[i] == a for i, a in zip(table["id"], table["area"]))
+
+
+def test_an_object_hidden_by_a_better_one_leaves_no_gap_in_the_ids(tmp_path):
+    ids = np.zeros((100, 100), np.int64)
+    ids[10:30, 10:30] = 1
+    ids[60:80, 60:80] = 2
+
+    def detector(batch):  # object 1, and a lower-scoring duplicate inside it that keeps no pixel
+        out = []
+        for tile in batch:
+            found = np.rint(tile[0]).astype(np.int64)
+            dets = [Detection(found == v, 0.9, 1) for v in np.unique(found) if v > 0]
+            dets += [Detection(found == 1, 0.3, 2)] if (found == 1).any() else []
+            out.append(dets)
+        return out
+
+    store = geotiff_scan(tmp_path, ids)
+    result = infer_instances(store, instance_model((64, 64)), EngineConfig(overlap=0.25, pad="constant"),
+                             detector=detector)
+    got = zarr.open_array(f"{store}/prediction/instances")[...]
+    table = pq.read_table(inst_store.table_url(store)).to_pydict()
+    assert result.instances == 2 and sorted(np.unique(got[got > 0])) == [1, 2] == table["id"]
+    assert table["class"] == [1, 1] and inst_store.read_instances_record(store)["complete"]["count"] == 2

@@ -210,6 +210,15 @@ class _Painter:
             self.labels[box] = self.label[buf]
 
 
+def _present_ids(instances, count: int) -> np.ndarray:
+    """The ids 1..count that still have a pixel (one pass, chunk by chunk)."""
+    seen = np.zeros(count + 1, bool)
+    depth = instances.chunks[0]
+    for a in range(0, instances.shape[0], depth):
+        seen[np.unique(np.asarray(instances[a: a + depth]))] = True
+    return np.flatnonzero(seen[1:]) + 1
+
+
 def _prepare(store: str, model, config: EngineConfig, score_threshold: float):
     store = str(store).rstrip("/")
     if model.card.architecture not in INSTANCE_ARCHITECTURES:
@@ -358,6 +367,18 @@ def _run(store, group, image, plan: TilePlan, squeeze, model, config: EngineConf
         linked = np.zeros(int(lookup.max()) + 1, np.float32)
         np.maximum.at(linked, lookup, scores[: len(lookup)])
         scores, classes, count = linked, None, int(lookup.max())
+    # objects hidden entirely by higher-scoring ones kept no pixel: ids made consecutive again
+    instances = pred[inst_store.INSTANCES]
+    present = _present_ids(instances, count)
+    if len(present) < count:
+        from tasks.instances.link import relabel
+
+        lookup = np.zeros(count + 1, np.uint32)
+        lookup[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
+        relabel(instances, lookup, instances)
+        scores = np.concatenate([[0.0], np.asarray(scores)[present]]).astype(np.float32)
+        classes = None if classes is None else np.concatenate([[0], np.asarray(classes)[present]])
+        count = len(present)
     from tasks.instances.table import instance_table, write_table
 
     write_table(store, instance_table(store, classes=classes, scores=scores))
