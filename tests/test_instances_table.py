@@ -150,3 +150,23 @@ def test_seeded_watershed_recovers_drawn_cells():
         assert got > 0
         iou = ((cells == got) & inside).sum() / ((cells == got) | inside).sum()
         assert iou >= 0.9, (v, iou)
+
+
+def test_instances_are_an_ngff_label_image_and_go_when_cleared(tmp_path):
+    ref = blobs3d()
+    store = make_store(tmp_path, ref)
+    write_prediction(store, ref, classes=["background", "a", "b"])
+    instances_from_prediction(store, classes=["a", "b"], min_size=1)
+    root = zarr.open_group(store, mode="r")
+    assert root["labels"].attrs["ome"]["labels"][-1] == "instances"
+    node = root["labels/instances"]
+    assert node.attrs["ome"]["image-label"]["source"] == {"image": "../../"}
+    np.testing.assert_array_equal(node["0"][...], zarr.open_array(f"{store}/prediction/instances")[...])
+    levels = [d["path"] for d in node.attrs["ome"]["multiscales"][0]["datasets"]]
+    for a, b in zip(levels, levels[1:]):  # each level the first pixel of each block of the one above
+        upper, lower = node[a][...], node[b][...]
+        f = [-(-n // m) for n, m in zip(upper.shape, lower.shape)]
+        np.testing.assert_array_equal(lower, upper[tuple(slice(None, None, k) for k in f)])
+    inst_store.clear_instances(store)
+    root = zarr.open_group(store, mode="r")
+    assert "instances" not in root["labels"].attrs["ome"]["labels"] and "instances" not in root["labels"]

@@ -104,9 +104,13 @@ def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...]):
         yield tuple(slice(i, min(i + c, n)) for i, c, n in zip(index, chunks, shape))
 
 
-def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str],
-                      attrs: dict[str, Any] | None = None) -> zarr.Group:
-    """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last."""
+def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str] | None,
+                      attrs: dict[str, Any] | None = None, downsample: str = "mode") -> zarr.Group:
+    """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last.
+
+    ``downsample``: ``mode`` (class maps: each level the block mode of the one above) or ``nearest``
+    (instance ids, too many distinct values for a mode: the block's first pixel). ``classes`` None:
+    no colours or properties (a viewer colours each id itself)."""
     image = group["image"]
     axes, scales, factors = _spatial_levels(group)
     labels = group.require_group("labels")
@@ -126,22 +130,53 @@ def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes:
             else:
                 f = factors[n - 1]
                 source = tuple(slice(b.start * k, min(b.stop * k, m)) for b, k, m in zip(box, f, previous.shape))
-                array[box] = downsample_mode(np.asarray(previous[source]), f)
+                block = np.asarray(previous[source])
+                array[box] = (downsample_mode(block, f) if downsample == "mode"
+                              else block[tuple(slice(None, None, k) for k in f)])
         previous = array
-    colors = [{"label-value": k, "rgba": [*PALETTE[(k - 1) % len(PALETTE)], 255]} for k in range(1, len(classes))]
+    label_meta: dict[str, Any] = {"version": NGFF_VERSION, "source": {"image": "../../"}}
+    if classes is not None:
+        colors = [{"label-value": k, "rgba": [*PALETTE[(k - 1) % len(PALETTE)], 255]} for k in range(1, len(classes))]
+        label_meta["colors"] = [{"label-value": 0, "rgba": [0, 0, 0, 0]}, *colors]
+        label_meta["properties"] = [{"label-value": k, "class": c} for k, c in enumerate(classes)]
+    how = "block mode of the level above" if downsample == "mode" else "first pixel of each block of the level above"
     target.attrs["ome"] = {
         "version": NGFF_VERSION,
         "multiscales": [{"name": name, "axes": axes,
                          "datasets": [{"path": str(n), "coordinateTransformations": s} for n, s in enumerate(scales)],
-                         "type": "mode", "metadata": {"description": "block mode of the level above"}}],
-        "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"},
-                        "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}, *colors],
-                        "properties": [{"label-value": k, "class": c} for k, c in enumerate(classes)]},
+                         "type": downsample, "metadata": {"description": how}}],
+        "image-label": label_meta,
     }
     if attrs is not None:
         target.attrs[storage.ATTRS_KEY] = attrs
     labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [*listed, name]}  # last: now it is complete
     return target
+
+
+def write_instances_ngff(store: str) -> None:
+    """``labels/instances``: the NGFF image-label of ``prediction/instances`` (ids, no colours: a
+    viewer gives each object its own), pyramid by the first pixel of each block. Written when the
+    instances are complete; :func:`remove_label_image` takes it away when they are cleared."""
+    group = storage.open_group(str(store).rstrip("/"), mode="r+")
+    if "multiscales" not in group.attrs.get("ome", {}):
+        write_root_multiscales(group)
+    record = (storage.read_record(f"{str(store).rstrip('/')}/prediction") or {}).get("instances") or {}
+    write_label_image(group, "instances", group["prediction/instances"], None,
+                      {"kind": "ngff-instance-labels", "from": "prediction/instances",
+                       "instances_digest": record.get("digest"),
+                       "written_at": datetime.now(timezone.utc).isoformat()}, downsample="nearest")
+
+
+def remove_label_image(store: str, name: str) -> None:
+    """Unlist ``labels/<name>`` first (readers stop showing it), then delete it."""
+    url = f"{str(store).rstrip('/')}/labels"
+    if storage.read_record(url) is None and not storage.exists(f"{url}/{name}"):
+        return
+    labels = storage.open_group(url, mode="r+")
+    listed = labels.attrs.get("ome", {}).get("labels", [])
+    if name in listed:
+        labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [n for n in listed if n != name]}
+    storage.remove(f"{url}/{name}")
 
 
 def write_prediction_labels_ngff(store: str, force: bool = False) -> str:

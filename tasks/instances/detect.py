@@ -390,8 +390,9 @@ def _run(store, group, image, plan: TilePlan, squeeze, model, config: EngineConf
     storage.mark_complete(pred, {"at": at, "tiles": len(origins), "model_calls": result.model_calls},
                           arrays=("labels", inst_store.INSTANCES))
     cache.remove()
-    from tasks.export.ngff import write_prediction_labels_ngff
+    from tasks.export.ngff import write_instances_ngff, write_prediction_labels_ngff
 
     write_prediction_labels_ngff(store)
+    write_instances_ngff(store)
     result.instances, result.large_instances, result.peak_open = count, merger.large_instances, merger.peak_open
     return result

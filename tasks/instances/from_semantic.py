@@ -83,4 +83,7 @@ def instances_from_prediction(store: str, *, method: str = "components", classes
                                     seed_threshold=float(seed_threshold), min_size=int(min_size), where=store)
         write_table(store, instance_table(store))
         inst_store.mark_instances_complete(store, {"at": datetime.now(timezone.utc).isoformat(), "count": count})
+        from tasks.export.ngff import write_instances_ngff
+
+        write_instances_ngff(store)  # napari: the objects beside the image and the class labels
     return {"status": "computed", "method": method, "count": count, "seconds": time.perf_counter() - t0}

@@ -8,6 +8,9 @@ Beside the semantic prediction, in the scan's ``prediction/`` group:
     prediction/panoptic           (*spatial) uint32, COCO panoptic segment ids (tasks.instances.panoptic),
                                   only for datasets with both "thing" and "stuff" classes
 
+and, once complete, ``labels/instances``: the NGFF image-label of the ids (napari opens it with
+the image and the class labels).
+
 Their record is ``prediction`` attrs["tilewise"]["instances"]: {"source" (detector | components |
 watershed), "digest" (what made them: the prediction's digest and the method's parameters),
 "params", "complete": {"at", "count", "arrays": {path: shape}}}. The mark is written last, after
@@ -87,6 +90,9 @@ def update_record(store: str, updates: dict[str, Any]) -> dict[str, Any]:
 
 def clear_instances(store: str) -> None:
     """Take the mark away first, then delete the instance arrays and the table."""
+    from tasks.export.ngff import remove_label_image
+
+    remove_label_image(store, INSTANCES)  # the NGFF view of the old instances goes first
     if read_instances_record(store) is not None:
         _set_record(store, None)
     pred = prediction_url(store)
