@@ -3,9 +3,10 @@
 ``backbone="mobilenet_v3"`` (default, light enough to train on a CPU) or ``"resnet50"``
 (torchvision's reference FPN). Classes come from the catalog: class 0 is background.
 
-For the sliding-window engine, :class:`MaskRCNNSemantic` turns detections into per-class logits
-(the highest mask probability x score of any instance of that class at each pixel), so a Mask
-R-CNN can also produce a semantic map; instance outputs proper are the instances task's job.
+A loaded Mask R-CNN runs in instance mode (tasks/instances/detect.py uses ``.detector``: tiles,
+merged objects, ``prediction/instances``). :class:`MaskRCNNSemantic` also turns its detections into
+per-class log-probabilities (the highest mask probability x score of any instance of that class at
+each pixel); the MLflow pyfunc (models/pyfunc_model.py) serves that view.
 """
 
 from __future__ import annotations
