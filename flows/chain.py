@@ -34,6 +34,7 @@ from flows.infer import engine_config, infer_scan_task, model_uri, resolve_versi
 from flows.instances import instance_settings, instances_scan_task, outcome_row
 from flows.ingest import ingest_scan_task
 from flows.outcomes import ScanOutcome
+from models.zoo import is_instance_architecture
 from tasks import storage
 from tasks.export import ExportOptions
 from tasks.ingest import ScanSpec
@@ -169,7 +170,7 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
     dask = options.dask or getattr(entry.tiling, "dask", None)
     fmt = entry.export.format if entry.export else None
     settings = instance_settings(entry)
-    detector = entry.model is not None and entry.model.architecture == "maskrcnn"
+    detector = entry.model is not None and is_instance_architecture(entry.model.architecture)
     rows: list[ScanOutcome] = []
     infers = {}
     later_polygons: dict = {}

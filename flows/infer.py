@@ -126,12 +126,11 @@ def resolve_version(uri: str) -> str | None:
     return f"models:/{found['name']}/{found['version']}"
 
 
-INSTANCE_ARCHITECTURES = ("maskrcnn",)
-
-
 def is_instance_model(model: LoadedModel) -> bool:
     """The model card says the network finds objects (Mask R-CNN) rather than classifying pixels."""
-    return model.card.architecture in INSTANCE_ARCHITECTURES
+    from models.zoo import is_instance_architecture
+
+    return is_instance_architecture(model.card.architecture)
 
 
 def run_model(store: str, model: LoadedModel, config: EngineConfig, mode: str = "auto", progress=None):

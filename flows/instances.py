@@ -81,9 +81,10 @@ def instances_scan_task(store: str, entry: CatalogEntry, settings: InstanceSetti
             membrane_class=settings.membrane_class))
     record = inst_store.read_instances_record(store) or {}
     classes = list((storage.read_record(f"{store}/prediction") or {}).get("classes") or [])
-    things = [classes.index(c) for c in (settings.classes if settings and settings.classes else []) if c in classes]
-    if outcome.get("method") == "detector":
+    if outcome.get("method") == "detector":  # every class of an instance model but background
         things = list(range(1, len(classes)))
+    else:
+        things = [classes.index(c) for c in (settings.classes or []) if c in classes]
     stuff = [classes.index(c) for c in (settings.stuff_classes if settings and settings.stuff_classes else [])
              if c in classes]
     if stuff and things and (outcome["status"] != "unchanged" or "panoptic" not in record):

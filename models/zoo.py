@@ -5,6 +5,11 @@ from __future__ import annotations
 from models.card import ModelCard
 
 ARCHITECTURES = ("unet", "deeplab", "maskrcnn")
+INSTANCE_ARCHITECTURES = ("maskrcnn",)  # they find objects (tasks/instances/detect.py), not pixel classes
+
+
+def is_instance_architecture(architecture: str | None) -> bool:
+    return architecture in INSTANCE_ARCHITECTURES
 
 
 def build(architecture: str, spatial_dims: int, in_channels: int, out_channels: int, **args):

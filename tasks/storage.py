@@ -15,8 +15,9 @@ ingested".
 
 from __future__ import annotations
 
+import itertools
 import json
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import fsspec
 import zarr
@@ -29,6 +30,12 @@ ATTRS_KEY = "tilewise"
 ARRAYS_KEY = "arrays"  # in the mark: {path inside the group: shape} of every array it vouches for
 # Marks written before the list existed vouch for these (checked for existence only).
 LEGACY_PROMISES = {"scan": ("image/0",), "prediction": ("probabilities", "labels", "done")}
+
+
+def chunk_boxes(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
+    """Every chunk of an array of ``shape`` chunked by ``chunks``, as index boxes, raster order."""
+    for corner in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunks))):
+        yield tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, chunks, shape))
 
 
 def open_group(url: str, mode: str = "r") -> zarr.Group:

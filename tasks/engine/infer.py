@@ -169,7 +169,9 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
             calibrator: Any = None) -> Prepared | None:
     """Validate everything, create (or reopen) the output; None when the output is complete already."""
     store = str(store)
-    if model.card.architecture == "maskrcnn":
+    from models.zoo import is_instance_architecture
+
+    if is_instance_architecture(model.card.architecture):
         raise _fail(store, f"model {model.identity} is an instance model (Mask R-CNN): run it in instance mode "
                            "(tilewise infer --mode instances, the default for it)")
     calibrator, cal_record = resolve_calibrator(model, config, calibrator)

@@ -26,7 +26,6 @@ back last, so a reader never sees a half-written label image listed; the group's
 
 from __future__ import annotations
 
-import itertools
 from datetime import datetime, timezone
 from typing import Any
 
@@ -99,11 +98,6 @@ def _spatial_levels(group: zarr.Group) -> tuple[list[dict[str, Any]], list[dict[
     return axes, scales, factors
 
 
-def _boxes(shape: tuple[int, ...], chunks: tuple[int, ...]):
-    for index in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunks))):
-        yield tuple(slice(i, min(i + c, n)) for i, c, n in zip(index, chunks, shape))
-
-
 def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str] | None,
                       attrs: dict[str, Any] | None = None, downsample: str = "mode") -> zarr.Group:
     """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last.
@@ -124,7 +118,7 @@ def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes:
         chunks = tuple(image[str(n)].chunks[1:])
         array = target.create_array(str(n), shape=shape, dtype=level0.dtype, chunks=chunks, compressors=COMPRESSOR,
                                     fill_value=0, dimension_names=dims)
-        for box in _boxes(shape, chunks):
+        for box in storage.chunk_boxes(shape, chunks):
             if n == 0:
                 array[box] = np.asarray(level0[box])
             else:

@@ -31,6 +31,7 @@ import numpy as np
 import zarr
 
 from tasks.instances import store as inst_store
+from tasks.storage import chunk_boxes
 
 
 def structure_for(ndim: int, connectivity: int, per_section: bool) -> np.ndarray:
@@ -44,12 +45,6 @@ def structure_for(ndim: int, connectivity: int, per_section: bool) -> np.ndarray
         structure[1] = plane
         return structure
     return ndimage.generate_binary_structure(ndim, min(connectivity, ndim))
-
-
-def _chunk_boxes(shape, chunks):
-    grid = [range(0, n, c) for n, c in zip(shape, chunks)]
-    for corner in itertools.product(*grid):
-        yield tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, chunks, shape))
 
 
 def _face_pairs(a: np.ndarray, b: np.ndarray, structure: np.ndarray, axis: int) -> np.ndarray:
@@ -82,8 +77,6 @@ def label_components(source: zarr.Array, classes: list[int], out: zarr.Array, *,
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
-    from tasks.errors import ScanError
-
     if tuple(out.shape) != tuple(source.shape):
         raise ValueError(f"out shape {out.shape} differs from the source's {source.shape}")
     shape, chunks = tuple(source.shape), tuple(out.chunks)
@@ -96,7 +89,7 @@ def label_components(source: zarr.Array, classes: list[int], out: zarr.Array, *,
         # 1. each chunk on its own, ids offset to be unique over chunks and classes
         total = 0
         class_of = [0]
-        for box in _chunk_boxes(shape, chunks):
+        for box in chunk_boxes(shape, chunks):
             data = np.asarray(source[box])
             labelled = np.zeros(data.shape, np.int64)
             for c in classes:
@@ -113,7 +106,7 @@ def label_components(source: zarr.Array, classes: list[int], out: zarr.Array, *,
             if per_section and axis == 0:
                 continue
             for cut in range(chunks[axis], shape[axis], chunks[axis]):
-                for box in _chunk_boxes(tuple(n for i, n in enumerate(shape) if i != axis),
+                for box in chunk_boxes(tuple(n for i, n in enumerate(shape) if i != axis),
                                         tuple(c for i, c in enumerate(chunks) if i != axis)):
                     full = list(box)
                     full.insert(axis, slice(cut - 1, cut + 1))
@@ -127,19 +120,17 @@ def label_components(source: zarr.Array, classes: list[int], out: zarr.Array, *,
         _, component = connected_components(graph, directed=False)
         # 3. sizes, the small ones dropped, ids 1..N
         sizes = np.zeros(component.max() + 1, np.int64)
-        for box in _chunk_boxes(shape, chunks):
+        for box in chunk_boxes(shape, chunks):
             sizes += np.bincount(component[np.asarray(blocks[box]).ravel()], minlength=len(sizes))
         keep = sizes >= min_size
         keep[0] = False
         count = int(keep.sum())
-        if count > inst_store.MAX_ID:
-            raise ScanError(where or str(out.store), f"{count} instances exceed the uint32 label image's "
-                                                     f"{inst_store.MAX_ID} ids; raise the minimum size or split the scan")
+        inst_store.check_count(where or str(out.store), count)
         final = np.zeros(len(sizes), np.uint32)
         final[keep] = np.arange(1, count + 1, dtype=np.uint32)
         lookup = final[component]
         # 4. relabel chunk by chunk
-        for box in _chunk_boxes(shape, chunks):
+        for box in chunk_boxes(shape, chunks):
             out[box] = lookup[np.asarray(blocks[box])]
         return count
     finally:

@@ -51,7 +51,6 @@ from tasks.version import tilewise_version
 
 log = logging.getLogger(__name__)
 
-INSTANCE_ARCHITECTURES = ("maskrcnn",)
 CACHE = ".detections"
 
 Detector = Callable[[np.ndarray], list[list[Detection]]]
@@ -173,9 +172,7 @@ class _Painter:
 
     def paint(self, inst: Instance) -> None:
         self.count += 1
-        if self.count > inst_store.MAX_ID:
-            raise ScanError(self.where, f"more than {inst_store.MAX_ID} instances: the uint32 label image cannot "
-                                        "hold them; raise the score threshold or split the scan")
+        inst_store.check_count(self.where, self.count)
         if self.count >= len(self.score):
             self.score = np.concatenate([self.score, np.zeros(len(self.score), np.float32)])
             self.label = np.concatenate([self.label, np.zeros(len(self.label), np.uint8)])
@@ -221,7 +218,9 @@ def _present_ids(instances, count: int) -> np.ndarray:
 
 def _prepare(store: str, model, config: EngineConfig, score_threshold: float):
     store = str(store).rstrip("/")
-    if model.card.architecture not in INSTANCE_ARCHITECTURES:
+    from models.zoo import INSTANCE_ARCHITECTURES, is_instance_architecture
+
+    if not is_instance_architecture(model.card.architecture):
         raise ScanError(store, f"model {model.identity} is a semantic model (architecture "
                                f"{model.card.architecture or 'unknown'}); instance mode needs an instance model "
                                f"({', '.join(INSTANCE_ARCHITECTURES)}), or make instances from its prediction: "

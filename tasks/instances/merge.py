@@ -34,7 +34,6 @@ Coordinates: spatial, array order ((Z, Y, X) or (Y, X)), voxels of level 0.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -258,7 +257,3 @@ class TileMerger:
                         Instance(inst.lo, mask, best.score, best.label, len(inst.pieces))))
         out.sort(key=lambda item: (item[1].lo, item[0]))  # deterministic: by box corner, then arrival
         return [inst for _, inst in out]
-
-
-def tiles_total(plan: TilePlan) -> int:
-    return math.prod(len(s) for s in plan.starts)

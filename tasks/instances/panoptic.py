@@ -11,7 +11,6 @@ void. Written chunk by chunk from ``prediction/labels`` and ``prediction/instanc
 
 from __future__ import annotations
 
-import itertools
 
 import numpy as np
 
@@ -37,8 +36,7 @@ def write_panoptic(store: str, thing_classes: list[int], stuff_classes: list[int
         del group[inst_store.PANOPTIC]
     out = group.create_array(inst_store.PANOPTIC, shape=instances.shape, dtype="uint32", chunks=instances.chunks,
                              compressors=COMPRESSOR, fill_value=0, dimension_names=tuple("zyx"[-instances.ndim:]))
-    for corner in itertools.product(*(range(0, n, c) for n, c in zip(instances.shape, instances.chunks))):
-        box = tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, instances.chunks, instances.shape))
+    for box in storage.chunk_boxes(instances.shape, instances.chunks):
         ids = np.asarray(instances[box])
         lab = np.asarray(labels[box]).astype(np.int64)
         stuff_ids = np.where(lab < len(lookup), lookup[np.minimum(lab, len(lookup) - 1)], 0)

@@ -24,7 +24,6 @@ import hashlib
 import json
 from typing import Any
 
-import numpy as np
 import zarr
 
 from tasks import storage
@@ -135,9 +134,6 @@ def check_count(store: str, count: int) -> None:
     from tasks.errors import ScanError
 
     if count > MAX_ID:
-        raise ScanError(store, f"{count} instances exceed the uint32 label image's {MAX_ID} ids; "
-                               "raise the minimum size or split the scan")
-
-
-def as_ids(values: np.ndarray) -> np.ndarray:
-    return np.asarray(values, dtype=np.uint32)
+        raise ScanError(store, f"{count} instances exceed the uint32 label image's {MAX_ID} ids (more than "
+                               f"{MAX_ID} instances); raise the minimum size or the score threshold, or split "
+                               "the scan")

@@ -20,7 +20,6 @@ one chunk of the label image (and of the class map / probabilities) at a time. I
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 from typing import Any
@@ -29,11 +28,6 @@ import numpy as np
 
 from tasks import storage
 from tasks.instances import store as inst_store
-
-
-def _boxes(shape, chunks):
-    for corner in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunks))):
-        yield tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, chunks, shape))
 
 
 class _Stats:
@@ -120,7 +114,7 @@ def instance_table(store: str, *, classes: np.ndarray | None = None, scores: np.
     probs = group["probabilities"] if scores is None and "probabilities" in group else None
     k = max(len(names), probs.shape[0] if probs is not None else 0, 1)
     stats = _Stats(ids_array.ndim, k)
-    for box in _boxes(ids_array.shape, ids_array.chunks):
+    for box in storage.chunk_boxes(ids_array.shape, ids_array.chunks):
         ids = np.asarray(ids_array[box])
         if not ids.any():
             continue

@@ -43,8 +43,6 @@ def watershed_cells(probabilities: zarr.Array, membrane_class: int, out: zarr.Ar
                     where: str | None = None) -> int:
     """Cells of ``probabilities`` ((K, Z, Y, X) or (K, Y, X)) into ``out`` (uint32, spatial shape).
     Returns the number of cells (after linking, for a stack)."""
-    from tasks.errors import ScanError
-
     spatial = tuple(probabilities.shape[1:])
     if tuple(out.shape) != spatial:
         raise ValueError(f"out shape {out.shape} differs from the prediction's {spatial}")
@@ -58,9 +56,7 @@ def watershed_cells(probabilities: zarr.Array, membrane_class: int, out: zarr.Ar
             p = probabilities[membrane_class, z] if len(spatial) == 3 else probabilities[membrane_class]
             cells = cells_in_section(np.asarray(p), seed_threshold=seed_threshold, min_size=min_size)
             n = int(cells.max())
-            if total + n > inst_store.MAX_ID:
-                raise ScanError(where or str(out.store), f"more than {inst_store.MAX_ID} cells: the uint32 label image "
-                                                         "cannot hold them; raise the minimum size")
+            inst_store.check_count(where or str(out.store), total + n)
             ids = np.where(cells > 0, cells + total, 0).astype(np.uint32)
             total += n
             if slab is None:

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from tasks import storage
 
 
 @dataclass
@@ -61,8 +62,7 @@ def contingency(reference, prediction, per_section: bool = False) -> Contingency
         raise ValueError(f"reference shape {tuple(reference.shape)} != prediction shape {shape}")
     chunks = tuple(getattr(prediction, "chunks", shape))
     out = Contingency({}, {}, {})
-    for corner in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunks))):
-        box = tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, chunks, shape))
+    for box in storage.chunk_boxes(shape, chunks):
         r = np.asarray(reference[box]).astype(np.int64)
         p = np.asarray(prediction[box]).astype(np.int64)
         if not (r.any() or p.any()):
@@ -220,7 +220,6 @@ def evaluate_instances(store: str, reference, *, things: list[int], stuff: list[
     import pyarrow.parquet as pq
     import zarr
 
-    from tasks import storage
     from tasks.instances import store as inst_store
     from tasks.instances.components import label_components
 
@@ -243,8 +242,7 @@ def evaluate_instances(store: str, reference, *, things: list[int], stuff: list[
                                     dtype="uint32", fill_value=0)
         n_ref = label_components(reference, things, ref_ids, min_size=min_size, per_section=per_section)
         ref_class: dict[int, int] = {}
-        for corner in itertools.product(*(range(0, n, c) for n, c in zip(ref_ids.shape, ref_ids.chunks))):
-            box = tuple(slice(a, min(a + c, n)) for a, c, n in zip(corner, ref_ids.chunks, ref_ids.shape))
+        for box in storage.chunk_boxes(ref_ids.shape, ref_ids.chunks):
             ids = np.asarray(ref_ids[box])
             if ids.any():
                 fg = ids > 0
