@@ -240,7 +240,7 @@ def _prepare(store: str, model, config: EngineConfig, score_threshold: float):
                                f"{image.shape[0]}")
     tile, squeeze = resolve_tile(config, model, spatial, store)
     plan = plan_tiles(spatial, tile, config.overlap, tuple(image.chunks[1:]), config.placement)
-    return store, group, image, plan, squeeze, _digest(model.identity, config, tile, score_threshold)
+    return store, image, plan, squeeze, _digest(model.identity, config, tile, score_threshold)
 
 
 def infer_instances(store: str, model, config: EngineConfig = EngineConfig(), *, score_threshold: float = 0.5,
@@ -249,7 +249,7 @@ def infer_instances(store: str, model, config: EngineConfig = EngineConfig(), *,
     """Instance inference of ``model`` over the scan group at ``store`` (module docstring).
     ``detector`` replaces the model's network (tests inject a deterministic one)."""
     t0 = time.perf_counter()
-    store, group, image, plan, squeeze, digest = _prepare(store, model, config, score_threshold)
+    store, image, plan, squeeze, digest = _prepare(store, model, config, score_threshold)
     pred_url = inst_store.prediction_url(store)
     with storage.store_lock(store, purpose="infer"):
         record = storage.read_record(pred_url)
@@ -259,17 +259,19 @@ def infer_instances(store: str, model, config: EngineConfig = EngineConfig(), *,
         resumed = record is not None and record.get("digest") == digest and storage.exists(f"{pred_url}/{CACHE}")
         if record is not None and not resumed:
             log.info("%s: replacing a prediction made with another model or parameters", pred_url)
-        _recreate(store, pred_url, plan, model, config, digest, score_threshold, keep_cache=resumed)
+        _recreate(store, plan, model, config, digest, score_threshold, keep_cache=resumed)
         detect = detector or torch_detector(detector_network(model), config.device, score_threshold)
-        result = _run(store, group, image, plan, squeeze, model, config, detect, progress)
+        result = _run(store, image, plan, squeeze, model, config, detect, progress)
         result.status = "resumed" if resumed else "inferred"
         result.seconds = time.perf_counter() - t0
         return result
 
 
-def _recreate(store, pred_url, plan, model, config, digest, score_threshold, keep_cache: bool) -> None:
+def _recreate(store, plan, model, config, digest, score_threshold, keep_cache: bool) -> None:
     """A fresh prediction group for instances (the detection cache kept when resuming)."""
     from tasks.ingest.to_zarr import COMPRESSOR
+
+    pred_url = inst_store.prediction_url(store)
 
     if keep_cache:  # resuming: the arrays are made afresh, the detection cache stays
         pred = storage.open_group(pred_url, mode="r+")
@@ -294,7 +296,7 @@ def _recreate(store, pred_url, plan, model, config, digest, score_threshold, kee
                                         "tile": list(plan.tile), "overlap": config.overlap})
 
 
-def _run(store, group, image, plan: TilePlan, squeeze, model, config: EngineConfig, detect: Detector,
+def _run(store, image, plan: TilePlan, squeeze, model, config: EngineConfig, detect: Detector,
          progress) -> InstanceResult:
     pred_url = inst_store.prediction_url(store)
     pred = storage.open_group(pred_url, mode="r+")
