@@ -54,6 +54,16 @@ def open_training_scan(store: str, classes: int) -> ScanArrays:
     return ScanArrays(store, image, labels)
 
 
+def in_memory(scans: list[ScanArrays], budget_bytes: int = 2 << 30) -> list[ScanArrays]:
+    """The scans decoded once into memory when together they fit ``budget_bytes`` (the samples and
+    the shared datasets do): a patch is then a slice, not the decode of every Zarr chunk it touches
+    (a 1x256x256 EM patch decodes an 8x512x512 chunk). Larger datasets stay in Zarr."""
+    total = sum(int(s.image.nbytes) + int(s.labels.nbytes) for s in scans)
+    if total > budget_bytes:
+        return scans
+    return [ScanArrays(s.store, np.asarray(s.image[...]), np.asarray(s.labels[...])) for s in scans]
+
+
 def split_regions(scans: list[ScanArrays], val_fraction: float = 0.25, seed: int = 0
                   ) -> tuple[list[Region], list[Region]]:
     """Validation split by scan; with a single scan, by a range of slices (Z, or rows for a raster)

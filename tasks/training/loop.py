@@ -1,17 +1,22 @@
 """The training loop for semantic networks (U-Net, DeepLab) and for Mask R-CNN.
 
 Patches come from :class:`PatchSampler`; augmentation is MONAI's (flips, 90-degree rotations,
-elastic deformation as in the U-Net paper for 2D, small rotations for 3D, intensity jitter);
-the loss is Dice + cross-entropy (MONAI ``DiceCELoss``, optional class weights for a weighted
-cross-entropy). Validation on a fixed set of held-out patches after each epoch; the best state is
-kept; training stops early after ``patience`` epochs without improvement or when the wall-clock
-budget is spent. Everything is seeded.
+elastic deformation as in the U-Net paper for 2D, small rotations for 3D, intensity jitter) and
+runs in a background thread (:class:`BatchPrefetcher`, MONAI ``ThreadDataLoader``'s idea) while
+the network trains on the previous batch. The recipe is nnU-Net's: Dice + cross-entropy (MONAI
+``DiceCELoss``, optional class weights), AdamW with a poly learning-rate decay, foreground
+oversampling (the sampler). Semantic networks are validated after each epoch on whole held-out
+regions with the engine's tiling (:mod:`tasks.training.validation`); the best state is kept;
+training stops early after ``patience`` epochs without improvement or when the wall-clock budget
+is spent. Everything is seeded.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -38,6 +43,8 @@ class TrainConfig:
     val_patches: int = 12
     class_weights: tuple[float, ...] | None = None
     architecture_args: dict = field(default_factory=dict)
+    freeze: str | None = None  # "encoder": its parameters are not trained for the first freeze_epochs
+    freeze_epochs: int = 3
 
 
 @dataclass
@@ -90,25 +97,85 @@ def _batch(config: TrainConfig, sampler: PatchSampler, normalise, augment):
     return torch.stack(images), torch.stack(labels)
 
 
-def dice_per_class(pred: np.ndarray, truth: np.ndarray, classes: int) -> list[float]:
-    """Dice of every foreground class over all voxels given (NaN where a class is absent in both)."""
-    out = []
-    for k in range(1, classes):
-        p, t = pred == k, truth == k
-        denom = p.sum() + t.sum()
-        out.append(float(2 * (p & t).sum() / denom) if denom else float("nan"))
-    return out
+class BatchPrefetcher:
+    """Batches made by ``make`` in one background thread, ``depth`` ahead of the training step, so
+    sampling and augmentation overlap the forward and backward passes. One producer keeps the
+    random streams (sampler, MONAI transforms) in the same order as without it: seeded runs repeat.
+    An exception in the producer is raised by the next ``get``."""
+
+    def __init__(self, make: Callable[[], object], depth: int = 2):
+        self._make = make
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tilewise-batches", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                item = (self._make(), None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                item = (None, exc)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[1] is not None:
+                return
+
+    def get(self):
+        batch, error = self._queue.get()
+        if error is not None:
+            raise error
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> "BatchPrefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def poly_schedule(config: TrainConfig, exponent: float = 0.9) -> Callable[[int], float]:
+    """nnU-Net's poly decay, (1 - progress) ** 0.9, where progress is the larger of the steps done
+    and the wall-clock budget spent: a run that the budget ends still anneals to a small rate."""
+    total_steps = config.epochs * config.iterations_per_epoch
+    budget = config.max_minutes * 60
+    t0 = time.perf_counter()
+
+    def factor(step: int) -> float:
+        progress = max(min(step, total_steps) / total_steps, min((time.perf_counter() - t0) / budget, 1.0))
+        return max(1.0 - progress, 0.0) ** exponent
+
+    return factor
 
 
 def fit(config: TrainConfig, network, train_step: Callable[[], float], validate: Callable[[], tuple[float, dict]],
-        metric_name: str, on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
+        metric_name: str, on_epoch: Callable[[dict], None] | None = None, frozen: list | None = None) -> TrainOutcome:
     """Epochs of ``train_step`` calls, validation after each, the best state kept; stops at
-    ``config.epochs``, after ``config.patience`` epochs without improvement, or at the time budget."""
+    ``config.epochs``, after ``config.patience`` epochs without improvement, or at the time budget.
+
+    ``frozen`` modules (``--freeze encoder``) neither learn nor update normalisation statistics for
+    the first ``config.freeze_epochs`` epochs: their parameters stop requiring gradients (the
+    optimiser skips parameters without one) and they stay in eval mode."""
     t0 = time.perf_counter()
     budget = config.max_minutes * 60
     best, best_epoch, best_state, history, stopped = -math.inf, -1, None, [], "epochs done"
+    frozen = list(frozen or [])
     for epoch in range(config.epochs):
         network.train()
+        still_frozen = bool(frozen) and epoch < config.freeze_epochs
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(not still_frozen)
+            if still_frozen:
+                module.eval()
         losses = []
         for _ in range(config.iterations_per_epoch):
             losses.append(train_step())
@@ -118,6 +185,8 @@ def fit(config: TrainConfig, network, train_step: Callable[[], float], validate:
         metric, extra = validate()
         row = {"epoch": epoch, "train_loss": float(np.mean(losses)), metric_name: metric, **extra,
                "seconds": time.perf_counter() - t0}
+        if frozen:
+            row["encoder_frozen"] = float(still_frozen)
         history.append(row)
         if on_epoch:
             on_epoch(row)
@@ -133,30 +202,32 @@ def fit(config: TrainConfig, network, train_step: Callable[[], float], validate:
     return TrainOutcome(network.eval(), metric_name, best, best_epoch, history, stopped, time.perf_counter() - t0)
 
 
-def train_semantic(config: TrainConfig, sampler: PatchSampler, val_patches: list, normalise,
-                   on_epoch: Callable[[dict], None] | None = None) -> TrainOutcome:
+def train_semantic(config: TrainConfig, sampler: PatchSampler, validation, arrays: dict, normalise,
+                   on_epoch: Callable[[dict], None] | None = None, network=None,
+                   frozen: list | None = None) -> TrainOutcome:
+    """Train a U-Net or DeepLab (``network``: an initialised one, e.g. from ``--init-from``; else a
+    fresh one) and validate it on whole regions (a :class:`~tasks.training.validation.WholeRegionValidation`)."""
     import torch
     from monai.losses import DiceCELoss
     from monai.utils import set_determinism
 
     from models.zoo import build
+    from tasks.training.validation import foreground_dice, validate as validate_regions
 
     set_determinism(seed=config.seed)
     torch.manual_seed(config.seed)
-    network = build(config.architecture, config.spatial_dims, config.in_channels, len(config.classes),
-                    **config.architecture_args)
+    if network is None:
+        network = build(config.architecture, config.spatial_dims, config.in_channels, len(config.classes),
+                        **config.architecture_args)
     weight = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=1e-4)
-    total_steps = config.epochs * config.iterations_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: (1 - min(s, total_steps) / total_steps) ** 0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, poly_schedule(config))
     augment = _augment(config)
-    val = [_squeeze(config, img, lab) for img, lab in val_patches]
-    val_x = torch.from_numpy(normalise(np.stack([v[0] for v in val])))
-    val_y = np.stack([v[1] for v in val])
+    prefetch = BatchPrefetcher(lambda: _batch(config, sampler, normalise, augment))
 
     def train_step() -> float:
-        x, y = _batch(config, sampler, normalise, augment)
+        x, y = prefetch.get()
         optimiser.zero_grad(set_to_none=True)
         loss = loss_fn(network(x), y)
         loss.backward()
@@ -165,11 +236,12 @@ def train_semantic(config: TrainConfig, sampler: PatchSampler, val_patches: list
         return loss.item()
 
     def validate() -> tuple[float, dict]:
-        with torch.inference_mode():
-            pred = torch.cat([network(val_x[i:i + config.batch]) for i in range(0, len(val_x), config.batch)])
-        dice = dice_per_class(pred.argmax(1).numpy(), val_y, len(config.classes))
+        dice, counts = validate_regions(network, validation, arrays, len(config.classes), normalise)
         metric = float(np.nanmean(dice)) if not all(np.isnan(dice)) else 0.0
-        return metric, {"val_loss": float(loss_fn(pred, torch.from_numpy(val_y)[:, None])),
-                        **{f"val_dice_{name}": d for name, d in zip(config.classes[1:], dice)}}
+        extra = {f"val_dice_{name}": d for name, d in zip(config.classes[1:], dice)}
+        if len(config.classes) > 2:
+            extra["val_dice_foreground"] = foreground_dice(counts)
+        return metric, extra
 
-    return fit(config, network, train_step, validate, "val_dice", on_epoch)
+    with prefetch:
+        return fit(config, network, train_step, validate, "val_dice", on_epoch, frozen)
