@@ -328,6 +328,11 @@ def train(
     architecture: Optional[str] = typer.Option(None, "--architecture", help="unet | deeplab | maskrcnn "
                                                                             "(default: the catalog's model)"),
     seed: int = typer.Option(0, "--seed"),
+    init_from: Optional[str] = typer.Option(None, "--init-from",
+                                            help="start from models:/NAME@ALIAS, models:/NAME/VERSION or a weights "
+                                                 "file (.safetensors, or a state dict saved with torch.save): "
+                                                 "matching layers are loaded, the rest initialised and listed"),
+    freeze: Optional[str] = typer.Option(None, "--freeze", help="encoder: not trained for the first 3 epochs"),
 ) -> None:
     """Train on the dataset's labelled scans; track in MLflow; register; promote if it beats the champion.
     Budget defaults: the catalog entry's 'training' section."""
@@ -340,6 +345,8 @@ def train(
         _fail(f"--epochs must be at least 1, got {epochs}")
     if max_minutes is not None and not max_minutes > 0:
         _fail(f"--max-minutes must be more than 0, got {max_minutes}")
+    if freeze is not None and freeze != "encoder":
+        _fail(f"--freeze must be encoder, got {freeze!r}")
     catalog_dir = _catalog_dir(catalog)
     try:
         find_entry(dataset, catalog_dir)
@@ -351,7 +358,8 @@ def train(
 
     with epoch_progress(err):  # a bar on a terminal; the epoch log lines either way
         state = train_flow(dataset, catalog=str(catalog_dir), architecture=architecture, epochs=epochs,
-                           max_minutes=max_minutes, seed=seed, return_state=True)
+                           max_minutes=max_minutes, seed=seed, init_from=init_from, freeze=freeze,
+                           return_state=True)
     report = state.result(raise_on_failure=False)
     if isinstance(report, TrainingError):
         _fail(str(report))
@@ -361,6 +369,8 @@ def train(
               f"{report.epochs} epochs, {report.seconds / 60:.1f} min, stopped: {report.stopped}")
     out.print(f"{report.decision}; MLflow run {report.run_id}")
     out.print(f"calibration: {report.calibration}")
+    if report.initialised_from:
+        out.print(f"init-from: {report.initialised_from}")
 
 
 def _evaluation_tables(report) -> list[Table]:

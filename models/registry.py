@@ -110,13 +110,14 @@ EXAMPLE_EDGE = {2: 64, 3: 16}  # pixels per spatial axis of the logged input exa
 def small_example(example, card: ModelCard):
     """A centre crop of ``example`` (B, C, *spatial), axes (Z, Y, X) or (Y, X), small enough to keep the
     logged model light: about 64 x 64 (2D) or 16^3 (3D) float32 pixels, each axis a multiple of the
-    network's down-sampling factor (2^(levels-1) for U-Net, 16 for DeepLab's output stride, 32 for
+    network's down-sampling factor (2^levels for U-Net: its deepest map stays 2 wide; 16 for DeepLab's output stride, 32 for
     Mask R-CNN's FPN) so the network and ``torch.export`` accept it. Two items (the first repeated if
     there is one): ``torch.export`` fixes an axis of size 1 in the graph, and a batch of 2 keeps the
     exported model's batch axis free."""
     import numpy as np
 
-    factor = {"unet": 2 ** (int(card.architecture_args.get("levels", 4)) - 1), "deeplab": 16,
+    # U-Net: 2^levels, so its deepest map is at least 2 wide (instance norm refuses a single voxel)
+    factor = {"unet": 2 ** int(card.architecture_args.get("levels", 4)), "deeplab": 16,
               "maskrcnn": 32}.get(card.architecture, 32)
     spatial = example.shape[2:]
     edge = EXAMPLE_EDGE.get(len(spatial), 16)
@@ -187,23 +188,36 @@ class Promotion:
 
 
 def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, value: float,
-                         higher_is_better: bool = True) -> Promotion:
-    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule."""
+                         higher_is_better: bool = True, protocol: str | None = None,
+                         tags: dict[str, str] | None = None) -> Promotion:
+    """Register ``model_uri`` as a new version of ``name`` and apply the champion rule.
+
+    ``protocol`` says how the metric was measured (e.g. "whole-regions"): a champion whose metric
+    has another name or protocol is not comparable, and the new version replaces it. ``tags`` go on
+    the version too (e.g. its parent for a fine-tuned model)."""
     import mlflow
 
     c = client()
     version = mlflow.register_model(model_uri, name).version
-    for key, val in {"run_id": run_id, "metric_name": metric, "metric_value": repr(float(value))}.items():
+    own = {"run_id": run_id, "metric_name": metric, "metric_value": repr(float(value)), **(tags or {})}
+    if protocol:
+        own["metric_protocol"] = protocol
+    for key, val in own.items():
         c.set_model_version_tag(name, version, key, val)
     current = _alias_version(c, name, CHAMPION)
     if current is None:
         alias, decision = CHAMPION, f"champion: first version of {name} ({metric}={value:.4f})"
     else:
-        best = float(c.get_model_version(name, current).tags.get("metric_value", "nan"))
+        theirs = c.get_model_version(name, current).tags
+        best = float(theirs.get("metric_value", "nan"))
+        if (theirs.get("metric_name"), theirs.get("metric_protocol")) != (metric, protocol):
+            best = float("nan")  # measured another way: not comparable
         better = value > best if higher_is_better else value < best
         if best != best or better:  # NaN: the old champion has no comparable metric
             alias = CHAMPION
-            decision = f"champion: {metric}={value:.4f} beats version {current} ({best:.4f})"
+            decision = (f"champion: {metric}={value:.4f} beats version {current} ({best:.4f})" if best == best else
+                        f"champion: {metric}={value:.4f}; version {current} has no comparable "
+                        f"{metric} ({protocol or 'patch'} validation)")
         else:
             alias = CHALLENGER
             decision = f"challenger: {metric}={value:.4f} does not beat champion version {current} ({best:.4f})"
@@ -312,14 +326,12 @@ def _fetch_model_files(c, version, run_id: str | None, run_files: set[str], tmp:
     return folder
 
 
-def load_registered(uri: str) -> LoadedModel:
-    """The network of a registry URI, rebuilt from its card and safetensors weights (no pickle):
+def registered_weights(uri: str) -> tuple[ModelCard, dict, str, dict | None]:
+    """(card, safetensors state dict, ``models:/NAME/VERSION``, calibrator or None) of a registry URI:
     the two files in the MLflow model's ``artifacts/`` (see :func:`log_model`), or in the run's
     ``tilewise/`` for versions logged before issue 8. The calibrator, when one was fitted after
     registration (tilewise calibrate), is the run's ``tilewise/calibrator.json``."""
     from safetensors.torch import load_file
-
-    from models.zoo import build_from_card, inference_module
 
     c, version = _resolve(uri)
     run_id = version.run_id or version.tags.get("run_id")
@@ -338,10 +350,18 @@ def load_registered(uri: str) -> LoadedModel:
                 calibrator = json.loads(Path(path).read_text())
             except ValueError as exc:
                 raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{CALIBRATOR_FILE} ({exc})") from None
+    return card, state, f"models:/{version.name}/{version.version}", calibrator
+
+
+def load_registered(uri: str) -> LoadedModel:
+    """The network of a registry URI, rebuilt from its card and safetensors weights (no pickle), with
+    its calibrator (:func:`registered_weights`)."""
+    from models.zoo import build_from_card, inference_module
+
+    card, state, identity, calibrator = registered_weights(uri)
     network = build_from_card(card)
     network.load_state_dict(state, strict=True)
-    return LoadedModel(module=inference_module(card, network), card=card,
-                       identity=f"models:/{version.name}/{version.version}", calibrator=calibrator)
+    return LoadedModel(module=inference_module(card, network), card=card, identity=identity, calibrator=calibrator)
 
 
 def describe(uri: str) -> dict:

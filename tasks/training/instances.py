@@ -88,8 +88,8 @@ def _targets(label: np.ndarray, instance_classes: dict[int, int]):
 
 
 def train_maskrcnn(config: TrainConfig, sampler, val_patches: list, normalise,
-                   on_epoch: Callable[[dict], None] | None = None, instance_classes: dict[int, int] | None = None
-                   ) -> TrainOutcome:
+                   on_epoch: Callable[[dict], None] | None = None, instance_classes: dict[int, int] | None = None,
+                   network=None, frozen: list | None = None) -> TrainOutcome:
     import torch
     from monai.utils import set_determinism
 
@@ -99,7 +99,8 @@ def train_maskrcnn(config: TrainConfig, sampler, val_patches: list, normalise,
     detector_classes = 1 + len(set(instance_classes.values()))
     set_determinism(seed=config.seed)
     torch.manual_seed(config.seed)
-    network = build("maskrcnn", 2, config.in_channels, detector_classes, **config.architecture_args)
+    if network is None:
+        network = build("maskrcnn", 2, config.in_channels, detector_classes, **config.architecture_args)
     params = [p for p in network.parameters() if p.requires_grad]
     optimiser = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
     augment = _augment(config)
@@ -129,4 +130,4 @@ def train_maskrcnn(config: TrainConfig, sampler, val_patches: list, normalise,
                                     "labels": det["labels"].numpy()})
         return mask_ap50(predictions, val_truth), {}
 
-    return fit(config, network, train_step, validate, "val_ap50", on_epoch)
+    return fit(config, network, train_step, validate, "val_ap50", on_epoch, frozen)
