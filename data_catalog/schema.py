@@ -285,6 +285,7 @@ class Instances(_Strict):
     classes: list[str] | None = None
     min_size: int = Field(default=16, ge=1)
     membrane_class: str | None = None
+    median: int = Field(default=0, ge=0)  # watershed: median-filter the membrane probability (size) first
 
 
 class Export(_Strict):

@@ -32,6 +32,7 @@ class InstanceSettings:
     min_size: int
     membrane_class: str | None
     stuff_classes: list[str] | None
+    median: int = 0  # watershed: median filter of the membrane probability first
 
 
 def instance_settings(entry: CatalogEntry, method: str | None = None, min_size: int | None = None
@@ -48,7 +49,8 @@ def instance_settings(entry: CatalogEntry, method: str | None = None, min_size: 
         classes=(inst.classes if inst and inst.classes else None) or (labels.instance_classes if labels else None),
         min_size=min_size or (inst.min_size if inst else 16),
         membrane_class=(inst.membrane_class if inst else None) or (labels.boundary_class if labels else None),
-        stuff_classes=labels.stuff_classes if labels else None)
+        stuff_classes=labels.stuff_classes if labels else None,
+        median=inst.median if inst else 0)
 
 
 def made_by_detector(store: str) -> bool:
@@ -78,7 +80,7 @@ def instances_scan_task(store: str, entry: CatalogEntry, settings: InstanceSetti
                 inst_store.clear_instances(store)
         outcome = dict(instances_from_prediction(
             store, method=settings.method, classes=settings.classes, min_size=settings.min_size,
-            membrane_class=settings.membrane_class))
+            membrane_class=settings.membrane_class, median=settings.median))
     record = inst_store.read_instances_record(store) or {}
     classes = list((storage.read_record(f"{store}/prediction") or {}).get("classes") or [])
     if outcome.get("method") == "detector":  # every class of an instance model but background

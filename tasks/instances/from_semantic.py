@@ -27,7 +27,8 @@ def _per_section_default(record: dict[str, Any], ndim: int) -> bool:
 
 def instances_from_prediction(store: str, *, method: str = "components", classes: list[str] | None = None,
                               min_size: int = 16, per_section: bool | None = None,
-                              membrane_class: str | None = None, seed_threshold: float = 0.3) -> dict[str, Any]:
+                              membrane_class: str | None = None, seed_threshold: float = 0.3,
+                              median: int = 0) -> dict[str, Any]:
     """Compute (or find up to date) the instances of ``store``'s prediction. ``classes``: names of
     the classes whose objects to label (default: every class but the first); ``membrane_class``:
     the watershed's boundary class (default: the prediction's class named ``membrane``).
@@ -61,6 +62,8 @@ def instances_from_prediction(store: str, *, method: str = "components", classes
         if "probabilities" not in group:
             raise ScanError(store, "watershed needs prediction/probabilities (the membrane probability)")
         params.update({"membrane_class": membrane, "seed_threshold": float(seed_threshold)})
+        if median > 1:  # only then: digests of instances made without it stay what they were
+            params["median"] = int(median)
     done = record.get(storage.COMPLETE_KEY) or {}
     digest = inst_store.digest({"prediction": record.get("digest"), "completed_at": done.get("at"), **params})
     if inst_store.instances_complete(store, digest):
@@ -80,7 +83,8 @@ def instances_from_prediction(store: str, *, method: str = "components", classes
             from tasks.instances.watershed import watershed_cells
 
             count = watershed_cells(group["probabilities"], names.index(params["membrane_class"]), out,
-                                    seed_threshold=float(seed_threshold), min_size=int(min_size), where=store)
+                                    seed_threshold=float(seed_threshold), min_size=int(min_size), where=store,
+                                    median=int(median))
         write_table(store, instance_table(store))
         inst_store.mark_instances_complete(store, {"at": datetime.now(timezone.utc).isoformat(), "count": count})
         from tasks.export.ngff import write_instances_ngff
