@@ -7,7 +7,8 @@ COPY data_catalog ./data_catalog
 COPY flows ./flows
 COPY tasks ./tasks
 COPY models ./models
-RUN pip install --no-cache-dir -c constraints.txt -e . s3fs \
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/* \
+    && pip install --no-cache-dir -c constraints.txt -e '.[crf]' s3fs \
     && useradd --create-home tilewise && mkdir -p /var/lib/tilewise && chown tilewise /var/lib/tilewise
 USER tilewise
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \

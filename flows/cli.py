@@ -178,6 +178,12 @@ def ingest(
     out.print(f"{result.status}: {result.store} ({modality}, shape {shape}, {result.seconds:.1f} s)")
 
 
+def _default_crf() -> dict:
+    from data_catalog.schema import Refine
+
+    return Refine().params()
+
+
 @app.command()
 def infer(
     store: str = typer.Option(..., "--store", help="scan group made by ingest (SCAN.zarr)"),
@@ -198,6 +204,8 @@ def infer(
     calibration: bool = typer.Option(True, "--calibration/--no-calibration",
                                      help="apply the model version's calibrator, if it has one"),
     mode: str = typer.Option("auto", "--mode", help="auto (the model card decides) | semantic | instances"),
+    crf: bool = typer.Option(False, "--crf", help="then refine with the dense CRF into prediction/crf "
+                                                  "(default parameters; the catalog's refine section for the nightly)"),
 ) -> None:
     """Sliding-window inference over a scan group. A semantic model writes prediction/probabilities and
     labels; an instance model (Mask R-CNN) runs tile by tile, merges objects across tiles and writes
@@ -225,7 +233,9 @@ def infer(
 
     config = EngineConfig(tile=tile_size, overlap=overlap, batch=batch, tta=tta, device=device, amp=amp,
                           blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb,
-                          calibration=calibration)
+                          calibration=calibration, crf=_default_crf() if crf else None)
+    if crf and (dask or mode == "instances"):
+        _fail("--crf refines a semantic prediction in one process: drop --dask / --mode instances")
     try:
         if dask and mode != "instances":
             from tasks.engine.distributed import infer_distributed
@@ -249,6 +259,8 @@ def infer(
         return
     out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles, {result.model_calls} model calls, "
               f"{result.chunks_written} chunks, {result.seconds:.1f} s)")
+    if crf:
+        out.print(f"dense CRF: {store}/prediction/crf")
 
 
 @app.command()

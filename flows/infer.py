@@ -25,7 +25,7 @@ from tasks.settings import scan_store
 def engine_config(entry: CatalogEntry) -> EngineConfig:
     t = entry.tiling
     return EngineConfig(tile=tuple(t.tile) if t.tile else None, overlap=t.overlap, blend=t.blend, batch=t.batch,
-                        pad=t.pad)
+                        pad=t.pad, crf=entry.refine.params() if entry.refine.crf else None)
 
 
 def model_uri(entry: CatalogEntry) -> str | None:
@@ -141,7 +141,21 @@ def run_model(store: str, model: LoadedModel, config: EngineConfig, mode: str = 
         from tasks.instances.detect import infer_instances
 
         return infer_instances(store, model, config, progress=progress)
-    return infer_scan(store, model, config, progress=progress)
+    result = infer_scan(store, model, config, progress=progress)
+    refine(store, config)
+    return result
+
+
+def refine(store: str, config: EngineConfig) -> None:
+    """The dense CRF (catalog ``refine.crf``, ``infer --crf``) over a complete semantic prediction:
+    ``prediction/crf`` (tasks/refine/regions.py), up to date or computed."""
+    if config.crf is None:
+        return
+    from tasks.refine.crf import CrfParams
+    from tasks.refine.regions import refine_prediction
+
+    with storage.store_lock(store, purpose="crf"):
+        refine_prediction(store, CrfParams(**config.crf), config.threshold)
 
 
 @task(name="infer-scan", task_run_name="infer {store}", retries=2, retry_delay_seconds=[2, 10],
@@ -157,7 +171,9 @@ def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None
         if dask and not is_instance_model(model):  # instance inference runs in one process
             from tasks.engine.distributed import infer_distributed
 
-            return infer_distributed(store, uri, config, dask)
+            result = infer_distributed(store, uri, config, dask)
+            refine(store, config)
+            return result
         return run_model(store, model, config)
 
 

@@ -74,11 +74,13 @@ class EngineConfig:
     memory_budget_mb: int = 512  # partial output chunks held before spilling to disk
     input_cache_mb: int = 256  # decoded input chunks kept for the overlapping tiles that reuse them
     calibration: bool = True  # apply the model version's calibrator, if it has one
+    crf: dict | None = None  # dense CRF after the prediction (tasks.refine.crf.CrfParams fields); its own output
 
     def result_fields(self) -> dict:
         """The options that change the numbers written (not device, batch or memory budget; the
         calibrator itself, not the ``calibration`` switch, enters the digest)."""
-        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "calibration"}
+        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "calibration",
+                "crf"}  # the CRF writes prediction/crf with a digest of its own
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 

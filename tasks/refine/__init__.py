@@ -1,0 +1,1 @@
+"""Post-processing of calibrated probabilities: the fully connected CRF (DeepLab's)."""
