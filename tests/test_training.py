@@ -231,6 +231,26 @@ def test_scans_with_different_channel_counts(samples, tmp_path, no_epochs):
         plan_training(loaded, "deeplab", 1, 1, store_root=str(root))
 
 
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such file or registered model"),
+    (lambda p: torch.save({"w": torch.zeros(3)}, p), "architecture mismatch"),
+    (lambda p: torch.save({"w": torch.nn.Linear(2, 2)}, p), "refused: the pickle holds more than weights"),
+])
+def test_init_from_is_refused_before_any_epoch(samples, tmp_path, em_store, make, message, no_epochs):
+    """tilewise train --init-from with unusable weights: one line, raised by train_dataset before
+    the loop (no_epochs fails the test if an epoch starts) and before any MLflow run."""
+    from tasks.training.train import train_dataset
+
+    root = tmp_path / "stores"
+    shutil.copytree(em_store, scan_store("em_case", "isbi2012_train", str(root)))
+    loaded = em_entry(tmp_path / "cat", f"{samples}/{EM}/image")
+    weights = tmp_path / "weights.pt"
+    make(weights)
+    with pytest.raises(TrainingError, match=message) as info:
+        train_dataset(loaded, epochs=1, max_minutes=1, store_root=str(root), init_from=str(weights))
+    assert "\n" not in str(info.value)
+
+
 def test_tile_that_the_unet_cannot_take(samples, tmp_path, em_store, no_epochs):
     """tiling.tile [100, 100]: refuse it up front, or build a U-Net that runs on 100 x 100 patches
     (unet_levels gives 5 levels, which needs sizes divisible by 16)."""
