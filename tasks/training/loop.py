@@ -45,6 +45,8 @@ class TrainConfig:
     architecture_args: dict = field(default_factory=dict)
     freeze: str | None = None  # "encoder": its parameters are not trained for the first freeze_epochs
     freeze_epochs: int = 3
+    device: str | None = None  # None: cuda when there is one, else cpu
+    amp: bool = True  # bfloat16 autocast on a GPU (never on a CPU, where it is slower)
 
 
 @dataclass
@@ -214,29 +216,43 @@ def train_semantic(config: TrainConfig, sampler: PatchSampler, validation, array
     from models.zoo import build
     from tasks.training.validation import foreground_dice, validate as validate_regions
 
+    from tasks.engine.runner import pick_device
+
     set_determinism(seed=config.seed)
     torch.manual_seed(config.seed)
     if network is None:
         network = build(config.architecture, config.spatial_dims, config.in_channels, len(config.classes),
                         **config.architecture_args)
-    weight = torch.tensor(config.class_weights, dtype=torch.float32) if config.class_weights else None
+    device = torch.device(pick_device(config.device))
+    network.to(device)
+    amp = config.amp and device.type == "cuda"
+    weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) if config.class_weights else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, poly_schedule(config))
     augment = _augment(config)
-    prefetch = BatchPrefetcher(lambda: _batch(config, sampler, normalise, augment))
+    def make():
+        x, y = _batch(config, sampler, normalise, augment)
+        if device.type == "cuda":  # page-locked, so the copy below overlaps the previous step
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+    prefetch = BatchPrefetcher(make)
 
     def train_step() -> float:
         x, y = prefetch.get()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_fn(network(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(network(x), y)
         loss.backward()
         optimiser.step()
         scheduler.step()
         return loss.item()
 
     def validate() -> tuple[float, dict]:
-        dice, counts = validate_regions(network, validation, arrays, len(config.classes), normalise)
+        dice, counts = validate_regions(network, validation, arrays, len(config.classes), normalise,
+                                        device=str(device))
         metric = float(np.nanmean(dice)) if not all(np.isnan(dice)) else 0.0
         extra = {f"val_dice_{name}": d for name, d in zip(config.classes[1:], dice)}
         if len(config.classes) > 2:
@@ -244,4 +260,6 @@ def train_semantic(config: TrainConfig, sampler: PatchSampler, validation, array
         return metric, extra
 
     with prefetch:
-        return fit(config, network, train_step, validate, "val_dice", on_epoch, frozen)
+        outcome = fit(config, network, train_step, validate, "val_dice", on_epoch, frozen)
+    outcome.network.to("cpu")  # registered and served from the CPU
+    return outcome

@@ -91,12 +91,12 @@ def predict_region(runner, image: np.ndarray, tile: tuple[int, ...], overlap: fl
 
 
 def validate(network, validation: WholeRegionValidation, arrays: dict[str, ScanArrays], classes: int,
-             normalise) -> tuple[list[float], dict[str, np.ndarray]]:
+             normalise, device: str = "cpu") -> tuple[list[float], dict[str, np.ndarray]]:
     """Dice per foreground class over all validation regions (NaN where a class is absent in both
     prediction and reference), and the pooled counts behind it."""
     from tasks.engine.runner import ModelRunner
 
-    runner = ModelRunner(network, device="cpu", squeeze_axis=validation.squeeze)
+    runner = ModelRunner(network, device=device, squeeze_axis=validation.squeeze)
     inter = np.zeros(classes, np.int64)
     pred_n = np.zeros(classes, np.int64)
     true_n = np.zeros(classes, np.int64)
