@@ -13,6 +13,18 @@ the engine, and the metric is computed against their labels:
 - Satellite Mask R-CNN: COCO mask AP50 of building instances on chips 56-57.
 
     python benchmarks/train.py [--minutes 20] [--only em,mri,deeplab,maskrcnn] [--shared ../shared/data]
+
+Training throughput (``--throughput``): iterations and samples per second of the training step
+(sampling, augmentation, forward, backward, update) per architecture, before and after the
+throughput work, each measured in its own process on the same data:
+
+- before: the networks as they were sized (U-Net 32 base channels in 2D, two residual units per
+  level in 3D, DeepLab's ASPP at 128), patches decoded from Zarr, augmentation on the training thread;
+- after: the sizes of ``tasks.training.train.ARCHITECTURE_ARGS``, patches sliced from memory
+  (``in_memory``), batches made in a background thread (``BatchPrefetcher``);
+- compiled: "after" with ``torch.compile`` on the network (not for Mask R-CNN).
+
+    python benchmarks/train.py --throughput [--iterations 20] [--threads 2]
 """
 
 from __future__ import annotations
@@ -101,10 +113,63 @@ tiling: {{tile: [256, 256], overlap: 0.5}}
     return cat, "sat_train", "sat_test", arch
 
 
-def held_out(case: str, stores: list[str], model_uri: str) -> dict:
-    import zarr
+def em_cells(membrane: np.ndarray, median: int) -> np.ndarray:
+    """Cells of one section for the Rand error: the pipeline's seeded watershed (median filter
+    first when ``median`` > 1), then grown over the membrane pixels so every pixel has a cell, as
+    the ISBI 2012 evaluation expects a full segmentation."""
+    from scipy import ndimage
+    from skimage.segmentation import watershed
+
+    from tasks.instances.watershed import cells_in_section
+
+    cells = cells_in_section(membrane, median=median)
+    smooth = ndimage.median_filter(membrane, size=median) if median > 1 else membrane
+    return watershed(smooth, cells)
+
+
+def score(case: str, pred: np.ndarray, truth: np.ndarray, probs: np.ndarray | None, scores: dict,
+          suffix: str = "") -> None:
+    """Add one scan's numbers to ``scores`` (lists per metric, pooled or averaged in held_out)."""
     from skimage.measure import label as components
     from skimage.metrics import adapted_rand_error
+
+    if case == "em":  # class 0 interior, 1 membrane; cells of the truth = its interior components
+        for z in range(pred.shape[0]):
+            true_cells = components(truth[z] == 0, connectivity=1)
+            scores.setdefault(f"adapted_rand_error_components{suffix}", []).append(
+                adapted_rand_error(true_cells, components(pred[z] == 0, connectivity=1))[0])
+            for median in (0, 5):
+                scores.setdefault(f"adapted_rand_error_watershed_median{median}{suffix}", []).append(
+                    adapted_rand_error(true_cells, em_cells(probs[1, z], median))[0])
+        scores.setdefault(f"pixel_error{suffix}", []).append(float((pred != truth).mean()))
+    elif case == "mri":
+        p, t = pred > 0, truth > 0
+        scores.setdefault(f"wt_inter{suffix}", []).append(int((p & t).sum()))
+        scores.setdefault(f"wt_sizes{suffix}", []).append(int(p.sum() + t.sum()))
+        scores.setdefault(f"whole_tumour_dice_per_subject{suffix}", []).append(float(2 * (p & t).sum() / (p.sum() + t.sum())))
+    else:
+        p, t = pred == 1, truth == 1
+        scores.setdefault(f"inter{suffix}", []).append(int((p & t).sum()))
+        scores.setdefault(f"union{suffix}", []).append(int((p | t).sum()))
+
+
+def summarise(case: str, scores: dict, suffix: str = "") -> dict:
+    if case == "em":
+        out = {k: float(np.mean(v)) for k, v in scores.items() if k.endswith(suffix) and
+               (k.startswith("adapted") or k.startswith("pixel"))}
+        if not suffix:
+            out = {k: v for k, v in out.items() if not k.endswith("_crf")}
+        best = min(v for k, v in out.items() if k.startswith("adapted_rand_error_watershed"))
+        out[f"adapted_rand_error{suffix}"] = best if not suffix else out.get(
+            f"adapted_rand_error_watershed_median5{suffix}", best)
+        return out
+    if case == "mri":
+        return {f"whole_tumour_dice{suffix}": 2 * sum(scores[f"wt_inter{suffix}"]) / max(sum(scores[f"wt_sizes{suffix}"]), 1)}
+    return {f"building_iou{suffix}": sum(scores[f"inter{suffix}"]) / max(sum(scores[f"union{suffix}"]), 1)}
+
+
+def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, crf: bool = False) -> dict:
+    import zarr
 
     from tasks.engine.infer import EngineConfig, infer_scan
     from tasks.engine.model_io import load_model
@@ -115,44 +180,40 @@ def held_out(case: str, stores: list[str], model_uri: str) -> dict:
     scores: dict[str, list] = {}
     predictions, truths = [], []
     for store in stores:
-        infer_scan(store, model, EngineConfig(tile=tile, overlap=0.5, output_dtype="float32"))
-        pred = zarr.open_array(f"{store}/prediction/labels")[:]
+        if case != "maskrcnn":
+            infer_scan(store, model, EngineConfig(tile=tile, overlap=0.5, output_dtype="float32", tta=tta))
+            truth = zarr.open_array(f"{store}/labels/reference")[:]
+            pred = zarr.open_array(f"{store}/prediction/labels")[:]
+            probs = zarr.open_array(f"{store}/prediction/probabilities")[:] if case == "em" else None
+            score(case, pred, truth, probs, scores)
+            if crf:
+                from tasks.refine.regions import crf_url, refine_prediction
+
+                refine_prediction(store)
+                pred = zarr.open_array(f"{crf_url(store)}/labels")[:]
+                probs = zarr.open_array(f"{crf_url(store)}/probabilities")[:] if case == "em" else None
+                score(case, pred, truth, probs, scores, "_crf")
+            continue
+        import torch
+
         truth = zarr.open_array(f"{store}/labels/reference")[:]
-        if case == "em":  # cells = connected components of the interior class (0), per section
-            for z in range(pred.shape[0]):
-                are, _, _ = adapted_rand_error(components(truth[z] == 0, connectivity=1),
-                                               components(pred[z] == 0, connectivity=1))
-                scores.setdefault("adapted_rand_error", []).append(are)
-            scores.setdefault("pixel_error", []).append(float((pred != truth).mean()))
-        elif case == "mri":
-            p, t = pred > 0, truth > 0
-            scores.setdefault("whole_tumour_dice", []).append(float(2 * (p & t).sum() / (p.sum() + t.sum())))
-        elif case == "deeplab":
-            p, t = pred == 1, truth == 1
-            scores.setdefault("inter", []).append(int((p & t).sum()))
-            scores.setdefault("union", []).append(int((p | t).sum()))
-        else:  # Mask R-CNN: detections on the whole chip
-            import torch
-
-            image = np.asarray(zarr.open_array(f"{store}/image/0")[:], np.float32)
-            x = model.card.normalization.apply(image[None])[0]
-            detector = model.module.detector
-            with torch.inference_mode():
-                det = detector([torch.from_numpy(x)])[0]
-            predictions.append({"masks": (det["masks"][:, 0] >= 0.5).numpy(), "scores": det["scores"].numpy(),
-                                "labels": det["labels"].numpy()})
-            truths.append(instances_from_labels(truth, {1: 1}))
-    if case == "em":
-        return {"adapted_rand_error": float(np.mean(scores["adapted_rand_error"])),
-                "pixel_error": float(np.mean(scores["pixel_error"]))}
-    if case == "mri":
-        return {"whole_tumour_dice": float(np.mean(scores["whole_tumour_dice"]))}
-    if case == "deeplab":
-        return {"building_iou": sum(scores["inter"]) / max(sum(scores["union"]), 1)}
-    return {"building_ap50": mask_ap50(predictions, truths)}
+        image = np.asarray(zarr.open_array(f"{store}/image/0")[:], np.float32)
+        x = model.card.normalization.apply(image[None])[0]
+        detector = model.module.detector
+        with torch.inference_mode():
+            det = detector([torch.from_numpy(x)])[0]
+        predictions.append({"masks": (det["masks"][:, 0] >= 0.5).numpy(), "scores": det["scores"].numpy(),
+                            "labels": det["labels"].numpy()})
+        truths.append(instances_from_labels(truth, {1: 1}))
+    if case == "maskrcnn":
+        return {"building_ap50": mask_ap50(predictions, truths)}
+    out = summarise(case, scores)
+    if crf:
+        out.update(summarise(case, scores, "_crf"))
+    return out
 
 
-TARGETS = {"em": ("adapted_rand_error", "<=", 0.15), "mri": ("whole_tumour_dice", ">=", 0.75),
+TARGETS = {"em": ("adapted_rand_error", "<=", 0.10), "mri": ("whole_tumour_dice", ">=", 0.85),
            "deeplab": ("building_iou", ">=", 0.65), "maskrcnn": ("building_ap50", ">=", None)}
 
 
@@ -172,7 +233,27 @@ def ingest_datasets(catalog: Path, names: list[str]) -> dict[str, list[str]]:
     return stores
 
 
-def run_case(case: str, shared: Path, minutes: float, epochs: int) -> dict:
+def pretrain_catalog(shared: Path, work: Path) -> Path:
+    """The SpaceNet 3 Las Vegas road chip (another satellite dataset: one pan band, roads) as a
+    catalog entry to pre-train a DeepLab on before fine-tuning it on Rio."""
+    src = shared / "satellite/spacenet3_vegas_roads"
+    link_all([src / "road_mask_input.tif"], work / "vegas/images")
+    link_all([src / "sample_road_raster_mask.tif"], work / "vegas/masks")
+    (work / "vegas/masks/road_mask_input.tif").symlink_to(src / "sample_road_raster_mask.tif")
+    return write_catalog(work / "catalog", {"vegas": f"""name: vegas
+modality: satellite
+scans: {{path: "{work}/vegas/images/*.tif"}}
+labels: {{path: "{{dir}}/../masks/{{name}}", mapping: {{0: 0, 255: 1}}, classes: [background, road]}}
+chunks: [512, 512]
+model: {{name: vegas-deeplab, architecture: deeplab}}
+tiling: {{tile: [256, 256], overlap: 0.5}}
+"""})
+
+
+def run_case(case: str, shared: Path, minutes: float, epochs: int, *, architecture: str | None = None,
+             tta: bool = False, crf: bool = False, pretrain_minutes: float = 0.0, freeze: str | None = None) -> dict:
+    """Train ``case`` (optionally after pre-training on Las Vegas roads for ``pretrain_minutes``) and
+    score the champion on the held-out scans."""
     from data_catalog import find_entry
     from tasks.training.train import train_dataset
 
@@ -180,33 +261,201 @@ def run_case(case: str, shared: Path, minutes: float, epochs: int) -> dict:
     os.environ["TILEWISE_HOME"] = str(work / "home")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     catalog, train_name, test_name, arch = prepare(case, shared, work)
+    arch = architecture or arch
     stores = ingest_datasets(catalog, [train_name, test_name])
+    init_from, extra = None, {}
+    if pretrain_minutes:
+        pretrain_catalog(shared, work)
+        ingest_datasets(catalog, ["vegas"])
+        parent = train_dataset(find_entry("vegas", catalog), architecture=arch, epochs=epochs,
+                               max_minutes=pretrain_minutes)
+        init_from = f"models:/{parent.registered}"
+        extra = {"pretrained_on": "spacenet3_vegas_roads", "pretrain_minutes": pretrain_minutes,
+                 "pretrain_val_dice": round(parent.metric, 4)}
     t0 = time.perf_counter()
-    report = train_dataset(find_entry(train_name, catalog), architecture=arch, epochs=epochs, max_minutes=minutes)
+    report = train_dataset(find_entry(train_name, catalog), architecture=arch, epochs=epochs, max_minutes=minutes,
+                           init_from=init_from, freeze=freeze)
     train_minutes = (time.perf_counter() - t0) / 60
-    metrics = held_out(case, stores[test_name], f"models:/{report.registered.split('/')[0]}@champion")
+    metrics = held_out(case, stores[test_name], f"models:/{report.registered.split('/')[0]}@champion", tta, crf)
     return {"case": case, "architecture": arch, "train_minutes": round(train_minutes, 1), "epochs": report.epochs,
             "stopped": report.stopped, report.metric_name: round(report.metric, 4),
-            **{k: round(v, 4) for k, v in metrics.items()},
-            "train_scans": len(stores[train_name]), "test_scans": len(stores[test_name])}
+            **{k: round(v, 4) for k, v in metrics.items()}, **extra,
+            "init": report.initialised_from.split(";")[0] if init_from else "scratch", "freeze": freeze or "none",
+            "tta": tta, "train_scans": len(stores[train_name]), "test_scans": len(stores[test_name])}
+
+
+OLD_ARGS = {("unet", 2): {"base_channels": 32}, ("unet", 3): {"base_channels": 16, "num_res_units": 2},
+            ("deeplab", 2): {"aspp_channels": 128}, ("maskrcnn", 2): {}}
+
+
+def measure_throughput(case: str, variant: str, shared: Path, iterations: int, threads: int) -> dict:
+    """Iterations/s of the training step of ``case`` (in this process): ``before`` or ``after``."""
+    import dataclasses
+
+    import torch
+
+    from data_catalog import find_entry
+    from models.card import Normalization
+    from models.zoo import build
+    from tasks.training.data import PatchSampler, channel_statistics
+    from tasks.training.loop import BatchPrefetcher, _augment, _batch
+    from tasks.training.train import plan_training
+
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix=f"tilewise-tput-{case}-"))
+    os.environ["TILEWISE_HOME"] = str(work / "home")
+    catalog, train_name, _, arch = prepare(case, shared, work)
+    ingest_datasets(catalog, [train_name])
+    plan = plan_training(find_entry(train_name, catalog), arch, None, None)
+    config = plan.config
+    if variant == "before":
+        args = dict(OLD_ARGS[(arch, config.spatial_dims)])
+        if "levels" in config.architecture_args:
+            args["levels"] = config.architecture_args["levels"]
+        config = dataclasses.replace(config, architecture_args=args)
+        zarr_arrays = {s.store: s for s in plan.scans}
+        sampler = PatchSampler(plan.train_sampler.regions, zarr_arrays, config.patch)
+    else:
+        sampler = plan.train_sampler
+    mean, std = channel_statistics(sampler)
+    norm = Normalization(kind="zscore", mean=mean, std=std)
+
+    def normalise(b):
+        return norm.apply(b.astype(np.float32))
+
+    if arch == "maskrcnn":
+        from tasks.training.instances import _targets
+
+        augment = _augment(config)
+        network = build("maskrcnn", 2, config.in_channels, 2, **config.architecture_args)
+
+        def make():
+            images, targets = [], []
+            for _ in range(config.batch):
+                img, lab = sampler.sample()
+                item = augment({"image": normalise(img[None])[0], "label": lab[None].astype(np.float32)})
+                images.append(torch.as_tensor(np.asarray(item["image"]), dtype=torch.float32))
+                targets.append(_targets(np.asarray(item["label"])[0].round().astype(np.int64), {1: 1}))
+            return images, targets
+
+        def step(batch):
+            loss = sum(network(*batch).values())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    else:
+        from monai.losses import DiceCELoss
+
+        augment = _augment(config)
+        network = build(arch, config.spatial_dims, config.in_channels, len(config.classes), **config.architecture_args)
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def make():
+            return _batch(config, sampler, normalise, augment)
+
+        def step(batch):
+            x, y = batch
+            opt.zero_grad(set_to_none=True)
+            loss_fn(network(x), y).backward()
+            opt.step()
+    opt = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=1e-3)
+    network.train()
+    if variant == "compiled":  # the "after" recipe with torch.compile on the training network
+        compiled = torch.compile(network)
+        if arch == "maskrcnn":
+            raise SystemExit("compiled: not measured for Mask R-CNN (data-dependent shapes)")
+        loss_of = loss_fn
+
+        def step(batch):  # noqa: F811  (the compiled module in the same step)
+            x, y = batch
+            opt.zero_grad(set_to_none=True)
+            loss_of(compiled(x), y).backward()
+            opt.step()
+    warm = 4 if variant == "compiled" else 2  # compiling happens in the first steps
+    if variant == "before":
+        for i in range(warm + iterations):
+            if i == warm:
+                t0 = time.perf_counter()
+            step(make())
+    else:
+        with BatchPrefetcher(make) as prefetch:
+            for i in range(warm + iterations):
+                if i == warm:
+                    t0 = time.perf_counter()
+                step(prefetch.get())
+    seconds = time.perf_counter() - t0
+    return {"case": case, "variant": variant, "architecture": arch, "args": config.architecture_args,
+            "batch": config.batch, "patch": list(config.patch), "iterations": iterations,
+            "it_per_s": iterations / seconds, "samples_per_s": iterations * config.batch / seconds,
+            "params_m": sum(p.numel() for p in network.parameters()) / 1e6}
+
+
+def throughput_table(cases: list[str], shared: Path, iterations: int, threads: int) -> None:
+    import subprocess
+
+    rows = {}
+    for case in cases:
+        for variant in ("before", "after", "compiled") if case != "maskrcnn" else ("before", "after"):
+            print(f"--- throughput {case} {variant} ...", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, __file__, "--measure", f"{case}:{variant}", "--shared", str(shared),
+                                  "--iterations", str(iterations), "--threads", str(threads)],
+                                 capture_output=True, text=True, check=True).stdout
+            rows[case, variant] = json.loads(out.strip().splitlines()[-1])
+            print(json.dumps(rows[case, variant]), flush=True)
+    print(f"\ntraining step throughput, {threads} threads, {iterations} iterations after 2 warm-up")
+    print("case      architecture  batch  before it/s  after it/s  samples/s before -> after  speed-up  "
+          "compiled ÷ after  params M before -> after")
+    for case in cases:
+        b, a = rows[case, "before"], rows[case, "after"]
+        c = rows.get((case, "compiled"))
+        compiled = f"{c['it_per_s'] / a['it_per_s']:.2f}" if c else "-"
+        print(f"{case:<9} {a['architecture']:<13} {a['batch']:<6} {b['it_per_s']:<12.3f} {a['it_per_s']:<11.3f} "
+              f"{b['samples_per_s']:>6.2f} -> {a['samples_per_s']:<15.2f} {a['it_per_s'] / b['it_per_s']:<9.2f} "
+              f"{compiled:<17} {b['params_m']:.2f} -> {a['params_m']:.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget per case")
     parser.add_argument("--epochs", type=int, default=200, help="epoch cap (the budget usually ends first)")
-    parser.add_argument("--only", default="em,mri,deeplab,maskrcnn")
+    parser.add_argument("--only", default="em,mri,deeplab,maskrcnn",
+                        help="cases; 'unet-sat' trains a U-Net on the satellite case, 'transfer' a DeepLab "
+                             "pre-trained on Las Vegas roads then fine-tuned on Rio (encoder frozen 3 epochs)")
+    parser.add_argument("--pretrain-minutes", type=float, default=5.0, help="transfer: pre-training budget")
+    parser.add_argument("--tta", action="store_true", help="mirroring TTA when scoring held-out 2D scans")
+    parser.add_argument("--crf", action="store_true", help="also score the dense-CRF-refined prediction")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--throughput", action="store_true", help="the training-step throughput table")
+    parser.add_argument("--iterations", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--measure", help=argparse.SUPPRESS)  # CASE:VARIANT, one throughput measurement
     args = parser.parse_args()
+    if args.measure:
+        case, variant = args.measure.split(":")
+        print(json.dumps(measure_throughput(case, variant, args.shared, args.iterations, args.threads)))
+        return
+    if args.throughput:
+        throughput_table(args.only.split(","), args.shared, args.iterations, args.threads)
+        return
     rows = []
     for case in args.only.split(","):
         print(f"--- {case}: training for up to {args.minutes:g} min ...", file=sys.stderr, flush=True)
-        row = run_case(case, args.shared, args.minutes, args.epochs)
+        if case == "transfer":
+            row = run_case("deeplab", args.shared, args.minutes, args.epochs, tta=args.tta, crf=args.crf,
+                           pretrain_minutes=args.pretrain_minutes, freeze="encoder")
+            row["case"] = "transfer"
+        elif case == "unet-sat":
+            row = run_case("deeplab", args.shared, args.minutes, args.epochs, architecture="unet", tta=args.tta,
+                           crf=args.crf)
+            row["case"] = "unet-sat"
+        else:
+            row = run_case(case, args.shared, args.minutes, args.epochs, tta=args.tta and case != "mri",
+                           crf=args.crf and case != "mri")  # 3D CRF over a whole subject: minutes; not scored
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\ncase      metric                 value   target  met   train min  epochs  stopped")
     for row in rows:
-        name, op, target = TARGETS[row["case"]]
+        name, op, target = TARGETS[{"transfer": "deeplab", "unet-sat": "deeplab"}.get(row["case"], row["case"])]
         value = row[name]
         met = "-" if target is None else ("yes" if (value <= target if op == "<=" else value >= target) else "no")
         print(f"{row['case']:<9} {name:<22} {value:<7.4f} {op if target else ''}{target or '':<6} {met:<5} "

@@ -34,12 +34,12 @@ class TrainConfig:
     in_channels: int
     classes: tuple[str, ...]
     epochs: int = 30
-    iterations_per_epoch: int = 20
+    iterations_per_epoch: int = 50  # between validations (a whole-region validation costs ~10 training steps)
     batch: int = 4
     max_minutes: float = 20.0
     lr: float = 2e-3
     seed: int = 0
-    patience: int = 8
+    patience: int = 30  # epochs without improvement; the time budget usually ends first
     val_patches: int = 12
     class_weights: tuple[float, ...] | None = None
     architecture_args: dict = field(default_factory=dict)
