@@ -394,6 +394,11 @@ def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
         loaded = find_entry("spacenet_rio", DEFAULT_CATALOG_DIR)
         for spec in discover_scans(loaded):
             ingest_scan(spec, scan_store("spacenet_rio", spec.scan_id))
+        # a 6-second model: the decision guard (tested above) could fall back to identity; this test
+        # is about how the named method is stored and applied
+        from tasks.calibration import calibrator as calibrator_module
+
+        monkeypatch.setattr(calibrator_module, "DICE_TOLERANCE", 1.0)
         report = train_dataset(loaded, epochs=1, max_minutes=0.1)
         uri = f"models:/{report.registered}"
         assert report.calibration.startswith("cubic:"), report.calibration
@@ -473,3 +478,59 @@ def test_cli_calibrate_rejects_an_unknown_method():
     result = CliRunner().invoke(app, ["calibrate", "isbi2012_em", "--method", "platt"])
     assert result.exit_code == 1
     assert "--method must be one of auto, cubic, isotonic, temperature, ovr-cubic" in result.output
+
+
+def _rare_tumour_sample() -> CalibrationSample:
+    """Background sampled at 1/400 of its frequency (weight 400), two rare classes whose raw scores
+    separate them fairly well. Weighted, background outnumbers each class 400:1, so its calibrated
+    posterior is ~0.99 almost everywhere: the argmax of any well-calibrated map calls no tumour."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    labels = np.repeat([0, 1, 2], n)
+    z = rng.normal(0, 1, (3, 3 * n))
+    z[labels, np.arange(3 * n)] += 1.6
+    p = np.exp(z) / np.exp(z).sum(0)
+    return CalibrationSample(p.astype(np.float32), labels, ["background", "a", "b"], np.repeat([400.0, 1.0, 1.0], n))
+
+
+def test_auto_rules_out_a_map_that_erases_the_rare_classes():
+    cal = fit_calibrator(_rare_tumour_sample())
+    cubic = cal.candidates["ovr-cubic"]
+    assert cubic["after"]["nll"] < cal.candidates["identity"]["after"]["nll"]  # it would win on NLL alone
+    assert cubic["after"]["dice"] < 0.01 < cubic["before"]["dice"]
+    assert "ruled_out" in cubic and cal.method == "temperature"
+    assert "ruled out for worse decisions: ovr-cubic" in cal.chosen_because
+    # temperature scaling keeps every argmax, so its decisions equal the raw ones
+    assert cal.candidates["temperature"]["after"]["dice"] == pytest.approx(cubic["before"]["dice"])
+
+
+def test_a_named_method_that_erases_the_rare_classes_falls_back_to_the_raw_probabilities():
+    cal = fit_calibrator(_rare_tumour_sample(), method="ovr-cubic")
+    assert cal.method == "identity" and "ruled_out" in cal.candidates["ovr-cubic"]
+    assert cal.chosen_because.startswith("ovr-cubic requested, raw probabilities kept")
+    assert apply_method(cal.method, cal.params, _rare_tumour_sample().probs[:, :5]) == pytest.approx(
+        _rare_tumour_sample().probs[:, :5])
+
+
+def test_a_named_method_is_kept_when_its_decisions_hold_even_if_identity_scores_a_lower_nll():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 4000)
+    p1 = np.clip(np.where(labels == 1, 0.7, 0.3) + rng.normal(0, 0.1, 4000), 0.01, 0.99)
+    sample = CalibrationSample(np.stack([1 - p1, p1]).astype(np.float32), labels, ["bg", "fg"])
+    cal = fit_calibrator(sample, method="temperature")
+    assert cal.method == "temperature" and set(cal.candidates) == {"temperature", "identity"}
+
+
+def test_decision_dice_matches_scikit_learn_weighted_f1():
+    from sklearn.metrics import f1_score
+
+    from tasks.calibration.calibrator import DecisionCounts
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet([1, 1, 1, 1], 500).T
+    labels = rng.integers(0, 4, 500)
+    weights = rng.uniform(0.5, 3, 500)
+    got = DecisionCounts().update(probs[:, :250], labels[:250], weights[:250]) \
+        .update(probs[:, 250:], labels[250:], weights[250:]).foreground_dice()
+    want = f1_score(labels, probs.argmax(0), labels=[1, 2, 3], average="macro", sample_weight=weights)
+    assert got == pytest.approx(want)
