@@ -6,13 +6,20 @@ disjoint scans; training runs through the same code as ``tilewise train`` (MLflo
 champion rule) under a temporary TILEWISE_HOME, the champion is run over the held-out scans by
 the engine, and the metric is computed against their labels:
 
-- EM U-Net (2D): adapted Rand error (skimage) of cell segmentations (connected components of the
-  predicted vs true interior) on ISBI 2012 slices 24-29, trained on slices 0-23.
+- EM U-Net (2D): adapted Rand error (skimage) of cell segmentations on ISBI 2012 slices 24-29,
+  trained on slices 0-23: the pipeline's seeded watershed of the membrane map (without and with a
+  5-pixel median filter first) and, for comparison, connected components of the interior; and the
+  pixel error of the membrane labels.
 - MRI U-Net (3D): whole-tumour Dice (label > 0) on one BraTS subject, trained on the other three.
-- Satellite DeepLab v3+: building IoU on SpaceNet Rio chips 56-57, trained on chips 50-55.
+- Satellite DeepLab v3+ (``deeplab``) and U-Net (``unet-sat``): building IoU on SpaceNet Rio chips
+  56-57, trained on chips 50-55; ``transfer``: DeepLab pre-trained on the Las Vegas road chip
+  (``--pretrain-minutes``), then fine-tuned on Rio with ``--init-from`` and ``--freeze encoder``.
 - Satellite Mask R-CNN: COCO mask AP50 of building instances on chips 56-57.
 
-    python benchmarks/train.py [--minutes 20] [--only em,mri,deeplab,maskrcnn] [--shared ../shared/data]
+``--tta`` scores with mirroring test-time augmentation, ``--crf`` also scores the dense-CRF output.
+
+    python benchmarks/train.py [--minutes 20] [--only em,mri,deeplab,unet-sat,transfer,maskrcnn]
+        [--tta] [--crf] [--pretrain-minutes 5] [--shared ../shared/data]
 
 Training throughput (``--throughput``): iterations and samples per second of the training step
 (sampling, augmentation, forward, backward, update) per architecture, before and after the
