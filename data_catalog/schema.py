@@ -250,8 +250,8 @@ class Tiling(_Strict):
     def _dask_address(cls, value: str | None) -> str | None:
         if value is None:
             return value
-        if value.startswith("local"):
-            if not re.fullmatch(r"local(:[1-9][0-9]*)?", value):
+        if re.fullmatch(r"local(:[0-9]+)?", value):  # not startswith: localhost:8786 is a scheduler
+            if re.fullmatch(r"local:0+", value):
                 raise ValueError(f"must be local, local:N (N >= 1) or a scheduler address, got {value!r}")
         elif not re.fullmatch(r"([a-z]+://)?[^\s/:]+:[0-9]+", value):
             raise ValueError(f"a scheduler address is [tcp://]HOST:PORT, got {value!r}")

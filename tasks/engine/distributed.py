@@ -18,12 +18,14 @@ or fails with ``StoreBusy`` while the driver holds it.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 
 from tasks import storage
 from tasks.engine.infer import EngineConfig, InferResult, finish, prepare, run_chunks
 from tasks.engine.model_io import LoadedModel, load_model
 from tasks.engine.plan import split_regions
+from tasks.errors import ScanError
 
 
 @lru_cache(maxsize=4)
@@ -40,16 +42,38 @@ def _run_region(store: str, model_uri: str, config: EngineConfig, chunks: list[t
     return {"tiles": result.tiles, "model_calls": result.model_calls, "chunks": result.chunks_written}
 
 
+CONNECT_TIMEOUT_S = 10.0  # a scheduler that does not answer by then is not there
+_LOCAL = re.compile(r"local(?::([0-9]+))?")
+
+
+def local_workers(address: str) -> int | None:
+    """N for ``local`` (2) or ``local:N``; None for anything else -- ``localhost:8786`` is a
+    scheduler address, not a local cluster of 8786 workers."""
+    match = _LOCAL.fullmatch(address.strip())
+    if match is None:
+        return None
+    workers = int(match.group(1) or 2)
+    if workers < 1:
+        raise ScanError(address, "a local cluster needs at least one worker (local:N, N >= 1)")
+    return workers
+
+
 def client_for(address: str):
-    """A Dask client: ``local`` or ``local:N`` starts a LocalCluster of N worker processes."""
+    """A Dask client: ``local`` or ``local:N`` starts a LocalCluster of N worker processes; any
+    other address is a scheduler, which must answer within ``CONNECT_TIMEOUT_S`` (one-line
+    ScanError otherwise, instead of waiting forever)."""
     from dask.distributed import Client, LocalCluster
 
-    if address.startswith("local"):
-        workers = int(address.split(":", 1)[1]) if ":" in address else 2
+    workers = local_workers(address)
+    if workers is not None:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None)
         return Client(cluster)
-    return Client(address)
+    try:
+        return Client(address, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:  # dask raises OSError("Timed out trying to connect ...")
+        raise ScanError(address, f"no Dask scheduler answered within {CONNECT_TIMEOUT_S:g} s "
+                                 f"({type(exc).__name__}); start one or use --dask local[:N]") from None
 
 
 def infer_distributed(store: str, model_uri: str, config: EngineConfig, address: str = "local:2",
