@@ -466,18 +466,29 @@ def test_reingest_unchanged_rewrites_nothing(tmp_path):
     assert storage.is_complete(str(store))
 
 
-def test_reingest_touched_or_recopied_identical_files_stays_unchanged(tmp_path):
+def test_reingest_touched_or_recopied_identical_files_stays_unchanged(tmp_path, monkeypatch):
+    from tasks.ingest import to_zarr
+
     spec = _em_copy(tmp_path)
     store = tmp_path / "em.zarr"
     ingest_scan(spec, store)
-    before = file_mtimes(store)
+    before = {k: v for k, v in file_mtimes(store).items() if k != "zarr.json"}
     bump_mtime(spec.sources[0] / "3.png")  # touched
     label = spec.labels.sources[0] / "5.png"
     label.write_bytes(label.read_bytes())  # rewritten with the same bytes
     bump_mtime(label)
+    hashed: list[str] = []
+    real_hash = to_zarr.sha256_file
+    monkeypatch.setattr(to_zarr, "sha256_file", lambda path, *a, **k: hashed.append(path.name) or real_hash(path, *a, **k))
     assert ingest_scan(spec, store).status == "unchanged"
+    assert sorted(hashed) == ["3.png", "5.png"]  # the touched files are hashed once...
     assert ingest_scan(spec, store).status == "unchanged"
-    assert file_mtimes(store) == before
+    assert sorted(hashed) == ["3.png", "5.png"]  # ...and not again: their new mtimes were stored
+    assert {k: v for k, v in file_mtimes(store).items() if k != "zarr.json"} == before  # no array rewritten
+    stored = {f["path"]: f for f in record(store)["source"]["files"]}
+    touched = (spec.sources[0] / "3.png").resolve()
+    assert stored[str(touched)]["mtime_ns"] == touched.stat().st_mtime_ns
+    assert stored[str(touched)]["sha256"] == real_hash(touched)
 
 
 def test_reingest_changed_slice_gives_new_values(tmp_path):

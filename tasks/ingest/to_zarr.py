@@ -127,6 +127,21 @@ def _unchanged(record: dict[str, Any] | None, files: list[dict[str, Any]], optio
     return True
 
 
+def _refresh_stats(store: str, record: dict[str, Any], files: list[dict[str, Any]]) -> None:
+    """After ``_unchanged`` said yes: store the files' current size and mtime (their sha256 kept),
+    so a touched-but-identical file is hashed once, not on every run. Caller holds the lock."""
+    old = {f["path"]: f for f in record.get("source", {}).get("files", [])}
+    if all((old[f["path"]]["size"], old[f["path"]]["mtime_ns"]) == (f["size"], f["mtime_ns"]) for f in files):
+        return
+    group = storage.open_group(store, mode="r+")
+    attrs = dict(group.attrs.get(storage.ATTRS_KEY, {}))
+    source = dict(attrs.get("source", {}))
+    source["files"] = [{**old[f["path"]], "size": f["size"], "mtime_ns": f["mtime_ns"]} for f in files]
+    attrs["source"] = source
+    group.attrs[storage.ATTRS_KEY] = attrs
+    log.info("%s: sources touched but unchanged (same sha256); stored their new mtimes", store)
+
+
 def chunks_for(spec: ScanSpec, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Spatial chunk shape: the catalog's, else the modality default, fitted to the scan's rank."""
     wanted = spec.chunks or DEFAULT_CHUNKS[spec.modality]
@@ -360,6 +375,7 @@ def ingest_scan(
             record = storage.read_record(store)
             # the mark's promise is checked too: a mark above missing arrays is not "unchanged"
             if not force and _unchanged(record, stats_files, options) and storage.is_complete(store):
+                _refresh_stats(store, record, stats_files)
                 return IngestResult(spec.scan_id, store, "unchanged", tuple(reader.shape), time.perf_counter() - t0)
             if storage.exists(store):
                 if not storage.looks_like_group(store):
