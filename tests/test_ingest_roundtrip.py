@@ -925,3 +925,33 @@ def test_two_nifti_files_become_two_channels(tmp_path):
     got = level(store, 0)
     np.testing.assert_array_equal(got[0], b.transpose(2, 1, 0))
     np.testing.assert_array_equal(got[1], a.transpose(2, 1, 0))
+
+
+def test_geotiff_reads_run_under_a_64_mib_gdal_block_cache_in_the_read_ahead_thread(tmp_path, monkeypatch):
+    """GDAL options are per thread and rasterio passes an int GDAL_CACHEMAX as bytes: the cap must
+    be 64 MiB (not 64 bytes, not GDAL's 5 % of RAM) where the slabs are read, in ingest's thread."""
+    import ctypes
+    import glob
+    import threading
+
+    libs = glob.glob(os.path.join(os.path.dirname(rasterio.__file__) + ".libs", "libgdal*"))
+    if not libs:
+        pytest.skip("rasterio not from a wheel bundling libgdal")
+    gdal = ctypes.CDLL(libs[0])
+    gdal.GDALGetCacheMax64.restype = ctypes.c_int64
+    path = tmp_path / "scene.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=300, height=700, count=2, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(0, 0, 1, 1), tiled=True) as dst:
+        dst.write(np.arange(2 * 700 * 300, dtype=np.uint16).reshape(2, 700, 300))
+    seen = []
+    real_read = rasterio.io.DatasetReader.read
+
+    def spy(self, *args, **kwargs):
+        seen.append((threading.current_thread().name, gdal.GDALGetCacheMax64()))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", spy)
+    result = ingest_scan(ScanSpec("scene", "satellite", (path,), chunks=(256, 256)), tmp_path / "scene.zarr")
+    assert result.status == "ingested"
+    assert seen and any(name.startswith("tilewise-read") for name, _ in seen)
+    assert {cache for _, cache in seen} == {64 << 20}

@@ -30,7 +30,7 @@ import numpy as np
 from tasks.errors import ScanError
 from tasks.export.source import ExportSource, finite_or_fail
 
-GDAL_CACHE_MB = 64
+GDAL_CACHE_MB = 64  # rasterio.Env passes an int GDAL_CACHEMAX to GDALSetCacheMax: bytes, not MB
 IN_MEMORY_BYTES = 64 << 20
 
 
@@ -130,7 +130,7 @@ def export_geotiff(src: ExportSource, tmp: Path, options, provenance: dict[str, 
     tile = options.tile
     stage = tmp.with_name(tmp.name + ".stage.tif")
     try:
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB << 20):
             details = _stage(src, stage, options.what, tile, spatial)
             height, width = src.shape
             profile = cog_profiles.get("deflate")

@@ -23,7 +23,7 @@ import numpy as np
 from tasks.errors import ScanError
 
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
-GDAL_CACHE_MB = 64
+GDAL_CACHE_MB = 64  # rasterio.Env passes an int GDAL_CACHEMAX to GDALSetCacheMax: bytes, not MB
 NIFTI_UNITS = {"mm": "millimeter", "micron": "micrometer", "meter": "meter"}
 
 
@@ -350,7 +350,7 @@ class GeoTiffReader(ScanReader):
 
         self.path = str(path)
         # GDAL caches decoded blocks up to 5% of RAM by default: a streamed scene would fill it.
-        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB)
+        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB << 20)
         self._env.__enter__()
         try:
             with warnings.catch_warnings():
@@ -377,10 +377,15 @@ class GeoTiffReader(ScanReader):
             self.unit = "meter" if units in ("metre", "meter", "m") else None
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
+        import rasterio
         from rasterio.windows import Window
 
         try:
-            return self._src.read(window=Window(0, start, self.shape[2], stop - start), out_dtype=self.dtype)
+            # GDAL options are per thread, and ingest reads ahead in another thread than the one that
+            # opened the file: without the cap there, GDAL's block cache sizes itself (process-wide,
+            # on first use) to 5% of RAM.
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB << 20):
+                return self._src.read(window=Window(0, start, self.shape[2], stop - start), out_dtype=self.dtype)
         except Exception as exc:
             raise ScanError(self.path, f"cannot read rows {start}-{stop - 1} ({_describe(exc)})") from None
 
