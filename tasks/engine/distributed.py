@@ -33,9 +33,11 @@ def _worker_model(uri: str) -> LoadedModel:
     return load_model(uri)
 
 
-def _run_region(store: str, model_uri: str, config: EngineConfig, chunks: list[tuple[int, ...]]) -> dict:
+def _run_region(store: str, model_uri: str, config: EngineConfig, chunks: list[tuple[int, ...]],
+                digest: str) -> dict:
+    """A worker's part: the driver's ``digest`` must be what this model gives (see ``prepare``)."""
     model = _worker_model(model_uri)
-    prep = prepare(store, model, config)
+    prep = prepare(store, model, config, expect_digest=digest)
     if prep is None:
         return {"tiles": 0, "model_calls": 0, "chunks": 0}
     result = run_chunks(prep, model, set(chunks))
@@ -102,7 +104,10 @@ def _drive(store, model_uri, model, config, address, region_chunks, client, t0) 
     own_client = client is None
     client = client or client_for(address)
     try:
-        futures = [client.submit(_run_region, str(store), model_uri, config, r, pure=False) for r in regions]
+        # Workers load exactly the driver's version: an alias is resolved once, here.
+        fixed_uri = model.identity if model.identity.startswith("models:/") else model_uri
+        futures = [client.submit(_run_region, str(store), fixed_uri, config, r, prep.digest, pure=False)
+                   for r in regions]
         parts = client.gather(futures)
     finally:
         if own_client:

@@ -168,8 +168,12 @@ def resolve_calibrator(model: LoadedModel, config: EngineConfig, calibrator: Any
 
 
 def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelRunner | None = None,
-            calibrator: Any = None) -> Prepared | None:
-    """Validate everything, create (or reopen) the output; None when the output is complete already."""
+            calibrator: Any = None, expect_digest: str | None = None) -> Prepared | None:
+    """Validate everything, create (or reopen) the output; None when the output is complete already.
+
+    ``expect_digest`` (a distributed worker): the digest the driver fixed. A worker that computes
+    another one (another model version behind an alias, another file at that path) raises, and a
+    worker never creates or replaces the output: only the driver does."""
     store = str(store)
     from models.zoo import is_instance_architecture
 
@@ -195,6 +199,9 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
                      if isinstance(cal_record, dict) else cal_record)
 
     pred_url = _prediction(store)
+    if expect_digest is not None and digest != expect_digest:
+        raise _fail(store, f"this worker's model {model.identity} gives prediction digest {digest[:12]}, the "
+                           f"driver's {expect_digest[:12]}: another model version or file; not touching the prediction")
     record = storage.read_record(pred_url)
     resumed = False
     reusable = (record is not None and record.get("digest") == digest and "classes" in record
@@ -208,6 +215,9 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
         resumed = True
         classes = list(record["classes"])
     else:
+        if expect_digest is not None:
+            raise _fail(store, "the driver's prediction output is missing or changed under this worker; "
+                               "not replacing it")
         if record is not None and record.get("digest") == digest:
             log.warning("%s: arrays missing or reshaped; recomputing the prediction", pred_url)
         if record is not None or storage.exists(pred_url):
