@@ -100,8 +100,9 @@ class PatchSampler:
     """
 
     def __init__(self, regions: list[Region], arrays: dict[str, ScanArrays], patch: tuple[int, ...],
-                 seed: int = 0, foreground: float = 0.33):
+                 seed: int = 0, foreground: float = 0.33, pad: str = "reflect"):
         self.regions = regions
+        self.pad = pad  # beyond a region smaller than the patch: the engine's read_tile padding
         self.arrays = arrays
         self.patch = patch
         self.rng = np.random.default_rng(seed)
@@ -138,9 +139,16 @@ class PatchSampler:
         image = np.asarray(arrays.image[(slice(None),) + box], dtype=np.float32)
         labels = np.asarray(arrays.labels[box], dtype=np.int64)
         pad = [(0, p - (b.stop - b.start)) for p, b in zip(self.patch, box)]
-        if any(hi for _, hi in pad):  # region smaller than the patch: mirror, as the engine does
-            image = np.pad(image, [(0, 0)] + pad, mode="reflect" if min(image.shape[1:]) > 1 else "edge")
-            labels = np.pad(labels, pad, mode="reflect" if min(labels.shape) > 1 else "edge")
+        if any(hi for _, hi in pad):  # region smaller than the patch: pad exactly as the engine does
+            if self.pad == "constant":
+                image = np.pad(image, [(0, 0)] + pad, mode="constant")
+                labels = np.pad(labels, pad, mode="constant")
+            else:  # mirrored per axis (numpy's reflect); an axis of size 1 repeats, as read_tile does
+                from tasks.engine.tiles import reflect_indices
+
+                for axis, (p, b) in enumerate(zip(self.patch, box)):
+                    idx = reflect_indices(0, p, b.stop - b.start)
+                    image, labels = np.take(image, idx, axis=axis + 1), np.take(labels, idx, axis=axis)
         return image, labels
 
     def sample(self) -> tuple[np.ndarray, np.ndarray]:

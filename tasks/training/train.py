@@ -117,8 +117,8 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
                          seed=seed, architecture_args=args, batch=2 if model_dims == 3 else 4,
                          freeze=freeze)
     arrays = {s.store: s for s in in_memory(scans)}
-    train_sampler = PatchSampler(train_regions, arrays, patch, seed=seed)
-    val_sampler = PatchSampler(val_regions, arrays, patch, seed=seed + 1)
+    train_sampler = PatchSampler(train_regions, arrays, patch, seed=seed, pad=entry.tiling.pad)
+    val_sampler = PatchSampler(val_regions, arrays, patch, seed=seed + 1, pad=entry.tiling.pad)
     validation = WholeRegionValidation(within_budget(val_regions, patch), patch,
                                        2 if model_dims == 2 and spatial == 3 else None,
                                        overlap=VALIDATION_OVERLAP, batch=config.batch)
