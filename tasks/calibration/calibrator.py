@@ -220,19 +220,18 @@ def fit_calibrator(sample: CalibrationSample, method: str = "auto", seed: int = 
             r["ruled_out"] = f"held-out foreground Dice {r['after']['dice']:.4f} < uncalibrated {raw_dice:.4f}"
             ruled_out.append(f"{name} (Dice {r['after']['dice']:.4f} < {raw_dice:.4f})")
     scored = {n: r["after"]["nll"] for n, r in results.items() if "after" in r and "ruled_out" not in r}
-    if method != "auto":
-        scored = {n: v for n, v in scored.items() if n == method} or {n: v for n, v in scored.items() if n == "identity"}
     if not scored:
         raise CalibrationError("no calibration method could be fitted: " +
                                "; ".join(f"{n}: {r.get('error')}" for n, r in results.items()))
-    chosen = min(scored, key=lambda n: (scored[n], n == "identity"))
     if method == "auto":
+        chosen = min(scored, key=lambda n: (scored[n], n == "identity"))
         why = (f"lowest held-out NLL ({scored[chosen]:.4f}; uncalibrated {before['nll']:.4f}) among "
                f"{', '.join(f'{n}={v:.4f}' for n, v in scored.items())}")
-    else:
+    elif method in scored:
+        chosen = method
         why = f"{method} requested (held-out NLL {scored[chosen]:.4f}; uncalibrated {before['nll']:.4f})"
-        if chosen != method:
-            why = f"{method} requested, raw probabilities kept"
+    else:
+        chosen, why = "identity", f"{method} requested, raw probabilities kept"
     why += f"; {scheme} over {fold.size} pixels"
     if ruled_out:
         why += "; ruled out for worse decisions: " + ", ".join(ruled_out)
