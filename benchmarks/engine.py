@@ -445,6 +445,8 @@ class Bench:
     def job(self, mode: str, size: int, store: str, label: str, **extra) -> dict:
         job = {"mode": mode, "size": size, "store": store, "label": label, "tile": list(self.args.tile_shape),
                "batch": self.args.batch, "threads": self.args.threads}
+        if self.args.model == "trivial":  # --model trivial: every row with the near-free model
+            job["model"] = "trivial"
         if mode == "tilewise" and self.args.unpin:
             job["malloc"] = "unpin"
         return {**job, **extra}
@@ -740,6 +742,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--unpin", action="store_true",
                     help="run every tilewise worker with the engine's glibc mmap-threshold pin disabled "
                          "(what-if; the engine code is not changed)")
+    ap.add_argument("--model", choices=("unet", "trivial"), default="unet",
+                    help="network of every row: the U-Net, or the trivial cat([x, -x]) model, whose rows then show "
+                         "each pipeline's own time and memory (a fast memory check at large sizes)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per worker run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -31,14 +31,36 @@ def importance_map(tile: tuple[int, ...], mode: BlendMode = "gaussian", sigma_sc
     return np.maximum(weights, np.float32(floor)).astype(np.float32)
 
 
-def probabilities(summed_logits: np.ndarray, summed_weights: np.ndarray) -> np.ndarray:
+def chunk_weights(plan, index: tuple[int, ...], importance: np.ndarray, skipped=frozenset()) -> np.ndarray:
+    """The sum of the importance maps of the tiles that cover output chunk ``index`` of ``plan``
+    (a ``TilePlan``), leaving out the ``skipped`` tile origins: the blending denominator, made from
+    the plan when the chunk is written instead of being accumulated beside the logits."""
+    shape = tuple(b.stop - b.start for b in plan.chunk_box(index))
+    out = np.zeros(shape, np.float32)
+    for origin in plan.tiles_of_chunk(index):
+        if origin not in skipped:
+            chunk_sl, tile_sl = plan.overlap(origin, index)
+            out[chunk_sl] += importance[tile_sl]
+    return out
+
+
+def probabilities(summed_logits: np.ndarray, summed_weights: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Blended logits (K, ...) / weights (...) → class probabilities (K, ...), float32.
 
-    K == 1: sigmoid (one foreground class); K > 1: softmax over K, computed stably.
+    K == 1: sigmoid (one foreground class); K > 1: softmax over K, computed stably. ``inplace``
+    (float32 input): the result is written over ``summed_logits``, which is returned.
     """
-    logits = summed_logits / summed_weights[None]
+    if inplace:
+        logits = summed_logits
+        logits /= summed_weights[None]
+    else:
+        logits = summed_logits / summed_weights[None]
     if logits.shape[0] == 1:
-        return (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        np.negative(logits, out=logits)
+        np.exp(logits, out=logits)
+        logits += 1.0
+        np.reciprocal(logits, out=logits)
+        return logits.astype(np.float32, copy=False)
     logits -= logits.max(axis=0, keepdims=True)
     np.exp(logits, out=logits)
     logits /= logits.sum(axis=0, keepdims=True)

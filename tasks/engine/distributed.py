@@ -39,9 +39,10 @@ def _run_region(store: str, model_uri: str, config: EngineConfig, chunks: list[t
     model = _worker_model(model_uri)
     prep = prepare(store, model, config, expect_digest=digest)
     if prep is None:
-        return {"tiles": 0, "model_calls": 0, "chunks": 0}
+        return {"tiles": 0, "model_calls": 0, "chunks": 0, "tiles_skipped": 0}
     result = run_chunks(prep, model, set(chunks))
-    return {"tiles": result.tiles, "model_calls": result.model_calls, "chunks": result.chunks_written}
+    return {"tiles": result.tiles, "model_calls": result.model_calls, "chunks": result.chunks_written,
+            "tiles_skipped": result.tiles_skipped}
 
 
 CONNECT_TIMEOUT_S = 10.0  # a scheduler that does not answer by then is not there
@@ -117,7 +118,8 @@ def _drive(store, model_uri, model, config, address, region_chunks, client, t0) 
                 cluster.close()
     tiles = sum(p["tiles"] for p in parts)
     calls = sum(p["model_calls"] for p in parts)
-    finish(prep, {"tiles": tiles, "model_calls": calls, "regions": len(regions)})
+    skipped = sum(p.get("tiles_skipped", 0) for p in parts)  # a halo tile counts once per region
+    finish(prep, {"tiles": tiles, "model_calls": calls, "regions": len(regions), "tiles_skipped": skipped})
     return InferResult(str(store), "resumed" if prep.resumed else "inferred", tiles=tiles, model_calls=calls,
                        chunks_written=sum(p["chunks"] for p in parts), seconds=time.perf_counter() - t0,
-                       classes=prep.classes)
+                       classes=prep.classes, tiles_skipped=skipped)

@@ -15,6 +15,12 @@ Output, beside the scan's ``image`` (README, "Zarr layout"):
 A re-run with the same model and parameters skips the chunks already done (resume) or, when the
 prediction is complete, does nothing; other parameters replace the prediction.
 
+Empty tiles (``skip``): with ``EngineConfig.skip_empty`` (``"auto"``: the source's declared nodata)
+tiles whose whole input is empty are not run; voxels that only such tiles cover are background with
+probability 1 (not calibrated), the rest blend the tiles that ran. The prediction's attributes name
+the rule (``skip_empty``) and its completion record counts the tiles skipped; the rule enters the
+digest only when one applies, so a scan without nodata keeps the digest it had.
+
 Calibration: when the model version has a calibrator (``LoadedModel.calibrator``, filled from the
 registry) or one is passed, every output chunk's blended probabilities go through it before they
 are written, and the labels are taken from the calibrated probabilities. The prediction's
@@ -38,12 +44,13 @@ import numpy as np
 import zarr
 
 from tasks import storage
-from tasks.engine.accumulate import Chunk, ChunkAccumulator
-from tasks.engine.blend import BlendMode, importance_map, labels_from, probabilities
+from tasks.engine.accumulate import BufferPool, Chunk, ChunkAccumulator
+from tasks.engine.blend import BlendMode, chunk_weights, importance_map, labels_from, probabilities
 from tasks.engine.model_io import LoadedModel
 from tasks.engine.plan import Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
-from tasks.engine.tiles import ChunkCache, PadMode, read_tile
+from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule
+from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box
 from tasks.errors import ScanError
 from tasks.export.ngff import write_prediction_labels_ngff
 from tasks.ingest.to_zarr import COMPRESSOR
@@ -75,12 +82,14 @@ class EngineConfig:
     input_cache_mb: int = 256  # decoded input chunks kept for the overlapping tiles that reuse them
     calibration: bool = True  # apply the model version's calibrator, if it has one
     crf: dict | None = None  # dense CRF after the prediction (tasks.refine.crf.CrfParams fields); its own output
+    skip_empty: SkipSetting = "auto"  # tiles with no signal: auto (source nodata) | off | a background value
 
     def result_fields(self) -> dict:
         """The options that change the numbers written (not device, batch or memory budget; the
-        calibrator itself, not the ``calibration`` switch, enters the digest)."""
+        calibrator itself, not the ``calibration`` switch, enters the digest, and so does the resolved
+        empty-tile rule, not the ``skip_empty`` setting)."""
         skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "calibration",
-                "crf"}  # the CRF writes prediction/crf with a digest of its own
+                "crf", "skip_empty"}  # the CRF writes prediction/crf with a digest of its own
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -95,6 +104,7 @@ class InferResult:
     spills: int = 0
     peak_accumulator_mb: float = 0.0
     classes: list[str] = field(default_factory=list)
+    tiles_skipped: int = 0  # empty tiles not run (``tiles`` counts those that ran)
 
 
 @dataclass
@@ -111,6 +121,7 @@ class Prepared:
     resumed: bool
     model_identity: str
     calibrator: Any = None  # tasks.calibration.calibrator.Calibrator, or None
+    empty_rule: EmptyRule | None = None  # tiles whose input is all empty under it are not run
 
 
 def _fail(store: str, problem: str) -> ScanError:
@@ -143,10 +154,13 @@ def resolve_tile(config: EngineConfig, model: LoadedModel, spatial: tuple[int, .
     return tile, squeeze
 
 
-def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...], calibrator: dict | str = "none") -> str:
+def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...], calibrator: dict | str = "none",
+            empty_rule: EmptyRule | None = None) -> str:
     payload = {"model": model_identity, "config": config.result_fields(), "tile": list(tile)}
     if calibrator != "none":  # digests of uncalibrated predictions stay what they were
         payload["calibrator"] = calibrator
+    if empty_rule is not None:  # likewise for scans where no tile can be skipped
+        payload["skip_empty"] = empty_rule.record()
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 
 
@@ -195,8 +209,12 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
     tile, squeeze = resolve_tile(config, model, spatial, store)
     chunks = tuple(image.chunks[1:])
     plan = plan_tiles(spatial, tile, config.overlap, chunks, config.placement)
+    try:
+        empty_rule = resolve_rule(config.skip_empty, storage.read_record(store) or {}, channels)
+    except ValueError as exc:
+        raise _fail(store, str(exc)) from None
     digest = _digest(model.identity, config, tile, {k: v for k, v in cal_record.items() if k != "uri"}
-                     if isinstance(cal_record, dict) else cal_record)
+                     if isinstance(cal_record, dict) else cal_record, empty_rule)
 
     pred_url = _prediction(store)
     if expect_digest is not None and digest != expect_digest:
@@ -237,15 +255,18 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
                 len(classes) == 1 and len(calibrator.classes) == 2):
             raise _fail(store, f"the calibrator is for {len(calibrator.classes)} classes, the model gives "
                                f"{len(classes)}")
-        _create_output(pred_url, plan, len(classes), config, digest, classes, model.identity, cal_record)
+        _create_output(pred_url, plan, len(classes), config, digest, classes, model.identity, cal_record,
+                       empty_rule)
 
     done = zarr.open_array(f"{pred_url}/done", mode="r")[...]
     todo = {idx for idx in np.ndindex(*plan.chunk_grid) if not done[idx]}
-    return Prepared(store, plan, config, squeeze, classes, digest, todo, resumed, model.identity, calibrator)
+    return Prepared(store, plan, config, squeeze, classes, digest, todo, resumed, model.identity, calibrator,
+                    empty_rule)
 
 
 def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineConfig, digest: str,
-                   names: list[str], model_identity: str, calibrator: dict | str = "none") -> None:
+                   names: list[str], model_identity: str, calibrator: dict | str = "none",
+                   empty_rule: EmptyRule | None = None) -> None:
     group = storage.open_group(pred_url, mode="w")
     axes = "zyx"[-plan.ndim:]
     group.create_array("probabilities", shape=(classes, *plan.shape), dtype=config.output_dtype,
@@ -257,27 +278,59 @@ def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineCo
     group.attrs[storage.ATTRS_KEY] = {
         "kind": "prediction", "digest": digest, "classes": names, "model": model_identity, "calibrator": calibrator,
         "params": {**config.result_fields(), "tile": list(plan.tile)},
+        "skip_empty": empty_rule.record() if empty_rule is not None else "off",
         "tilewise_version": tilewise_version(),
     }
 
 
 class _ChunkWriter:
-    def __init__(self, pred_url: str, plan: TilePlan, config: EngineConfig, calibrator: Any = None):
+    """Writes finished chunks: blended logits → probabilities (calibrated) → labels → done mark.
+    The weight sums come from the plan (the tiles that ran); voxels no run tile covers are
+    background with probability 1. Arrays handed in go back to ``pool`` once written."""
+
+    def __init__(self, pred_url: str, plan: TilePlan, config: EngineConfig, calibrator: Any = None,
+                 importance: np.ndarray | None = None, skipped: set = frozenset(), classes: int = 1,
+                 pool: BufferPool | None = None):
         self.plan = plan
         self.config = config
         self.calibrator = calibrator
+        self.importance = importance
+        self.skipped = skipped
+        self.classes = classes
+        self.pool = pool
         self.probs = zarr.open_array(f"{pred_url}/probabilities", mode="r+")
         self.labels = zarr.open_array(f"{pred_url}/labels", mode="r+")
         self.done = zarr.open_array(f"{pred_url}/done", mode="r+")
 
-    def write(self, index: Chunk, summed: np.ndarray, weights: np.ndarray) -> Chunk:
-        probs = probabilities(summed, weights)
-        if self.calibrator is not None:  # one chunk (K, *chunk) at a time
-            probs = self.calibrator.apply(probs)
+    def _background(self, probs: np.ndarray, where: np.ndarray | None = None) -> None:
+        """Background with probability 1 (class 0; for one sigmoid class, foreground 0)."""
+        sel = (slice(None),) if where is None else (slice(None), where)
+        probs[sel] = 0.0
+        if probs.shape[0] > 1:
+            probs[(0,) + sel[1:]] = 1.0
+
+    def write(self, index: Chunk, summed: np.ndarray | None) -> Chunk:
         box = self.plan.chunk_box(index)
-        self.probs[(slice(None),) + box] = probs.astype(self.config.output_dtype)
+        if summed is None:  # every tile over this chunk was empty
+            probs = np.empty((self.classes, *(b.stop - b.start for b in box)), np.float32)
+            self._background(probs)
+        else:
+            weights = chunk_weights(self.plan, index, self.importance, self.skipped)
+            uncovered = weights == 0 if self.skipped else None
+            if uncovered is not None and uncovered.any():
+                weights[uncovered] = 1.0  # their logits are 0: no NaN; overwritten below
+            else:
+                uncovered = None
+            probs = probabilities(summed, weights, inplace=True)
+            if self.calibrator is not None:  # one chunk (K, *chunk) at a time
+                probs = self.calibrator.apply(probs)
+            if uncovered is not None:
+                self._background(probs, uncovered)
+        self.probs[(slice(None),) + box] = probs.astype(self.config.output_dtype, copy=False)
         self.labels[box] = labels_from(probs, self.config.threshold)
         self.done[index] = 1  # after the data: a done chunk is always a whole chunk
+        if summed is not None and self.pool is not None:
+            self.pool.give(summed)
         return index
 
 
@@ -296,11 +349,26 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
         runner.squeeze_axis = prep.squeeze_axis
     counts = plan.tiles_per_chunk()
     origins = [o for o in plan.tiles() if any(c in wanted for c in plan.chunks_of_tile(o))]
+    skipped: set = set()
+    if prep.empty_rule is not None:
+        decision = find_empty_tiles(group, plan, origins, prep.empty_rule, image.__getitem__)
+        skipped = decision.skipped
+        log.info("%s: %d of %d tiles empty (%s), not run; decided in %.2f s (%d checked at level 0)", prep.store,
+                 len(skipped), len(origins), prep.empty_rule.source, decision.seconds, decision.checked_at_level0)
+        for origin in skipped:
+            for c in plan.chunks_of_tile(origin):
+                counts[c] -= 1
+        origins = [o for o in origins if o not in skipped]
+        image.clear()  # chunks the decision read: the run announces its own reads below
+    for origin in origins:
+        image.expect((slice(None),) + source_box(origin, plan.tile, plan.shape, config.pad))
     batches = [origins[i: i + config.batch] for i in range(0, len(origins), config.batch)]
     weights = importance_map(plan.tile, config.blend, config.sigma_scale)
-    acc = ChunkAccumulator(plan, len(prep.classes), {c: counts[c] for c in wanted},
-                           budget_bytes=config.memory_budget_mb << 20)
-    writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator)
+    pool = BufferPool()
+    acc = ChunkAccumulator(plan, len(prep.classes), {c: counts[c] for c in wanted if counts[c]},
+                           budget_bytes=config.memory_budget_mb << 20, pool=pool)
+    writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator, weights, skipped,
+                          len(prep.classes), pool)
     norm = model.card.normalization
     calls_before = runner.calls
 
@@ -312,6 +380,11 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     with ThreadPoolExecutor(1, thread_name_prefix="tilewise-read") as readers, \
             ThreadPoolExecutor(2, thread_name_prefix="tilewise-write") as writers:
         try:
+            for index in sorted(c for c in wanted if not counts[c]):  # only empty tiles over it
+                pending.append(writers.submit(writer.write, index, None))
+                while len(pending) > 4:
+                    pending.pop(0).result()
+                    written += 1
             nxt = readers.submit(read, batches[0]) if batches else None
             for i, batch in enumerate(batches):
                 x = nxt.result()
@@ -325,8 +398,8 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                                             f"{len(prep.classes)}")
                 for origin, tile_logits in zip(batch, logits):
                     tile_logits *= weights
-                    for index, summed, wsum in acc.add(origin, tile_logits, weights):
-                        pending.append(writers.submit(writer.write, index, summed, wsum))
+                    for index, summed in acc.add(origin, tile_logits):
+                        pending.append(writers.submit(writer.write, index, summed))
                 # Keep few finished chunks waiting for the encoder: memory stays bounded.
                 while len(pending) > 4:
                     pending.pop(0).result()
@@ -344,7 +417,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
         raise _fail(prep.store, f"internal error: {len(acc.remaining)} chunks never completed")
     return InferResult(prep.store, "partial", tiles=len(origins), model_calls=runner.calls - calls_before,
                        chunks_written=written, seconds=time.perf_counter() - t0, spills=acc.spills,
-                       peak_accumulator_mb=acc.peak_bytes / 2**20, classes=prep.classes)
+                       peak_accumulator_mb=acc.peak_bytes / 2**20, classes=prep.classes, tiles_skipped=len(skipped))
 
 
 def finish(prep: Prepared, extra: dict | None = None) -> None:
@@ -373,7 +446,7 @@ def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConf
         if prep is None:
             return InferResult(str(store), "unchanged")
         result = run_chunks(prep, model, runner=runner, progress=progress)
-        finish(prep, {"tiles": result.tiles, "model_calls": result.model_calls})
+        finish(prep, {"tiles": result.tiles, "model_calls": result.model_calls, "tiles_skipped": result.tiles_skipped})
     result.status = "resumed" if prep.resumed else "inferred"
     result.seconds = time.perf_counter() - t0
     return result

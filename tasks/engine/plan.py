@@ -86,6 +86,22 @@ class TilePlan:
             ranges.append(range(lo // c, (hi - 1) // c + 1))
         yield from itertools.product(*ranges)
 
+    def tiles_of_chunk(self, index: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
+        """Origins (scan coordinates) of the tiles that overlap chunk ``index``, in raster order."""
+        per_axis = []
+        for axis, b in enumerate(self.chunk_box(index)):
+            origins = (s - self.pad_before[axis] for s in self.starts[axis])
+            per_axis.append([o for o in origins if max(o, 0) < min(o + self.tile[axis], self.shape[axis])
+                             and o < b.stop and o + self.tile[axis] > b.start])
+        yield from itertools.product(*per_axis)
+
+    def overlap(self, origin: tuple[int, ...], index: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+        """Where the tile at ``origin`` and chunk ``index`` meet: (slices in the chunk, slices in the tile)."""
+        box = self.chunk_box(index)
+        inter = [(max(b.start, o), min(b.stop, o + t)) for b, o, t in zip(box, origin, self.tile)]
+        return (tuple(slice(lo - b.start, hi - b.start) for (lo, hi), b in zip(inter, box)),
+                tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(inter, origin)))
+
     def tiles_per_chunk(self) -> dict[tuple[int, ...], int]:
         """How many tiles overlap each chunk: the count at which a chunk is final."""
         per_axis = []

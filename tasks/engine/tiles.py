@@ -21,6 +21,17 @@ def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
     return np.where(idx >= size, period - idx, idx)
 
 
+def source_box(origin: tuple[int, ...], tile: tuple[int, ...], shape: tuple[int, ...], mode: PadMode = "reflect"
+               ) -> tuple[slice, ...]:
+    """The spatial box of the scan that ``read_tile`` reads for the tile at ``origin``."""
+    if all(o >= 0 and o + t <= n for o, t, n in zip(origin, tile, shape)):
+        return tuple(slice(o, o + t) for o, t in zip(origin, tile))
+    if mode == "constant":
+        return tuple(slice(max(o, 0), min(o + t, n)) for o, t, n in zip(origin, tile, shape))
+    indices = [reflect_indices(o, o + t, n) for o, t, n in zip(origin, tile, shape)]
+    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+
+
 def read_tile(array, origin: tuple[int, ...], tile: tuple[int, ...], mode: PadMode = "reflect") -> np.ndarray:
     """The tile at ``origin`` (scan coordinates, may be negative) of ``array`` (C, *spatial), as float32."""
     shape = array.shape[1:]
@@ -35,7 +46,7 @@ def read_tile(array, origin: tuple[int, ...], tile: tuple[int, ...], mode: PadMo
         pad = [(0, 0)] + [(a - o, (o + t) - b) for a, b, o, t in zip(lo, hi, origin, tile)]
         return np.pad(block, pad, mode="constant")
     indices = [reflect_indices(o, o + t, n) for o, t, n in zip(origin, tile, shape)]
-    box = (slice(None),) + tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+    box = (slice(None),) + source_box(origin, tile, shape, mode)
     block = np.asarray(array[box], dtype=np.float32)
     for axis, idx in enumerate(indices, start=1):
         block = np.take(block, idx - idx.min(), axis=axis)
@@ -49,6 +60,10 @@ class ChunkCache:
     straight from Zarr would decompress the scan ~8 times. Tiles come in raster order, so the
     chunks around the moving window are all a cache needs to hold. Same indexing as the array
     (``cache[box]``, channel axis first), so ``read_tile`` takes either.
+
+    ``expect(box)`` announces a read to come: a chunk whose announced reads have all happened is
+    dropped at once, so the cache holds the window's chunks, not ``budget_bytes`` of chunks the
+    window has left behind (the budget still caps it).
     """
 
     def __init__(self, array, budget_bytes: int = 256 << 20):
@@ -60,7 +75,22 @@ class ChunkCache:
         self.budget = budget_bytes
         self._cache: OrderedDict = OrderedDict()
         self._bytes = 0
+        self._uses: dict[tuple[int, ...], int] = {}  # chunk -> announced reads still to come
         self.reads = 0
+
+    def _chunks_of(self, box: tuple[slice, ...]):
+        box = tuple(box) + (slice(None),) * (len(self.shape) - len(box))
+        bounds = [s.indices(n)[:2] for s, n in zip(box, self.shape)]
+        ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0) for (a, b), c in zip(bounds, self.chunks)]
+        return bounds, itertools.product(*ranges)
+
+    def expect(self, box: tuple[slice, ...]) -> None:
+        for index in self._chunks_of(box)[1]:
+            self._uses[index] = self._uses.get(index, 0) + 1
+
+    def clear(self) -> None:
+        self._cache.clear()
+        self._bytes = 0
 
     def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
         if index in self._cache:
@@ -77,11 +107,9 @@ class ChunkCache:
         return data
 
     def __getitem__(self, box: tuple[slice, ...]) -> np.ndarray:
-        box = tuple(box) + (slice(None),) * (len(self.shape) - len(box))
-        bounds = [s.indices(n)[:2] for s, n in zip(box, self.shape)]
+        bounds, indices = self._chunks_of(box)
         out = np.empty([b - a for a, b in bounds], dtype=self.array.dtype)
-        ranges = [range(a // c, (b - 1) // c + 1) if b > a else range(0) for (a, b), c in zip(bounds, self.chunks)]
-        for index in itertools.product(*ranges):
+        for index in indices:
             data = self._chunk(index)
             src, dst = [], []
             for (a, b), i, c in zip(bounds, index, self.chunks):
@@ -89,4 +117,13 @@ class ChunkCache:
                 src.append(slice(lo - i * c, hi - i * c))
                 dst.append(slice(lo - a, hi - a))
             out[tuple(dst)] = data[tuple(src)]
+            left = self._uses.get(index)
+            if left is not None:
+                if left > 1:
+                    self._uses[index] = left - 1
+                else:  # its last announced read: the window has moved past it
+                    del self._uses[index]
+                    dropped = self._cache.pop(index, None)
+                    if dropped is not None:
+                        self._bytes -= dropped.nbytes
         return out

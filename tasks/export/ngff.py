@@ -26,6 +26,8 @@ back last, so a reader never sees a half-written label image listed; the group's
 
 from __future__ import annotations
 
+import itertools
+
 from datetime import datetime, timezone
 from typing import Any
 
@@ -42,25 +44,54 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 13
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
 
 
+def _present_values(block: np.ndarray) -> np.ndarray:
+    """The distinct values of ``block``, ascending: by ``bincount`` in pieces for small unsigned types
+    (no sort, no full-size widened copy), else ``np.unique``."""
+    if block.dtype.kind != "u" or block.dtype.itemsize > 2:
+        return np.unique(block)
+    flat = block.reshape(-1)
+    seen = np.zeros(1 << (8 * block.dtype.itemsize), dtype=bool)
+    for start in range(0, flat.size, 1 << 18):
+        counts = np.bincount(flat[start:start + (1 << 18)])
+        seen[:counts.size] |= counts > 0
+    return np.flatnonzero(seen).astype(block.dtype)
+
+
 def downsample_mode(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     """Most frequent value of each ``factors`` block of an integer (*spatial) array.
 
     Ties go to the smaller value; a short trailing block counts only the pixels it has. Cost: one
-    comparison pass per distinct value in ``block`` (a handful of classes).
+    counting pass per distinct value in ``block`` (a handful of classes), found by ``bincount`` for
+    small unsigned types (no sort) and compared in the block's own dtype (no widened copy).
     """
     if all(f == 1 for f in factors):
         return block.copy()
-    pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
-    padded = np.pad(block.astype(np.int64), pad, constant_values=-1)  # -1 is no class: counts for none
-    shape: list[int] = []
-    for n, f in zip(padded.shape, factors):
-        shape += [n // f, f]
-    view = padded.reshape(shape)
-    axes = tuple(range(1, 2 * len(factors), 2))
-    best = np.zeros(view.shape[::2], dtype=block.dtype)
-    best_count = np.full(best.shape, -1, dtype=np.int64)
-    for value in np.unique(block):  # ascending: a later value must beat, not tie, to win
-        count = (view == value).sum(axis=axes)
+    values = _present_values(block)
+    ragged = any(n % f for n, f in zip(block.shape, factors))
+    if ragged:  # pad with a value that is not in the block: it counts for no class
+        if block.dtype.kind in "ui" and np.iinfo(block.dtype).max > values[-1]:
+            absent = values[-1] + 1
+            padded = block
+        else:
+            padded, absent = block.astype(np.int64), -1 if values[0] > -1 else values[0] - 1
+        pad = [(0, (-n) % f) for n, f in zip(block.shape, factors)]
+        padded = np.pad(padded, pad, constant_values=absent)
+    else:
+        padded = block
+    # one strided view per position inside a block: summing their matches counts each block's votes
+    views = [padded[tuple(slice(o, None, f) for o, f in zip(offsets, factors))]
+             for offsets in itertools.product(*(range(f) for f in factors))]
+    out_shape = views[0].shape
+    count_type = np.uint8 if len(views) < 256 else np.int64
+    best = np.zeros(out_shape, dtype=block.dtype)
+    best_count = np.zeros(out_shape, dtype=count_type)
+    count = np.empty(out_shape, dtype=count_type)
+    match = np.empty(out_shape, dtype=bool)
+    for value in values:  # ascending: a later value must beat, not tie, to win
+        count.fill(0)
+        for view in views:
+            np.equal(view, value, out=match)
+            count += match
         better = count > best_count
         best[better] = value
         best_count[better] = count[better]
@@ -98,6 +129,24 @@ def _spatial_levels(group: zarr.Group) -> tuple[list[dict[str, Any]], list[dict[
     return axes, scales, factors
 
 
+SLAB_BYTES = 8 << 20  # labels read and written per call: rows of chunks, bounded
+
+
+def _slabs(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int):
+    """Boxes of whole chunk rows along the first axis (as many rows as fit in ``SLAB_BYTES``, at least
+    one); a row wider than that is cut into chunk-aligned pieces along the next axes instead."""
+    row = chunks[0] * int(np.prod(shape[1:])) * itemsize
+    if row <= SLAB_BYTES or len(shape) == 1:
+        rows = max(1, SLAB_BYTES // max(row, 1)) * chunks[0]
+        for start in range(0, shape[0], rows):
+            yield (slice(start, min(start + rows, shape[0])),) + tuple(slice(0, n) for n in shape[1:])
+        return
+    for start in range(0, shape[0], chunks[0]):
+        head = slice(start, min(start + chunks[0], shape[0]))
+        for rest in _slabs(shape[1:], chunks[1:], itemsize * (head.stop - head.start)):
+            yield (head, *rest)
+
+
 def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str] | None,
                       attrs: dict[str, Any] | None = None, downsample: str = "mode") -> zarr.Group:
     """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last.
@@ -118,7 +167,7 @@ def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes:
         chunks = tuple(image[str(n)].chunks[1:])
         array = target.create_array(str(n), shape=shape, dtype=level0.dtype, chunks=chunks, compressors=COMPRESSOR,
                                     fill_value=0, dimension_names=dims)
-        for box in storage.chunk_boxes(shape, chunks):
+        for box in _slabs(shape, chunks, level0.dtype.itemsize):  # whole rows of chunks: zarr writes them together
             if n == 0:
                 array[box] = np.asarray(level0[box])
             else:

@@ -1,0 +1,109 @@
+"""Which tiles have no signal: a tile whose whole input is empty is not run through the network.
+
+Real scans are mostly empty: MRI background outside the head, satellite nodata outside the swath,
+EM borders. A voxel is *empty* when every channel equals its channel's empty value -- the source's
+declared nodata (GeoTIFF, per band; NaN matches NaN) or a background value from the catalog
+(``tiling.skip_empty``). Padding outside the scan is empty too: a tile sees nothing else.
+
+The decision costs almost nothing. It is made on the pyramid's lowest level first: a level-L voxel
+is the mean of its block of level-0 voxels, so a block that is all one value averages to that value,
+and a level-L voxel that is *not* empty proves that its block holds a voxel that is not either.
+A tile whose box touches such a block is run straight away (conservatively: the voxel may lie in the
+part of the block outside the tile). Only a tile whose every level-L voxel looks empty
+is checked at level 0 (a mean can hide a few voxels: integer rounding, NaN), and only that tile is
+skipped when all its level-0 voxels are empty. A skipped tile's voxels that no run tile covers are
+background with probability 1 (the engine's writer); elsewhere the run tiles alone are blended.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from tasks.engine.plan import TilePlan
+
+Origin = tuple[int, ...]
+SkipSetting = str | float | None  # "auto" | "off" | a background value
+
+
+@dataclass(frozen=True)
+class EmptyRule:
+    """A voxel is empty when channel c equals ``values[c]`` for every c (NaN equals NaN)."""
+
+    values: tuple[float, ...]
+    source: str  # "nodata" (declared by the source) | "background" (the catalog's value)
+
+    def record(self) -> dict:
+        return {"source": self.source, "values": [v if not math.isnan(v) else "NaN" for v in self.values]}
+
+    def empty(self, block: np.ndarray) -> np.ndarray:
+        """(C, *spatial) → (*spatial) bool: True where every channel holds its empty value."""
+        out = np.ones(block.shape[1:], dtype=bool)
+        for channel, value in zip(block, self.values):
+            out &= np.isnan(channel) if math.isnan(value) else (channel == value)
+        return out
+
+
+def resolve_rule(setting: SkipSetting, record: dict, channels: int) -> EmptyRule | None:
+    """The rule a run uses: ``"auto"`` the source's nodata when every channel declares one (else none),
+    ``"off"`` / None none, a number that background value on every channel."""
+    if setting is None or setting == "off":
+        return None
+    if setting == "auto":
+        declared = (record.get("spatial") or {}).get("nodata") or []
+        if len(declared) != channels or any(v is None for v in declared):
+            return None
+        return EmptyRule(tuple(float(v) for v in declared), "nodata")
+    if isinstance(setting, str):
+        raise ValueError(f"skip_empty must be auto, off or a number, got {setting!r}")
+    return EmptyRule((float(setting),) * channels, "background")
+
+
+@dataclass
+class SkipDecision:
+    skipped: set[Origin] = field(default_factory=set)
+    considered: int = 0  # tiles decided on
+    checked_at_level0: int = 0  # tiles the lowest level could not clear
+    level: int = 0  # the pyramid level decided on first
+    seconds: float = 0.0
+
+
+def _lowest_level(group) -> tuple[int, np.ndarray | None, tuple[int, ...]]:
+    """The smallest pyramid level of the scan's image: its index, its voxels (C, *spatial) in memory
+    (None without a pyramid) and its factor per spatial axis from level 0 (OME-NGFF scales)."""
+    datasets = group.attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets") or []
+    if len(datasets) < 2:
+        return 0, None, ()
+    first, last = datasets[0], datasets[-1]
+    scale0 = first["coordinateTransformations"][0]["scale"][1:]
+    scale = last["coordinateTransformations"][0]["scale"][1:]
+    factors = tuple(int(round(s / s0)) for s, s0 in zip(scale, scale0))
+    return len(datasets) - 1, np.asarray(group[last["path"]][...]), factors
+
+
+def find_empty_tiles(group, plan: TilePlan, origins: Iterable[Origin], rule: EmptyRule,
+                     read: Callable[[tuple[slice, ...]], np.ndarray]) -> SkipDecision:
+    """The tiles among ``origins`` whose input is all empty under ``rule``. ``group`` is the scan group
+    (its ``image`` pyramid); ``read(box)`` reads level 0 (C, *box), e.g. the engine's chunk cache."""
+    t0 = time.perf_counter()
+    level, coarse, factors = _lowest_level(group)
+    coarse_empty = rule.empty(coarse) if coarse is not None else None
+    decision = SkipDecision(level=level)
+    for origin in origins:
+        decision.considered += 1
+        lo = [max(o, 0) for o in origin]
+        hi = [min(o + t, n) for o, t, n in zip(origin, plan.tile, plan.shape)]
+        if coarse_empty is not None:
+            box = tuple(slice(a // f, -(-b // f)) for a, b, f in zip(lo, hi, factors))
+            if not coarse_empty[box].all():
+                continue  # a non-empty coarse voxel proves a non-empty voxel in its block
+        decision.checked_at_level0 += 1
+        block = read((slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi)))
+        if rule.empty(block).all():
+            decision.skipped.add(tuple(origin))
+    decision.seconds = time.perf_counter() - t0
+    return decision

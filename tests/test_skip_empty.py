@@ -1,0 +1,158 @@
+"""Empty tiles are not run: which ones (worked out here from the voxels, not by the engine's helper),
+what their voxels get, the lowest pyramid level never hiding signal, and the digest/attributes.
+
+The network is pointwise (a 1x1 convolution), so a voxel's blended probability is the softmax of its
+own logits whatever tiles cover it: every voxel a run tile covers can be checked exactly, and every
+voxel that only skipped tiles cover must be background with probability 1."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import rasterio
+import torch
+import zarr
+
+from tasks import storage
+from tasks.engine.infer import EngineConfig, infer_scan
+from tasks.engine.model_io import LoadedModel, ModelCard
+from tasks.engine.plan import even_starts
+from tasks.errors import ScanError
+from tasks.ingest import ScanSpec, ingest_scan
+
+
+CARD = ModelCard(classes=["background", "foreground"])  # no probe tile to learn the classes
+
+
+class Pointwise(torch.nn.Module):
+    """1x1 convolution to 2 classes, counting the tiles it sees."""
+
+    def __init__(self, c_in: int, dims: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = (torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d)(c_in, 2, 1)
+        self.tiles = 0
+
+    def forward(self, x):
+        self.tiles += x.shape[0]
+        return self.conv(x)
+
+
+def softmax_of(net: Pointwise, array: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        logits = net.conv(torch.from_numpy(array.astype(np.float32))[None])[0]
+    return torch.softmax(logits, 0).numpy()
+
+
+def nifti_scan(tmp_path: Path, array: np.ndarray, chunks, name="mri") -> str:
+    src = tmp_path / f"{name}.nii"
+    nib.save(nib.Nifti1Image(np.transpose(array, (3, 2, 1, 0)), np.eye(4)), src)
+    store = str(tmp_path / f"{name}.zarr")
+    ingest_scan(ScanSpec(name, "mri", (src,), chunks=chunks), store)
+    return store
+
+
+def geotiff_scan(tmp_path: Path, array: np.ndarray, nodata, chunks, name="sat") -> str:
+    src = tmp_path / f"{name}.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=array.shape[2], height=array.shape[1], count=array.shape[0],
+                       dtype=array.dtype.name, nodata=nodata) as dst:
+        dst.write(array)
+    store = str(tmp_path / f"{name}.zarr")
+    ingest_scan(ScanSpec(name, "satellite", (src,), chunks=chunks), store)
+    return store
+
+
+def tile_boxes(shape, tile, overlap=0.5):
+    """Every tile of the default (even) placement as a tuple of slices (scans here are >= the tile)."""
+    starts = [even_starts(n, t, overlap) for n, t in zip(shape, tile)]
+    return [tuple(slice(s, s + t) for s, t in zip(start, tile)) for start in itertools.product(*starts)]
+
+
+def expected(array: np.ndarray, empty: np.ndarray, tile, net: Pointwise):
+    """(tiles that must run, probabilities every voxel must get) worked out from the voxels."""
+    boxes = tile_boxes(array.shape[1:], tile)
+    run = [b for b in boxes if not empty[b].all()]
+    covered = np.zeros(array.shape[1:], bool)
+    for b in run:
+        covered[b] = True
+    probs = softmax_of(net, array)
+    probs[:, ~covered] = 0.0
+    probs[0, ~covered] = 1.0
+    return len(boxes), len(run), probs
+
+
+def predicted(store: str) -> np.ndarray:
+    return zarr.open_array(f"{store}/prediction/probabilities")[:]
+
+
+def test_mri_background_tiles_are_not_run_and_are_background_with_probability_one(tmp_path):
+    rng = np.random.default_rng(0)
+    array = np.zeros((1, 24, 64, 64), np.float32)
+    array[0, 4:14, 36:60, 8:30] = rng.random((10, 24, 22), dtype=np.float32) + 0.5  # the "head"
+    store = nifti_scan(tmp_path, array, (8, 16, 16))
+    net = Pointwise(1, 3)
+    tile = (8, 16, 16)
+    total, must_run, want = expected(array, array[0] == 0, tile, net)
+    assert 0 < must_run < total / 2  # the case skips most tiles
+
+    result = infer_scan(store, LoadedModel(net, CARD, "pw"),
+                        EngineConfig(tile=tile, skip_empty=0.0, output_dtype="float32"))
+    assert net.tiles == result.model_calls == result.tiles == must_run
+    assert result.tiles_skipped == total - must_run
+    assert np.abs(predicted(store) - want).max() <= 1e-6
+    labels = zarr.open_array(f"{store}/prediction/labels")[:]
+    assert np.array_equal(labels, want.argmax(0))
+    attrs = storage.read_record(f"{store}/prediction")
+    assert attrs["skip_empty"] == {"source": "background", "values": [0.0]}
+    assert attrs[storage.COMPLETE_KEY]["tiles_skipped"] == total - must_run
+
+
+def test_satellite_nodata_is_skipped_by_default_and_a_lone_pixel_the_pyramid_rounds_away_still_runs(tmp_path):
+    rng = np.random.default_rng(1)
+    array = np.zeros((3, 256, 256), np.uint16)  # nodata 0 on every band
+    array[:, :100, :] = rng.integers(1, 50, (3, 100, 256), dtype=np.uint16)  # the swath
+    array[1, 220, 200] = 1  # one valid pixel deep in the nodata: the 4x4 block mean rounds it to 0
+    store = geotiff_scan(tmp_path, array, 0, (64, 64))
+    coarse = zarr.open_group(store, mode="r")["image"]
+    lowest = coarse[str(max(int(k) for k in coarse.keys()))][...]
+    assert lowest.shape[1] < 256 and not lowest[:, 220 * lowest.shape[1] // 256, 200 * lowest.shape[2] // 256].any()
+    net = Pointwise(3, 2)
+    tile = (64, 64)
+    total, must_run, want = expected(array, (array == 0).all(0), tile, net)
+    assert any(b[0].start <= 220 < b[0].stop and b[1].start <= 200 < b[1].stop
+               for b in tile_boxes((256, 256), tile) if b[0].start >= 128)  # tiles there only see that pixel
+
+    result = infer_scan(store, LoadedModel(net, CARD, "pw"), EngineConfig(tile=tile, output_dtype="float32"))
+    assert result.tiles == must_run and result.tiles_skipped == total - must_run > 0
+    assert np.abs(predicted(store) - want).max() <= 1e-6
+    assert storage.read_record(f"{store}/prediction")["skip_empty"] == {"source": "nodata", "values": [0.0] * 3}
+
+
+def test_off_runs_every_tile_and_auto_without_nodata_keeps_the_digest(tmp_path):
+    array = np.zeros((1, 16, 32, 32), np.float32)
+    array[0, :4, :8, :8] = 1.0
+    store = nifti_scan(tmp_path, array, (8, 16, 16))
+    net = Pointwise(1, 3)
+    tile = (8, 16, 16)
+    total = len(tile_boxes(array.shape[1:], tile))
+    off = infer_scan(store, LoadedModel(net, CARD, "pw"), EngineConfig(tile=tile, skip_empty="off"))
+    assert off.tiles == total and off.tiles_skipped == 0
+    digest = storage.read_record(f"{store}/prediction")["digest"]
+    # NIfTI declares no nodata: "auto" changes nothing, so the complete prediction is kept as it is
+    again = infer_scan(store, LoadedModel(net, CARD, "pw"), EngineConfig(tile=tile))
+    assert again.status == "unchanged" and storage.read_record(f"{store}/prediction")["digest"] == digest
+    # a background value does change the result: the prediction is replaced
+    skipping = infer_scan(store, LoadedModel(net, CARD, "pw"), EngineConfig(tile=tile, skip_empty=0.0))
+    assert skipping.status == "inferred" and skipping.tiles < total
+
+
+def test_a_bad_setting_is_one_line_naming_the_store(tmp_path):
+    store = nifti_scan(tmp_path, np.ones((1, 8, 16, 16), np.float32), (8, 16, 16))
+    with pytest.raises(ScanError) as err:
+        infer_scan(store, LoadedModel(Pointwise(1, 3), CARD, "pw"),
+                   EngineConfig(tile=(8, 16, 16), skip_empty="nodata"))
+    assert store in str(err.value) and "skip_empty" in str(err.value) and "\n" not in str(err.value)
