@@ -236,7 +236,7 @@ class ModelRef(_Strict):
 class Tiling(_Strict):
     """How the engine tiles a scan. ``dask``: run inference on a Dask cluster, ``local`` or ``local:N``
     (a local cluster of N worker processes, default 2) or a scheduler address (``tcp://host:8786``);
-    None (default) runs in the calling process."""
+    None (default) runs in the calling process. ``skip_empty``: see ``tasks.engine.skip``."""
 
     tile: list[int] | None = None
     overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
@@ -244,6 +244,9 @@ class Tiling(_Strict):
     batch: int = Field(default=4, ge=1)
     pad: Literal["reflect", "constant"] = "reflect"
     dask: str | None = Field(default=None, description="local, local:N or a Dask scheduler address")
+    skip_empty: Literal["auto", "off"] | float = Field(
+        default="auto", description="tiles whose input is all empty are not run: auto (the source's declared "
+                                    "nodata, e.g. GeoTIFF), off, or a background value every channel holds there")
 
     @field_validator("dask")
     @classmethod

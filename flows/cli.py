@@ -206,6 +206,8 @@ def infer(
     mode: str = typer.Option("auto", "--mode", help="auto (the model card decides) | semantic | instances"),
     crf: bool = typer.Option(False, "--crf", help="then refine with the dense CRF into prediction/crf "
                                                   "(default parameters; the catalog's refine section for the nightly)"),
+    skip_empty: str = typer.Option("auto", "--skip-empty", help="tiles whose input is all empty are not run: auto "
+                                   "(the source's declared nodata), off, or a background value, e.g. 0"),
 ) -> None:
     """Sliding-window inference over a scan group. A semantic model writes prediction/probabilities and
     labels; an instance model (Mask R-CNN) runs tile by tile, merges objects across tiles and writes
@@ -218,6 +220,12 @@ def infer(
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             _fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    skip_setting: str | float = skip_empty
+    if skip_empty not in ("auto", "off"):
+        try:
+            skip_setting = float(skip_empty)
+        except ValueError:
+            _fail(f"--skip-empty must be auto, off or a number, got {skip_empty!r}")
     tile_size = None
     if tile:
         try:
@@ -233,7 +241,7 @@ def infer(
 
     config = EngineConfig(tile=tile_size, overlap=overlap, batch=batch, tta=tta, device=device, amp=amp,
                           blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb,
-                          calibration=calibration, crf=_default_crf() if crf else None)
+                          calibration=calibration, crf=_default_crf() if crf else None, skip_empty=skip_setting)
     if crf and (dask or mode == "instances"):
         _fail("--crf refines a semantic prediction in one process: drop --dask / --mode instances")
     try:
@@ -257,7 +265,8 @@ def infer(
                   f"tiles, {result.skipped_nodata} nodata tiles skipped, {result.model_calls} model calls, "
                   f"{result.seconds:.1f} s)")
         return
-    out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles, {result.model_calls} model calls, "
+    skipped = f", {result.tiles_skipped} empty tiles skipped" if result.tiles_skipped else ""
+    out.print(f"{result.status}: {store}/prediction ({result.tiles} tiles{skipped}, {result.model_calls} model calls, "
               f"{result.chunks_written} chunks, {result.seconds:.1f} s)")
     if crf:
         out.print(f"dense CRF: {store}/prediction/crf")

@@ -25,7 +25,7 @@ from tasks.settings import scan_store
 def engine_config(entry: CatalogEntry) -> EngineConfig:
     t = entry.tiling
     return EngineConfig(tile=tuple(t.tile) if t.tile else None, overlap=t.overlap, blend=t.blend, batch=t.batch,
-                        pad=t.pad, crf=entry.refine.params() if entry.refine.crf else None)
+                        pad=t.pad, crf=entry.refine.params() if entry.refine.crf else None, skip_empty=t.skip_empty)
 
 
 def model_uri(entry: CatalogEntry) -> str | None:

@@ -156,3 +156,32 @@ def test_a_bad_setting_is_one_line_naming_the_store(tmp_path):
         infer_scan(store, LoadedModel(Pointwise(1, 3), CARD, "pw"),
                    EngineConfig(tile=(8, 16, 16), skip_empty="nodata"))
     assert store in str(err.value) and "skip_empty" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_and_catalog_take_the_setting(tmp_path):
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from data_catalog.schema import Tiling
+    from flows.cli import app
+
+    assert Tiling().skip_empty == "auto" and Tiling(skip_empty=0).skip_empty == 0.0
+    assert Tiling(skip_empty="off").skip_empty == "off"
+    with pytest.raises(ValidationError):
+        Tiling(skip_empty="nodata")
+
+    array = np.zeros((1, 16, 32, 32), np.float32)
+    array[0, :8, :16, :16] = 2.0
+    store = nifti_scan(tmp_path, array, (8, 16, 16))
+    model = tmp_path / "pw.pt"
+    torch.jit.script(Pointwise(1, 3)).save(str(model))
+    runner = CliRunner()
+    bad = runner.invoke(app, ["infer", "--store", store, "--model", str(model), "--skip-empty", "zero"])
+    assert bad.exit_code == 1 and "--skip-empty must be auto, off or a number" in bad.output
+    ok = runner.invoke(app, ["infer", "--store", store, "--model", str(model), "--tile", "8,16,16",
+                             "--skip-empty", "0"])
+    assert ok.exit_code == 0, ok.output
+    total = len(tile_boxes(array.shape[1:], (8, 16, 16)))
+    run = sum(not (array[0][b] == 0).all() for b in tile_boxes(array.shape[1:], (8, 16, 16)))
+    assert f"{total - run} empty tiles skipped" in ok.output
+    assert storage.read_record(f"{store}/prediction")["skip_empty"]["source"] == "background"
