@@ -244,9 +244,10 @@ class Tiling(_Strict):
     batch: int = Field(default=4, ge=1)
     pad: Literal["reflect", "constant"] = "reflect"
     dask: str | None = Field(default=None, description="local, local:N or a Dask scheduler address")
-    skip_empty: Literal["auto", "off"] | float = Field(
+    skip_empty: Literal["auto", "off", "corner"] | float = Field(
         default="auto", description="tiles whose input is all empty are not run: auto (the source's declared "
-                                    "nodata, e.g. GeoTIFF), off, or a background value every channel holds there")
+                                    "nodata, e.g. GeoTIFF), off, corner (each channel's value at the first voxel: "
+                                    "skull-stripped MRI) or a background value every channel holds there")
 
     @field_validator("dask")
     @classmethod

@@ -207,7 +207,8 @@ def infer(
     crf: bool = typer.Option(False, "--crf", help="then refine with the dense CRF into prediction/crf "
                                                   "(default parameters; the catalog's refine section for the nightly)"),
     skip_empty: str = typer.Option("auto", "--skip-empty", help="tiles whose input is all empty are not run: auto "
-                                   "(the source's declared nodata), off, or a background value, e.g. 0"),
+                                   "(the source's declared nodata), off, corner (each channel's value at the first voxel: "
+                                   "skull-stripped MRI) or a background value, e.g. 0"),
 ) -> None:
     """Sliding-window inference over a scan group. A semantic model writes prediction/probabilities and
     labels; an instance model (Mask R-CNN) runs tile by tile, merges objects across tiles and writes
@@ -221,11 +222,11 @@ def infer(
         if value not in allowed:
             _fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
     skip_setting: str | float = skip_empty
-    if skip_empty not in ("auto", "off"):
+    if skip_empty not in ("auto", "off", "corner"):
         try:
             skip_setting = float(skip_empty)
         except ValueError:
-            _fail(f"--skip-empty must be auto, off or a number, got {skip_empty!r}")
+            _fail(f"--skip-empty must be auto, off, corner or a number, got {skip_empty!r}")
     tile_size = None
     if tile:
         try:

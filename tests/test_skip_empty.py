@@ -111,6 +111,24 @@ def test_mri_background_tiles_are_not_run_and_are_background_with_probability_on
     assert attrs[storage.COMPLETE_KEY]["tiles_skipped"] == total - must_run
 
 
+def test_corner_takes_each_channels_background_as_skull_stripped_z_scored_mri_has_it(tmp_path):
+    rng = np.random.default_rng(3)
+    background = np.array([-3.16, -1.37], np.float32)  # z-scored: the constant outside the brain, per channel
+    array = np.broadcast_to(background[:, None, None, None], (2, 16, 48, 48)).copy()
+    array[:, 2:10, 8:30, 20:44] = rng.normal(size=(2, 8, 22, 24)).astype(np.float32)
+    store = nifti_scan(tmp_path, array, (8, 16, 16))
+    net = Pointwise(2, 3)
+    tile = (8, 16, 16)
+    total, must_run, want = expected(array, (array == background[:, None, None, None]).all(0), tile, net)
+    assert 0 < must_run < total
+    result = infer_scan(store, LoadedModel(net, CARD, "pw"),
+                        EngineConfig(tile=tile, skip_empty="corner", output_dtype="float32"))
+    assert result.tiles == must_run and result.tiles_skipped == total - must_run
+    assert np.abs(predicted(store) - want).max() <= 1e-5
+    rule = storage.read_record(f"{store}/prediction")["skip_empty"]
+    assert rule["source"] == "corner" and np.allclose(rule["values"], background)
+
+
 def test_satellite_nodata_is_skipped_by_default_and_a_lone_pixel_the_pyramid_rounds_away_still_runs(tmp_path):
     rng = np.random.default_rng(1)
     array = np.zeros((3, 256, 256), np.uint16)  # nodata 0 on every band
@@ -177,7 +195,7 @@ def test_cli_and_catalog_take_the_setting(tmp_path):
     torch.jit.script(Pointwise(1, 3)).save(str(model))
     runner = CliRunner()
     bad = runner.invoke(app, ["infer", "--store", store, "--model", str(model), "--skip-empty", "zero"])
-    assert bad.exit_code == 1 and "--skip-empty must be auto, off or a number" in bad.output
+    assert bad.exit_code == 1 and "--skip-empty must be auto, off, corner or a number" in bad.output
     ok = runner.invoke(app, ["infer", "--store", store, "--model", str(model), "--tile", "8,16,16",
                              "--skip-empty", "0"])
     assert ok.exit_code == 0, ok.output

@@ -82,7 +82,7 @@ class EngineConfig:
     input_cache_mb: int = 256  # decoded input chunks kept for the overlapping tiles that reuse them
     calibration: bool = True  # apply the model version's calibrator, if it has one
     crf: dict | None = None  # dense CRF after the prediction (tasks.refine.crf.CrfParams fields); its own output
-    skip_empty: SkipSetting = "auto"  # tiles with no signal: auto (source nodata) | off | a background value
+    skip_empty: SkipSetting = "auto"  # tiles with no signal: auto (source nodata) | off | corner | a background value
 
     def result_fields(self) -> dict:
         """The options that change the numbers written (not device, batch or memory budget; the
@@ -210,7 +210,7 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
     chunks = tuple(image.chunks[1:])
     plan = plan_tiles(spatial, tile, config.overlap, chunks, config.placement)
     try:
-        empty_rule = resolve_rule(config.skip_empty, storage.read_record(store) or {}, channels)
+        empty_rule = resolve_rule(config.skip_empty, storage.read_record(store) or {}, channels, image)
     except ValueError as exc:
         raise _fail(store, str(exc)) from None
     digest = _digest(model.identity, config, tile, {k: v for k, v in cal_record.items() if k != "uri"}

@@ -2,8 +2,10 @@
 
 Real scans are mostly empty: MRI background outside the head, satellite nodata outside the swath,
 EM borders. A voxel is *empty* when every channel equals its channel's empty value -- the source's
-declared nodata (GeoTIFF, per band; NaN matches NaN) or a background value from the catalog
-(``tiling.skip_empty``). Padding outside the scan is empty too: a tile sees nothing else.
+declared nodata (GeoTIFF, per band; NaN matches NaN), a background value from the catalog
+(``tiling.skip_empty``), or ``corner``: each channel's value at the scan's first voxel (the constant
+background of skull-stripped, z-scored MRI differs per subject and per channel). Padding outside
+the scan is empty too: a tile sees nothing else.
 
 The decision costs almost nothing. It is made on the pyramid's lowest level first: a level-L voxel
 is the mean of its block of level-0 voxels, so a block that is all one value averages to that value,
@@ -27,7 +29,7 @@ import numpy as np
 from tasks.engine.plan import TilePlan
 
 Origin = tuple[int, ...]
-SkipSetting = str | float | None  # "auto" | "off" | a background value
+SkipSetting = str | float | None  # "auto" | "off" | "corner" | a background value
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class EmptyRule:
     """A voxel is empty when channel c equals ``values[c]`` for every c (NaN equals NaN)."""
 
     values: tuple[float, ...]
-    source: str  # "nodata" (declared by the source) | "background" (the catalog's value)
+    source: str  # "nodata" (declared by the source) | "background" (the catalog's value) | "corner"
 
     def record(self) -> dict:
         return {"source": self.source, "values": [v if not math.isnan(v) else "NaN" for v in self.values]}
@@ -48,18 +50,22 @@ class EmptyRule:
         return out
 
 
-def resolve_rule(setting: SkipSetting, record: dict, channels: int) -> EmptyRule | None:
+def resolve_rule(setting: SkipSetting, record: dict, channels: int, image=None) -> EmptyRule | None:
     """The rule a run uses: ``"auto"`` the source's nodata when every channel declares one (else none),
-    ``"off"`` / None none, a number that background value on every channel."""
+    ``"off"`` / None none, ``"corner"`` the values of ``image`` (C, *spatial) at its first voxel, a
+    number that background value on every channel."""
     if setting is None or setting == "off":
         return None
+    if setting == "corner":
+        corner = np.asarray(image[(slice(None),) + (0,) * (image.ndim - 1)], dtype=np.float64)
+        return EmptyRule(tuple(float(v) for v in corner), "corner")
     if setting == "auto":
         declared = (record.get("spatial") or {}).get("nodata") or []
         if len(declared) != channels or any(v is None for v in declared):
             return None
         return EmptyRule(tuple(float(v) for v in declared), "nodata")
     if isinstance(setting, str):
-        raise ValueError(f"skip_empty must be auto, off or a number, got {setting!r}")
+        raise ValueError(f"skip_empty must be auto, off, corner or a number, got {setting!r}")
     return EmptyRule((float(setting),) * channels, "background")
 
 
