@@ -265,3 +265,34 @@ def test_a_failed_download_leaves_no_copy_taken_as_done(s3, tmp_path, monkeypatc
     assert ingest_scan(spec, tmp_path / "em.zarr").status == "ingested"
     assert len(s3.object_gets()) == 8  # every slice fetched again, none taken from the broken attempt
     np.testing.assert_array_equal(level0(tmp_path / "em.zarr")[0, 7], iio.imread(EM / "image" / "7.png"))
+
+
+@pytest.mark.slow
+def test_ingest_flow_over_s3_isolates_bad_objects_and_skips_unchanged_ones(prefect_server, s3, tmp_path):
+    from flows.ingest import ingest_flow
+
+    good = SAT / "images" / CHIP.format(53)
+    s3.put("scenes/a_good.tif", good)
+    s3.put("scenes/b_not_a_tiff.tif", b"this is not a TIFF\n")
+    s3.put("scenes/c_truncated.tif", good.read_bytes()[: good.stat().st_size // 3])
+    entry(tmp_path, "scenes", f"""
+        name: scenes
+        modality: satellite
+        scans: {{path: "{s3.url}/scenes/*.tif"}}
+    """)
+    root = tmp_path / "stores"
+    state = ingest_flow("scenes", catalog=str(tmp_path / "catalog"), store_root=str(root), return_state=True)
+    assert state.is_failed() and "2 of 3 scans failed" in state.message
+    assert f"{s3.url}/scenes/b_not_a_tiff.tif: not a readable GeoTIFF" in state.message
+    assert f"{s3.url}/scenes/c_truncated.tif: " in state.message
+    outcomes = {o.scan_id: o for o in state.result(raise_on_failure=False)}
+    assert outcomes["a_good"].status == "ingested"
+    with rasterio.open(good) as src:
+        np.testing.assert_array_equal(level0(Path(outcomes["a_good"].store)), src.read())
+
+    s3.forget_requests()
+    again = ingest_flow("scenes", catalog=str(tmp_path / "catalog"), store_root=str(root), return_state=True)
+    statuses = {o.scan_id: o.status for o in again.result(raise_on_failure=False)}
+    assert statuses == {"a_good": "unchanged", "b_not_a_tiff": "failed", "c_truncated": "failed"}
+    # the good one is not fetched; the bad ones are read again, from the copies of the first run
+    assert s3.object_gets() == []
