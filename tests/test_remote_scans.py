@@ -296,3 +296,16 @@ def test_ingest_flow_over_s3_isolates_bad_objects_and_skips_unchanged_ones(prefe
     assert statuses == {"a_good": "unchanged", "b_not_a_tiff": "failed", "c_truncated": "failed"}
     # the good one is not fetched; the bad ones are read again, from the copies of the first run
     assert s3.object_gets() == []
+
+
+def test_file_urls_are_read_in_place_not_copied(tmp_path):
+    loaded = entry(tmp_path, "rio_file", f"""
+        name: rio_file
+        modality: satellite
+        scans: {{path: "file://{SAT}/images/*.tif"}}
+        labels: {{path: "file://{{dir}}/../masks/{{name}}", mapping: {{0: 0, 255: 1}}, classes: [background, building]}}
+    """)
+    specs = discover_scans(loaded)
+    assert [s.scan_id for s in specs] == [CHIP.format(n)[:-4] for n in (53, 54, 57)]
+    assert specs[0].sources == (SAT / "images" / CHIP.format(53),) and specs[0].remote is None
+    assert specs[0].labels.sources == (SAT / "masks" / CHIP.format(53),) and specs[0].labels.remote is None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from data_catalog import LoadedEntry
 from tasks.errors import ScanError
-from tasks.ingest.remote import RemoteScan, describe_object, is_url, list_matches
+from tasks.ingest.remote import RemoteScan, describe_object, is_url, list_matches, local_path
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -78,6 +78,7 @@ def _label_spec(loaded: LoadedEntry, scan: str, parent: str, fields: dict[str, s
     listed the storage afresh, so its cached listings may be used)."""
     entry, base = loaded.entry, loaded.base_dir
     label_path = entry.labels.path.format(scan=scan, dir=parent, **{k: fields[k] for k in ("name", "stem")})
+    label_path = local_path(label_path) or label_path
     common = {"mapping": dict(entry.labels.mapping), "classes": tuple(entry.labels.classes)}
     if is_url(label_path):
         remote = describe_object(label_path, fresh=not listed)
@@ -92,7 +93,7 @@ def discover_scans(loaded: LoadedEntry) -> list[ScanSpec]:
     Remote matches are listed, never downloaded (``tilewise catalog list`` reads no object body).
     """
     entry, base = loaded.entry, loaded.base_dir
-    pattern = entry.scans.path
+    pattern = local_path(entry.scans.path) or entry.scans.path
     if not is_url(pattern) and not os.path.isabs(pattern):
         pattern = str(base / pattern)
     if is_url(pattern):

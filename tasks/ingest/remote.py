@@ -34,7 +34,14 @@ from tasks.errors import ScanError
 
 
 def is_url(path: str | os.PathLike) -> bool:
-    return "://" in str(path)
+    """A remote location: an fsspec URL other than ``file://`` (see :func:`local_path`)."""
+    return "://" in str(path) and local_path(str(path)) is None
+
+
+def local_path(url: str) -> str | None:
+    """The path of a ``file://`` or ``local://`` URL (read in place, never copied), else None."""
+    protocol, _, path = url.partition("://")
+    return path if path and protocol in ("file", "local") else None
 
 
 def _one_line(exc: BaseException) -> str:
