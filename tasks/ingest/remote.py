@@ -18,6 +18,7 @@ directly under the prefix belong to it (names starting with "." are skipped, as 
 
 from __future__ import annotations
 
+import glob as _glob
 import hashlib
 import json
 import os
@@ -109,6 +110,20 @@ def _files_under(fs, prefix: str) -> dict[str, dict[str, Any]]:
             if info.get("type") != "directory" and not info["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")}
 
 
+def _channel(fs, prefix: str, channel: str, children: dict[str, dict[str, Any]]) -> RemoteObject:
+    """A channel object of a scan prefix: from the prefix's listing, or (a channel in a deeper
+    prefix, ``sub/name``) its own HEAD; ``size`` None when it is not there."""
+    path = f"{prefix}/{channel}"
+    if channel in children:
+        return _object(fs, path, children[channel])
+    if "/" in channel:
+        try:
+            return _object(fs, path, fs.info(path))
+        except FileNotFoundError:
+            pass
+    return RemoteObject(fs.unstrip_protocol(path), None)
+
+
 def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = True) -> list[RemoteScan]:
     """Every match of ``pattern`` (an fsspec URL, may hold a glob), described from listings only.
 
@@ -117,8 +132,6 @@ def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = 
     channel that is not under its prefix is kept with ``size`` None (ingest names it missing).
     Raises :class:`ScanError` naming the URL when the storage cannot be listed.
     """
-    import glob as _glob
-
     try:
         fs, path = fsspec.core.url_to_fs(pattern)
         if fresh:
@@ -137,8 +150,7 @@ def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = 
             if info.get("type") == "directory":
                 children = _files_under(fs, name)
                 if channels:
-                    objects = tuple(_object(fs, f"{name}/{c}", children[c]) if c in children
-                                    else RemoteObject(fs.unstrip_protocol(f"{name}/{c}"), None) for c in channels)
+                    objects = tuple(_channel(fs, name, c, children) for c in channels)
                     sources = tuple(f"{base}/{c}" for c in channels)
                 else:
                     objects = tuple(_object(fs, f"{name}/{n}", children[n]) for n in sorted(children))
@@ -156,9 +168,9 @@ def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = 
 
 
 def describe_object(url: str, fresh: bool = False) -> RemoteScan:
-    """One remote object or prefix (a label file or label slice folder), from its listing
-    (the discovery's that listed it, unless ``fresh``). Not there: one object with ``size`` None (ingest names it
-    missing). ``.`` and ``..`` in the URL are resolved as in a local path."""
+    """One remote object or prefix (a label file or label slice folder), from its listing (the
+    listing this discovery made, unless ``fresh``). Not there: one object with ``size`` None
+    (ingest names it missing). ``.`` and ``..`` in the URL are resolved as in a local path."""
     protocol, _, path = url.partition("://")
     url = f"{protocol}://{posixpath.normpath(path)}"
     found = list_matches(url, fresh=fresh)
