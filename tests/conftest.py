@@ -40,3 +40,77 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+class _S3:
+    """A bucket on the local S3 server, with the requests the server received (method, path, query)."""
+
+    def __init__(self, server, endpoint: str, bucket: str):
+        import boto3
+
+        self.server, self.endpoint, self.bucket = server, endpoint, bucket
+        self.client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        self.client.create_bucket(Bucket=bucket)
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}"
+
+    def put(self, key: str, data: bytes | Path) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=Path(data).read_bytes() if isinstance(data, Path) else data)
+
+    def upload_tree(self, local: Path, prefix: str) -> None:
+        for path in sorted(local.rglob("*")):
+            if path.is_file():
+                self.put(f"{prefix}/{path.relative_to(local).as_posix()}", path)
+
+    def object_gets(self) -> list[str]:
+        """Paths of the GetObject requests so far (GETs of a key, not bucket listings)."""
+        out = []
+        for method, path, query in self.server.requests:
+            parts = path.lstrip("/").split("/", 1)
+            if method == "GET" and len(parts) == 2 and parts[1] and "list-type" not in query:
+                out.append(path)
+        return out
+
+    def forget_requests(self) -> None:
+        self.server.requests.clear()
+
+
+@pytest.fixture(scope="session")
+def _moto_server():
+    """One moto S3 server on 127.0.0.1 (a free port) for the session, counting what it receives."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    server.requests = []
+    wsgi = server._server.app
+
+    def counting(environ, start_response):
+        server.requests.append((environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")))
+        return wsgi(environ, start_response)
+
+    server._server.app = counting
+    host, port = server._server.server_address[:2]
+    yield server, f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(_moto_server, monkeypatch):
+    """A fresh bucket on the local S3 server; s3fs reaches it through AWS_ENDPOINT_URL."""
+    import uuid
+
+    import s3fs
+
+    server, endpoint = _moto_server
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+                        "AWS_MAX_ATTEMPTS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem keeps the endpoint it was made with
+    bucket = _S3(server, endpoint, f"tilewise-{uuid.uuid4().hex[:12]}")
+    server.requests.clear()
+    yield bucket
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -22,7 +22,7 @@ import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +35,7 @@ from tasks import storage
 from tasks.memory import return_large_buffers_to_the_system
 from tasks.errors import ScanError
 from tasks.export.ngff import write_root_multiscales
+from tasks.ingest import remote
 from tasks.ingest.discover import LabelSpec, ScanSpec
 from tasks.ingest.pyramid import PyramidPlan, downsample_mean, plan_pyramid
 from tasks.ingest.readers import ScanReader, default_reader_kind, json_number, open_reader
@@ -88,6 +89,37 @@ def _stat_files(files: list[Path]) -> list[dict[str, Any]]:
     return out
 
 
+# What describes a source file without reading it: local files have size and mtime_ns, remote
+# objects (path = their URL) size, etag and mtime as listed. An entry may carry "local", the
+# fetched copy of a remote object to hash; it is never recorded.
+METADATA_KEYS = ("size", "mtime_ns", "etag", "mtime")
+
+
+def _scan_files(spec: ScanSpec) -> list[dict[str, Any]]:
+    """The entry of every file the scan (and its labels) is made of, from metadata only."""
+    parts = [(spec.sources, spec.remote)]
+    if spec.labels is not None:
+        parts.append((spec.labels.sources, spec.labels.remote))
+    files: list[dict[str, Any]] = []
+    for sources, listed in parts:
+        files += [o.record() for o in listed.objects] if listed else _stat_files(_source_files(sources))
+    return files
+
+
+def _same_metadata(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """The metadata says these are the same bytes: the ETag (and size) when there is one (an
+    object's mtime moves when identical bytes are written again), else size and mtime."""
+    if old.get("etag") or new.get("etag"):
+        return (old.get("etag"), old.get("size")) == (new.get("etag"), new.get("size"))
+    if new.get("mtime_ns") is None and new.get("mtime") is None:
+        return False  # a size alone does not name the bytes
+    return all(old.get(k) == new.get(k) for k in ("size", "mtime_ns", "mtime"))
+
+
+def _recorded(f: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in f.items() if k != "local"}
+
+
 def _options_digest(spec: ScanSpec, kind: str, chunks: tuple[int, ...]) -> str:
     options = {
         "format_version": FORMAT_VERSION,
@@ -105,11 +137,13 @@ def _options_digest(spec: ScanSpec, kind: str, chunks: tuple[int, ...]) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
-def _unchanged(record: dict[str, Any] | None, files: list[dict[str, Any]], options: str) -> bool:
+def _unchanged(record: dict[str, Any] | None, files: list[dict[str, Any]], options: str,
+               read: bool = True) -> bool:
     """True when a complete group was made from these very bytes with these options.
 
-    Size and mtime equal: unchanged without reading. Otherwise the bytes decide (a copied or
-    touched file with the same content is still the same scan).
+    Same metadata (see :func:`_same_metadata`): unchanged without reading. Otherwise the bytes
+    decide (a copied or touched file with the same content is still the same scan), unless
+    ``read`` is False (a remote object not fetched yet): then it counts as changed.
     """
     if not record or not record.get(storage.COMPLETE_KEY):
         return False
@@ -121,25 +155,29 @@ def _unchanged(record: dict[str, Any] | None, files: list[dict[str, Any]], optio
         return False
     for f in files:
         o = old[f["path"]]
-        if (o["size"], o["mtime_ns"]) != (f["size"], f["mtime_ns"]):
-            if o["size"] != f["size"] or o.get("sha256") != sha256_file(Path(f["path"])):
+        if not _same_metadata(o, f):
+            if not read or o["size"] != f["size"] or o.get("sha256") != sha256_file(Path(f.get("local", f["path"]))):
                 return False
     return True
 
 
 def _refresh_stats(store: str, record: dict[str, Any], files: list[dict[str, Any]]) -> None:
-    """After ``_unchanged`` said yes: store the files' current size and mtime (their sha256 kept),
-    so a touched-but-identical file is hashed once, not on every run. Caller holds the lock."""
+    """After ``_unchanged`` said yes: store the files' current metadata (their sha256 kept), so a
+    touched-but-identical file is hashed once, not on every run. Caller holds the lock."""
     old = {f["path"]: f for f in record.get("source", {}).get("files", [])}
-    if all((old[f["path"]]["size"], old[f["path"]]["mtime_ns"]) == (f["size"], f["mtime_ns"]) for f in files):
+
+    def current(f: dict[str, Any]) -> dict[str, Any]:
+        return {k: f[k] for k in METADATA_KEYS if k in f}
+
+    if all(all(old[f["path"]].get(k) == v for k, v in current(f).items()) for f in files):
         return
     group = storage.open_group(store, mode="r+")
     attrs = dict(group.attrs.get(storage.ATTRS_KEY, {}))
     source = dict(attrs.get("source", {}))
-    source["files"] = [{**old[f["path"]], "size": f["size"], "mtime_ns": f["mtime_ns"]} for f in files]
+    source["files"] = [{**old[f["path"]], **current(f)} for f in files]
     attrs["source"] = source
     group.attrs[storage.ATTRS_KEY] = attrs
-    log.info("%s: sources touched but unchanged (same sha256); stored their new mtimes", store)
+    log.info("%s: sources touched but unchanged (same ETag or sha256); stored their new metadata", store)
 
 
 def chunks_for(spec: ScanSpec, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -360,17 +398,86 @@ def ingest_scan(
     The whole check-and-write holds the store's lock (``storage.store_lock``, purpose "ingest"):
     a second run on the same store waits ``$TILEWISE_LOCK_WAIT`` seconds (default 0) and then
     raises ``StoreBusy`` (a ScanError naming the holder); it never removes what the holder writes.
+
+    A remote scan (``spec.remote``) whose objects have the metadata recorded at the last ingest
+    is "unchanged" without fetching a byte; otherwise its objects are fetched (see
+    :mod:`tasks.ingest.remote`) and it goes on as a local scan, recorded under its URLs.
     """
     store = str(store)
     t0 = time.perf_counter()
     return_large_buffers_to_the_system()
-    kind = spec.reader_kind or default_reader_kind(spec.modality, list(spec.sources))
-    files = _source_files(spec.sources) + (_source_files(spec.labels.sources) if spec.labels else [])
-    with open_reader(list(spec.sources), kind) as reader:
+    stats_files = _scan_files(spec)
+    if spec.remote is not None or (spec.labels is not None and spec.labels.remote is not None):
+        if not force:
+            shape = _unchanged_remote(spec, store, stats_files)
+            if shape is not None:
+                return IngestResult(spec.scan_id, store, "unchanged", shape, time.perf_counter() - t0)
+        local, urls = _fetch(spec, stats_files)
+        try:
+            return _ingest_local(spec, local, store, stats_files, force, progress, t0)
+        except ScanError as err:
+            raise _named_by_url(err, urls) from None
+    return _ingest_local(spec, spec, store, stats_files, force, progress, t0)
+
+
+def _unchanged_remote(spec: ScanSpec, store: str, stats_files: list[dict[str, Any]]) -> tuple[int, ...] | None:
+    """The recorded shape when the group is complete and was made with these options from objects
+    with this very metadata, else None. Reads no object: the options use the recorded shape."""
+    with storage.store_lock(store, purpose="ingest"):
+        record = storage.read_record(store)
+        kind = spec.reader_kind or (record or {}).get("source", {}).get("reader")
+        shape = (record or {}).get("shape")
+        if not kind or not shape:
+            return None
+        options = _options_digest(spec, kind, chunks_for(spec, tuple(shape[1:])))
+        if _unchanged(record, stats_files, options, read=False) and storage.is_complete(store):
+            _refresh_stats(store, record, stats_files)
+            return tuple(shape)
+    return None
+
+
+def _fetch(spec: ScanSpec, stats_files: list[dict[str, Any]]) -> tuple[ScanSpec, dict[str, str]]:
+    """``spec`` with local copies of its remote sources and labels, and the URL of each local
+    source and copy. Each remote entry of ``stats_files`` gets its copy as "local" (to hash)."""
+    copies: dict[str, Path] = {}
+    urls: dict[str, str] = {}
+    local = replace(spec, remote=None)
+    if spec.remote is not None:
+        sources, fetched = remote.fetch(spec.remote)
+        copies.update(fetched)
+        urls.update(zip(map(str, sources), spec.remote.source_urls()))
+        local = replace(local, sources=sources)
+    if spec.labels is not None and spec.labels.remote is not None:
+        sources, fetched = remote.fetch(spec.labels.remote)
+        copies.update(fetched)
+        urls.update(zip(map(str, sources), spec.labels.remote.source_urls()))
+        local = replace(local, labels=replace(spec.labels, sources=sources, remote=None))
+    for f in stats_files:
+        if f["path"] in copies:
+            f["local"] = str(copies[f["path"]])
+            urls[f["local"]] = f["path"]
+    return local, urls
+
+
+def _named_by_url(err: ScanError, urls: dict[str, str]) -> ScanError:
+    """A reader's error about a fetched copy (or a file in a fetched folder), naming the URL."""
+    if type(err) is not ScanError:
+        return err
+    for path, url in urls.items():
+        if err.path == path or err.path.startswith(path + os.sep):
+            return ScanError(url + err.path[len(path):].replace(os.sep, "/"), err.problem)
+    return err
+
+
+def _ingest_local(spec: ScanSpec, local: ScanSpec, store: str, stats_files: list[dict[str, Any]], force: bool,
+                  progress: Callable[[int, int], None] | None, t0: float) -> IngestResult:
+    """``ingest_scan`` once every source is a local file: ``local`` is read, ``spec`` (its
+    catalog form, URLs for remote sources) decides the options."""
+    kind = spec.reader_kind or default_reader_kind(local.modality, list(local.sources))
+    with open_reader(list(local.sources), kind) as reader:
         spatial_shape = tuple(reader.shape[1:])
         chunks = chunks_for(spec, spatial_shape)
         options = _options_digest(spec, kind, chunks)
-        stats_files = _stat_files(files)
         with storage.store_lock(store, purpose="ingest"):
             record = storage.read_record(store)
             # the mark's promise is checked too: a mark above missing arrays is not "unchanged"
@@ -387,7 +494,7 @@ def ingest_scan(
                     log.warning("%s: replacing an incomplete group (an earlier run did not finish)", store)
                 storage.remove(store)
             try:
-                result = _write_scan(spec, store, reader, kind, chunks, options, stats_files, progress)
+                result = _write_scan(local, store, reader, kind, chunks, options, stats_files, progress)
             except BaseException:
                 storage.remove(store)  # ours: the lock is held, no other run writes here
                 raise
@@ -411,7 +518,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
     # Hash the sources beside the ingest (hashlib releases the GIL); provenance needs the bytes'
     # identity and reading them again afterwards would cost a second pass.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-hash") as hasher:
-        digests = [hasher.submit(sha256_file, Path(f["path"])) for f in stats_files]
+        digests = [hasher.submit(sha256_file, Path(f.get("local", f["path"]))) for f in stats_files]
 
         group = storage.open_group(store, mode="w")
         image = group.create_group("image")
@@ -469,7 +576,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         "stats": stats.as_dict(),
         "labels": labels,
         "warnings": list(reader.warnings),
-        "source": {"reader": kind, "files": stats_files},
+        "source": {"reader": kind, "files": [_recorded(f) for f in stats_files]},
         "provenance": {
             "tilewise_version": tilewise_version(),
             "ingested_at": datetime.now(timezone.utc).isoformat(),

@@ -1,0 +1,244 @@
+"""Scans on object storage (or any fsspec URL): list them by metadata, fetch them only to ingest.
+
+Discovery lists a remote match and records, per object, its URL, size, ETag and modification
+time as the listing gives them: no object body is read. Ingest compares that metadata with what
+the scan group recorded at the last ingest (the ETag when there is one, else size and mtime) and
+fetches the objects only when the scan must be (re)ingested.
+
+A fetched scan lives in ``<cache>/remote/<url key>-<metadata key>/``: the key changes whenever any
+object's metadata changes, so a changed object never reuses a stale copy. Objects are downloaded
+into a private ``.part-*`` folder that is renamed into place only when every object arrived whole;
+a half-downloaded folder is never taken as done. The copies of older versions of the scan are
+removed once the new one is in place.
+
+Remote "folders" are prefixes: a match that lists as a directory is a folder of slices, or, with
+the catalog's ``scans.channels``, a folder holding one object per channel. Only the objects
+directly under the prefix belong to it (names starting with "." are skipped, as for local folders).
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from tasks.errors import ScanError
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """A remote location: an fsspec URL other than ``file://`` (see :func:`local_path`)."""
+    return "://" in str(path) and local_path(str(path)) is None
+
+
+def local_path(url: str) -> str | None:
+    """The path of a ``file://`` or ``local://`` URL (read in place, never copied), else None."""
+    protocol, _, path = url.partition("://")
+    return path if path and protocol in ("file", "local") else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One object as its listing describes it. ``size`` None: the object is not there."""
+
+    url: str
+    size: int | None
+    etag: str | None = None
+    mtime: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """Its entry in the scan group's ``source.files`` (what the next ingest compares)."""
+        return {"path": self.url, "size": self.size, "etag": self.etag, "mtime": self.mtime}
+
+
+@dataclass(frozen=True)
+class RemoteScan:
+    """What one remote match is made of.
+
+    ``url`` is the match (an object or a prefix); ``objects`` every object ingest reads;
+    ``sources`` the reader's sources relative to the folder the match is fetched into (the
+    object's name, the prefix's name for a slice folder, ``prefix/channel`` for channel files).
+    """
+
+    url: str
+    objects: tuple[RemoteObject, ...]
+    sources: tuple[str, ...]
+
+    def parent(self) -> str:
+        return self.url.rstrip("/").rpartition("/")[0]
+
+    def source_urls(self) -> tuple[str, ...]:
+        return tuple(f"{self.parent()}/{s}" for s in self.sources)
+
+    def key(self) -> str:
+        """Names the fetched copy: the match, then every object's metadata."""
+        url_key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
+        meta = json.dumps([o.record() for o in self.objects], sort_keys=True)
+        return f"{url_key}-{hashlib.sha256(meta.encode()).hexdigest()[:16]}"
+
+
+def _object(fs, path: str, info: dict[str, Any]) -> RemoteObject:
+    etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    mtime = None
+    for name in ("LastModified", "last_modified", "mtime", "updated", "modified", "created"):
+        if info.get(name) is not None:
+            value = info[name]
+            mtime = value.isoformat() if hasattr(value, "isoformat") else str(value)
+            break
+    size = info.get("size", info.get("Size"))
+    return RemoteObject(fs.unstrip_protocol(path), None if size is None else int(size),
+                        None if etag is None else str(etag).strip('"'), mtime)
+
+
+def _files_under(fs, prefix: str) -> dict[str, dict[str, Any]]:
+    """The objects directly under ``prefix``, by name (no sub-prefixes, no hidden names)."""
+    return {info["name"].rstrip("/").rsplit("/", 1)[-1]: info
+            for info in fs.ls(prefix, detail=True)
+            if info.get("type") != "directory" and not info["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")}
+
+
+def _channel(fs, prefix: str, channel: str, children: dict[str, dict[str, Any]]) -> RemoteObject:
+    """A channel object of a scan prefix: from the prefix's listing, or (a channel in a deeper
+    prefix, ``sub/name``) its own HEAD; ``size`` None when it is not there."""
+    path = f"{prefix}/{channel}"
+    if channel in children:
+        return _object(fs, path, children[channel])
+    if "/" in channel:
+        try:
+            return _object(fs, path, fs.info(path))
+        except FileNotFoundError:
+            pass
+    return RemoteObject(fs.unstrip_protocol(path), None)
+
+
+def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = True) -> list[RemoteScan]:
+    """Every match of ``pattern`` (an fsspec URL, may hold a glob), described from listings only.
+
+    One listing for the pattern and one per matched prefix; no object body is read. ``fresh``
+    drops the filesystem's cached listings first (False: reuse what this discovery listed). A listed
+    channel that is not under its prefix is kept with ``size`` None (ingest names it missing).
+    Raises :class:`ScanError` naming the URL when the storage cannot be listed.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if fresh:
+            fs.invalidate_cache()  # a long-lived filesystem caches listings: list afresh
+        if _glob.has_magic(path):
+            found = fs.glob(path, detail=True)
+        else:
+            try:
+                found = {path: fs.info(path)}
+            except FileNotFoundError:
+                found = {}
+        scans = []
+        for name, info in sorted(found.items()):
+            name = name.rstrip("/")
+            base = name.rsplit("/", 1)[-1]
+            if info.get("type") == "directory":
+                children = _files_under(fs, name)
+                if channels:
+                    objects = tuple(_channel(fs, name, c, children) for c in channels)
+                    sources = tuple(f"{base}/{c}" for c in channels)
+                else:
+                    objects = tuple(_object(fs, f"{name}/{n}", children[n]) for n in sorted(children))
+                    sources = (base,)
+            elif channels:
+                continue  # channel files live in one folder (prefix) per scan
+            else:
+                objects, sources = (_object(fs, name, info),), (base,)
+            scans.append(RemoteScan(fs.unstrip_protocol(name), objects, sources))
+        return scans
+    except ScanError:
+        raise
+    except Exception as exc:  # unreachable endpoint, no credentials, no such bucket...
+        raise ScanError(pattern, f"cannot list the remote scans ({_one_line(exc)})") from None
+
+
+def describe_object(url: str, fresh: bool = False) -> RemoteScan:
+    """One remote object or prefix (a label file or label slice folder), from its listing (the
+    listing this discovery made, unless ``fresh``). Not there: one object with ``size`` None
+    (ingest names it missing). ``.`` and ``..`` in the URL are resolved as in a local path."""
+    protocol, _, path = url.partition("://")
+    url = f"{protocol}://{posixpath.normpath(path)}"
+    found = list_matches(url, fresh=fresh)
+    if found:
+        return found[0]
+    return RemoteScan(url, (RemoteObject(url, None),), (url.rstrip("/").rpartition("/")[2],))
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    from tasks.settings import tilewise_home
+
+    return tilewise_home() / "cache" / "remote"
+
+
+def fetch(scan: RemoteScan, cache_dir: Path | None = None) -> tuple[tuple[Path, ...], dict[str, Path]]:
+    """Download the scan's objects (once per version) and return the local sources for the
+    reader and each object's local copy by URL.
+
+    Raises :class:`ScanError` naming the URL when an object is missing, cannot be read, or
+    changed size while it was being downloaded.
+    """
+    for obj in scan.objects:
+        if obj.size is None:
+            raise ScanError(obj.url, "does not exist")
+    root = _cache_root(cache_dir)
+    final = root / scan.key()
+    parent = scan.parent()
+    local = {o.url: final / o.url[len(parent) + 1:] for o in scan.objects}
+    if not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        part = root / f".part-{scan.key()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            for source in scan.sources:  # a slice folder exists even when its prefix is empty
+                if not any(o.url[len(parent) + 1:] == source for o in scan.objects):
+                    (part / source).mkdir(parents=True, exist_ok=True)
+            for obj in scan.objects:
+                target = part / obj.url[len(parent) + 1:]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _download(obj, target)
+            try:
+                os.rename(part, final)
+            except OSError:
+                if not final.is_dir():  # else another run put the same version in place first
+                    raise
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
+        _drop_older_versions(root, final)
+    return tuple(final / s for s in scan.sources), local
+
+
+def _download(obj: RemoteObject, target: Path) -> None:
+    try:
+        fs, path = fsspec.core.url_to_fs(obj.url)
+        fs.get_file(path, str(target))
+    except FileNotFoundError:
+        raise ScanError(obj.url, "does not exist") from None
+    except Exception as exc:
+        raise ScanError(obj.url, f"cannot be read ({_one_line(exc)})") from None
+    got = target.stat().st_size
+    if got != obj.size:
+        raise ScanError(obj.url, f"changed while it was being read ({got} bytes fetched, {obj.size} listed); "
+                                 "run again")
+
+
+def _drop_older_versions(root: Path, keep: Path) -> None:
+    url_key = keep.name.split("-", 1)[0]
+    for other in root.glob(f"{url_key}-*"):
+        if other != keep:
+            shutil.rmtree(other, ignore_errors=True)

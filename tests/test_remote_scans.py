@@ -1,0 +1,311 @@
+"""Scans on object storage, against a local S3 (moto's server on 127.0.0.1; see the ``s3`` fixture).
+
+Discovery lists, never downloads; ingest compares the objects' metadata (ETag, else size and
+mtime) with the last ingest's record and fetches only a scan it must (re)ingest; channel folders
+and slice folders are prefixes; a remote problem is a one-line ScanError naming the URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import textwrap
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import rasterio
+import zarr
+from typer.testing import CliRunner
+
+from data_catalog import load_entry
+from flows.cli import app
+from tasks import storage
+from tasks.errors import ScanError
+from tasks.ingest import ScanSpec, discover_scans, ingest_scan
+
+SAMPLES = Path(__file__).parents[1] / "data_catalog/samples"
+SAT = SAMPLES / "satellite/spacenet1_rio"
+MRI = SAMPLES / "mri/brats2015"
+EM = SAMPLES / "em/isbi2012_train"
+CHIP = "3band_013022223130_Public_img{}.tif"
+MRI_CHANNELS = ["Flair_subtrMeanDivStd.nii.gz", "T1c_subtrMeanDivStd.nii.gz"]
+
+
+def entry(tmp_path: Path, name: str, text: str):
+    folder = tmp_path / "catalog"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.yaml"
+    path.write_text(textwrap.dedent(text))
+    return load_entry(path)
+
+
+def satellite_entry(tmp_path: Path, s3, labels: bool = False) -> object:
+    return entry(tmp_path, "rio_s3", f"""
+        name: rio_s3
+        modality: satellite
+        scans: {{path: "{s3.url}/rio/images/*.tif"}}
+        chunks: [128, 128]
+    """ + ("""
+        labels: {path: "{dir}/../masks/{name}", mapping: {0: 0, 255: 1}, classes: [background, building]}
+    """ if labels else ""))
+
+
+def level0(store: Path, name: str = "image/0") -> np.ndarray:
+    return np.asarray(zarr.open_group(str(store), mode="r")[name][:])
+
+
+def test_catalog_list_reads_no_object_body(s3, tmp_path):
+    s3.upload_tree(SAT / "images", "rio/images")
+    s3.upload_tree(MRI, "brats")
+    satellite_entry(tmp_path, s3)
+    entry(tmp_path, "brats_s3", f"""
+        name: brats_s3
+        modality: mri
+        scans: {{path: "{s3.url}/brats/brats_*", channels: {MRI_CHANNELS}, id: "{{name}}"}}
+        labels: {{path: "{{scan}}/OTMultiClass.nii.gz", mapping: {{0: 0, 1: 1, 2: 2, 3: 3, 4: 4}},
+                  classes: [bg, a, b, c, d]}}
+    """)
+    s3.forget_requests()
+    result = CliRunner().invoke(app, ["catalog", "list", "--json", "--catalog", str(tmp_path / "catalog")])
+    assert result.exit_code == 0, result.output
+    rows = {row["dataset"]: row for row in json.loads(result.stdout)}
+    assert rows["rio_s3"]["scans"] == 3 and rows["rio_s3"]["scan_error"] is None
+    assert rows["brats_s3"]["scans"] == 2 and rows["brats_s3"]["scan_error"] is None
+    assert s3.object_gets() == []  # listings and HEADs only: not one object body
+
+
+def test_discovery_carries_urls_and_metadata_without_fetching(s3, tmp_path):
+    s3.upload_tree(SAT, "rio")
+    s3.forget_requests()
+    specs = discover_scans(satellite_entry(tmp_path, s3, labels=True))
+    assert [s.scan_id for s in specs] == [CHIP.format(n)[:-4] for n in (53, 54, 57)]
+    assert specs[0].sources == (f"{s3.url}/rio/images/{CHIP.format(53)}",)
+    (obj,) = specs[0].remote.objects
+    etag = s3.client.head_object(Bucket=s3.bucket, Key=f"rio/images/{CHIP.format(53)}")["ETag"].strip('"')
+    assert (obj.url, obj.size, obj.etag) == (specs[0].sources[0], (SAT / "images" / CHIP.format(53)).stat().st_size, etag)
+    assert obj.mtime
+    # labels "{dir}/../masks/{name}": the URL resolved as a path would be, its object listed
+    assert specs[0].labels.sources == (f"{s3.url}/rio/masks/{CHIP.format(53)}",)
+    assert specs[0].labels.remote.objects[0].size == (SAT / "masks" / CHIP.format(53)).stat().st_size
+    assert s3.object_gets() == []
+
+
+def test_unchanged_object_is_unchanged_without_download_and_changed_object_is_reingested(s3, tmp_path):
+    key = f"rio/images/{CHIP.format(53)}"
+    s3.put(key, SAT / "images" / CHIP.format(53))
+    loaded = satellite_entry(tmp_path, s3)
+    store = tmp_path / "chip.zarr"
+
+    (spec,) = discover_scans(loaded)
+    assert ingest_scan(spec, store).status == "ingested"
+    with rasterio.open(SAT / "images" / CHIP.format(53)) as src:
+        np.testing.assert_array_equal(level0(store), src.read())
+
+    # the same bytes written again (new LastModified, same ETag): unchanged, and nothing fetched
+    s3.put(key, SAT / "images" / CHIP.format(53))
+    s3.forget_requests()
+    (spec,) = discover_scans(loaded)
+    assert ingest_scan(spec, store).status == "unchanged"
+    assert s3.object_gets() == []
+
+    # new content under the same key (a cached copy of the old one exists): re-ingested, new values
+    s3.put(key, SAT / "images" / CHIP.format(54))
+    (spec,) = discover_scans(loaded)
+    assert ingest_scan(spec, store).status == "ingested"
+    with rasterio.open(SAT / "images" / CHIP.format(54)) as src:
+        np.testing.assert_array_equal(level0(store), src.read())
+    record = storage.read_record(str(store))
+    (recorded,) = record["source"]["files"]
+    assert recorded["path"] == f"{s3.url}/{key}"
+    assert recorded["etag"] == s3.client.head_object(Bucket=s3.bucket, Key=key)["ETag"].strip('"')
+    assert "local" not in recorded
+
+    (spec,) = discover_scans(loaded)
+    s3.forget_requests()
+    assert ingest_scan(spec, store).status == "unchanged"
+    assert s3.object_gets() == []
+
+
+def test_remote_channel_folders_and_labels_match_a_local_ingest(s3, tmp_path):
+    s3.upload_tree(MRI, "brats")
+    loaded = entry(tmp_path, "brats_s3", f"""
+        name: brats_s3
+        modality: mri
+        scans: {{path: "{s3.url}/brats/brats_*", channels: {MRI_CHANNELS}, id: "{{name}}"}}
+        labels: {{path: "{{scan}}/OTMultiClass.nii.gz", mapping: {{0: 0, 1: 1, 2: 2, 3: 3, 4: 4}},
+                  classes: [bg, a, b, c, d]}}
+        chunks: [32, 64, 64]
+    """)
+    specs = discover_scans(loaded)
+    assert [s.scan_id for s in specs] == ["brats_2013_pat0003_1", "brats_2013_pat0005_1"]
+    s3.forget_requests()
+    for spec in specs:
+        assert ingest_scan(spec, tmp_path / f"{spec.scan_id}.zarr").status == "ingested"
+    # only what ingest reads: two channels and the label of each scan, each once (not the licence)
+    fetched = sorted(s3.object_gets())
+    assert len(fetched) == 6 and not any("License" in p for p in fetched), fetched
+
+    subject = MRI / "brats_2013_pat0003_1"
+    local = ScanSpec("ref", "mri", tuple(subject / c for c in MRI_CHANNELS), chunks=(32, 64, 64),
+                     labels=specs[0].labels.__class__((subject / "OTMultiClass.nii.gz",), {i: i for i in range(5)},
+                                                       ("bg", "a", "b", "c", "d")))
+    ingest_scan(local, tmp_path / "ref.zarr")
+    remote_store = tmp_path / "brats_2013_pat0003_1.zarr"
+    np.testing.assert_array_equal(level0(remote_store), level0(tmp_path / "ref.zarr"))
+    np.testing.assert_array_equal(level0(remote_store, "labels/reference"), level0(tmp_path / "ref.zarr", "labels/reference"))
+    assert level0(remote_store).shape[0] == 2
+
+    s3.forget_requests()
+    for spec in discover_scans(loaded):
+        assert ingest_scan(spec, tmp_path / f"{spec.scan_id}.zarr").status == "unchanged"
+    assert s3.object_gets() == []
+
+
+def test_remote_slice_folder_with_label_folder(s3, tmp_path):
+    s3.upload_tree(EM, "isbi/isbi2012_train")
+    loaded = entry(tmp_path, "isbi_s3", f"""
+        name: isbi_s3
+        modality: em
+        scans: {{path: "{s3.url}/isbi/isbi2012_*/image", id: "{{parent}}"}}
+        labels: {{path: "{{dir}}/label", mapping: {{255: 0, 0: 1}}, classes: [interior, membrane]}}
+        chunks: [8, 512, 512]
+    """)
+    (spec,) = discover_scans(loaded)
+    assert spec.scan_id == "isbi2012_train" and len(spec.remote.objects) == 8
+    store = tmp_path / "em.zarr"
+    assert ingest_scan(spec, store).status == "ingested"
+    ref = ScanSpec("ref", "em", (EM / "image",), chunks=(8, 512, 512),
+                   labels=spec.labels.__class__((EM / "label",), {255: 0, 0: 1}, ("interior", "membrane")))
+    ingest_scan(ref, tmp_path / "ref.zarr")
+    np.testing.assert_array_equal(level0(store), level0(tmp_path / "ref.zarr"))
+    np.testing.assert_array_equal(level0(store, "labels/reference"), level0(tmp_path / "ref.zarr", "labels/reference"))
+
+    # one slice replaced: the folder changed, so the scan is re-ingested with the new slice
+    s3.put("isbi/isbi2012_train/image/3.png", EM / "image" / "5.png")
+    (spec,) = discover_scans(loaded)
+    assert ingest_scan(spec, store).status == "ingested"
+    values = level0(store)
+    np.testing.assert_array_equal(values[0, 3], level0(tmp_path / "ref.zarr")[0, 5])
+
+
+def test_missing_channel_object_fails_only_its_scan_with_one_line(s3, tmp_path):
+    s3.upload_tree(MRI, "brats")
+    s3.client.delete_object(Bucket=s3.bucket, Key=f"brats/brats_2013_pat0005_1/{MRI_CHANNELS[1]}")
+    loaded = entry(tmp_path, "brats_s3", f"""
+        name: brats_s3
+        modality: mri
+        scans: {{path: "{s3.url}/brats/brats_*", channels: {MRI_CHANNELS}, id: "{{name}}"}}
+    """)
+    good, bad = discover_scans(loaded)
+    assert ingest_scan(good, tmp_path / "good.zarr").status == "ingested"
+    with pytest.raises(ScanError) as err:
+        ingest_scan(bad, tmp_path / "bad.zarr")
+    assert str(err.value) == f"{s3.url}/brats/brats_2013_pat0005_1/{MRI_CHANNELS[1]}: does not exist"
+    assert not storage.exists(str(tmp_path / "bad.zarr"))
+
+
+def test_unreadable_remote_object_is_named_by_its_url(s3, tmp_path):
+    s3.put("rio/images/broken.tif", b"not a tiff at all")
+    (spec,) = discover_scans(satellite_entry(tmp_path, s3))
+    with pytest.raises(ScanError) as err:
+        ingest_scan(spec, tmp_path / "broken.zarr")
+    assert str(err.value).startswith(f"{s3.url}/rio/images/broken.tif: ") and "\n" not in str(err.value)
+
+
+def test_unreachable_endpoint_is_a_one_line_scan_error(s3, tmp_path, monkeypatch):
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    loaded = satellite_entry(tmp_path, s3)
+    with pytest.raises(ScanError) as err:
+        discover_scans(loaded)
+    assert str(err.value).startswith(f"{s3.url}/rio/images/*.tif: ") and "\n" not in str(err.value)
+
+    result = CliRunner().invoke(app, ["catalog", "list", "--json", "--catalog", str(tmp_path / "catalog")])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert row["scans"] is None and row["scan_error"].startswith(f"{s3.url}/rio/images/*.tif: ")
+
+
+def test_a_failed_download_leaves_no_copy_taken_as_done(s3, tmp_path, monkeypatch):
+    s3.upload_tree(EM, "isbi/isbi2012_train")
+    loaded = entry(tmp_path, "isbi_s3", f"""
+        name: isbi_s3
+        modality: em
+        scans: {{path: "{s3.url}/isbi/isbi2012_*/image", id: "{{parent}}"}}
+    """)
+    (spec,) = discover_scans(loaded)
+    import s3fs
+
+    real_get = s3fs.S3FileSystem._get_file
+    calls = []
+
+    async def failing_get(self, rpath, lpath, **kwargs):
+        calls.append(rpath)
+        if len(calls) == 4:
+            raise ConnectionError("connection reset by peer")
+        return await real_get(self, rpath, lpath, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", failing_get)
+    s3fs.S3FileSystem.clear_instance_cache()  # a filesystem binds its sync methods when it is made
+    with pytest.raises(ScanError, match="isbi2012_train/image/.*connection reset"):
+        ingest_scan(spec, tmp_path / "em.zarr")
+    monkeypatch.setattr(s3fs.S3FileSystem, "_get_file", real_get)
+    s3fs.S3FileSystem.clear_instance_cache()
+    assert not any(p.name.startswith(".part-") for p in (Path(os.environ["TILEWISE_HOME"]) / "cache/remote").iterdir())
+    s3.forget_requests()
+    (spec,) = discover_scans(loaded)
+    assert ingest_scan(spec, tmp_path / "em.zarr").status == "ingested"
+    assert len(s3.object_gets()) == 8  # every slice fetched again, none taken from the broken attempt
+    np.testing.assert_array_equal(level0(tmp_path / "em.zarr")[0, 7], iio.imread(EM / "image" / "7.png"))
+
+
+@pytest.mark.slow
+def test_ingest_flow_over_s3_isolates_bad_objects_and_skips_unchanged_ones(prefect_server, s3, tmp_path):
+    from flows.ingest import ingest_flow
+
+    good = SAT / "images" / CHIP.format(53)
+    s3.put("scenes/a_good.tif", good)
+    s3.put("scenes/b_not_a_tiff.tif", b"this is not a TIFF\n")
+    s3.put("scenes/c_truncated.tif", good.read_bytes()[: good.stat().st_size // 3])
+    entry(tmp_path, "scenes", f"""
+        name: scenes
+        modality: satellite
+        scans: {{path: "{s3.url}/scenes/*.tif"}}
+    """)
+    root = tmp_path / "stores"
+    state = ingest_flow("scenes", catalog=str(tmp_path / "catalog"), store_root=str(root), return_state=True)
+    assert state.is_failed() and "2 of 3 scans failed" in state.message
+    assert f"{s3.url}/scenes/b_not_a_tiff.tif: not a readable GeoTIFF" in state.message
+    assert f"{s3.url}/scenes/c_truncated.tif: " in state.message
+    outcomes = {o.scan_id: o for o in state.result(raise_on_failure=False)}
+    assert outcomes["a_good"].status == "ingested"
+    with rasterio.open(good) as src:
+        np.testing.assert_array_equal(level0(Path(outcomes["a_good"].store)), src.read())
+
+    s3.forget_requests()
+    again = ingest_flow("scenes", catalog=str(tmp_path / "catalog"), store_root=str(root), return_state=True)
+    statuses = {o.scan_id: o.status for o in again.result(raise_on_failure=False)}
+    assert statuses == {"a_good": "unchanged", "b_not_a_tiff": "failed", "c_truncated": "failed"}
+    # the good one is not fetched; the bad ones are read again, from the copies of the first run
+    assert s3.object_gets() == []
+
+
+def test_file_urls_are_read_in_place_not_copied(tmp_path):
+    loaded = entry(tmp_path, "rio_file", f"""
+        name: rio_file
+        modality: satellite
+        scans: {{path: "file://{SAT}/images/*.tif"}}
+        labels: {{path: "file://{{dir}}/../masks/{{name}}", mapping: {{0: 0, 255: 1}}, classes: [background, building]}}
+    """)
+    specs = discover_scans(loaded)
+    assert [s.scan_id for s in specs] == [CHIP.format(n)[:-4] for n in (53, 54, 57)]
+    assert specs[0].sources == (SAT / "images" / CHIP.format(53),) and specs[0].remote is None
+    assert specs[0].labels.sources == (SAT / "masks" / CHIP.format(53),) and specs[0].labels.remote is None
