@@ -66,15 +66,29 @@ def geotiff_scan(tmp_path: Path, array: np.ndarray, nodata, chunks, name="sat") 
     return store
 
 
-def tile_boxes(shape, tile, overlap=0.5):
-    """Every tile of the default (even) placement as a tuple of slices (scans here are >= the tile)."""
-    starts = [even_starts(n, t, overlap) for n, t in zip(shape, tile)]
+def tile_boxes(shape, tile, overlap=0.5, region=None):
+    """Every tile of the default (even) placement as a tuple of slices (scans here are >= the tile),
+    over ``region`` (per axis [lo, hi)) when given: starts spread over the box as over a scan of its
+    size, or one tile centred on a box thinner than the tile, kept inside the scan."""
+    region = region or [(0, n) for n in shape]
+    starts = []
+    for (lo, hi), n, t in zip(region, shape, tile):
+        if hi - lo >= t:
+            starts.append([lo + s for s in even_starts(hi - lo, t, overlap)])
+        else:
+            starts.append([min(max(lo - (t - (hi - lo)) // 2, 0), n - t)])
     return [tuple(slice(s, s + t) for s, t in zip(start, tile)) for start in itertools.product(*starts)]
 
 
+def bounding_box(empty: np.ndarray):
+    hits = np.nonzero(~empty)
+    return [(int(i.min()), int(i.max()) + 1) for i in hits]
+
+
 def expected(array: np.ndarray, empty: np.ndarray, tile, net: Pointwise):
-    """(tiles that must run, probabilities every voxel must get) worked out from the voxels."""
-    boxes = tile_boxes(array.shape[1:], tile)
+    """(tiles of the whole-scan grid, tiles that must run, probabilities every voxel must get), worked
+    out from the voxels: tiles over the box of the non-empty voxels, those seeing only empty ones left out."""
+    boxes = tile_boxes(array.shape[1:], tile, region=bounding_box(empty))
     run = [b for b in boxes if not empty[b].all()]
     covered = np.zeros(array.shape[1:], bool)
     for b in run:
@@ -82,7 +96,7 @@ def expected(array: np.ndarray, empty: np.ndarray, tile, net: Pointwise):
     probs = softmax_of(net, array)
     probs[:, ~covered] = 0.0
     probs[0, ~covered] = 1.0
-    return len(boxes), len(run), probs
+    return len(tile_boxes(array.shape[1:], tile)), len(boxes), len(run), probs
 
 
 def predicted(store: str) -> np.ndarray:
@@ -96,19 +110,20 @@ def test_mri_background_tiles_are_not_run_and_are_background_with_probability_on
     store = nifti_scan(tmp_path, array, (8, 16, 16))
     net = Pointwise(1, 3)
     tile = (8, 16, 16)
-    total, must_run, want = expected(array, array[0] == 0, tile, net)
-    assert 0 < must_run < total / 2  # the case skips most tiles
+    total, planned, must_run, want = expected(array, array[0] == 0, tile, net)
+    assert 0 < must_run <= planned < total / 4  # the box leaves out most tiles
 
     result = infer_scan(store, LoadedModel(net, CARD, "pw"),
                         EngineConfig(tile=tile, skip_empty=0.0, output_dtype="float32"))
     assert net.tiles == result.model_calls == result.tiles == must_run
-    assert result.tiles_skipped == total - must_run
+    assert result.tiles_skipped == planned - must_run
     assert np.abs(predicted(store) - want).max() <= 1e-6
     labels = zarr.open_array(f"{store}/prediction/labels")[:]
     assert np.array_equal(labels, want.argmax(0))
     attrs = storage.read_record(f"{store}/prediction")
     assert attrs["skip_empty"] == {"source": "background", "values": [0.0]}
-    assert attrs[storage.COMPLETE_KEY]["tiles_skipped"] == total - must_run
+    assert attrs[storage.COMPLETE_KEY]["tiles_skipped"] == planned - must_run
+    assert attrs[storage.COMPLETE_KEY]["valid_region"] == [[4, 14], [36, 60], [8, 30]]
 
 
 def test_corner_takes_each_channels_background_as_skull_stripped_z_scored_mri_has_it(tmp_path):
@@ -119,11 +134,11 @@ def test_corner_takes_each_channels_background_as_skull_stripped_z_scored_mri_ha
     store = nifti_scan(tmp_path, array, (8, 16, 16))
     net = Pointwise(2, 3)
     tile = (8, 16, 16)
-    total, must_run, want = expected(array, (array == background[:, None, None, None]).all(0), tile, net)
+    total, planned, must_run, want = expected(array, (array == background[:, None, None, None]).all(0), tile, net)
     assert 0 < must_run < total
     result = infer_scan(store, LoadedModel(net, CARD, "pw"),
                         EngineConfig(tile=tile, skip_empty="corner", output_dtype="float32"))
-    assert result.tiles == must_run and result.tiles_skipped == total - must_run
+    assert result.tiles == must_run and result.tiles_skipped == planned - must_run
     assert np.abs(predicted(store) - want).max() <= 1e-5
     rule = storage.read_record(f"{store}/prediction")["skip_empty"]
     assert rule["source"] == "corner" and np.allclose(rule["values"], background)
@@ -133,6 +148,7 @@ def test_satellite_nodata_is_skipped_by_default_and_a_lone_pixel_the_pyramid_rou
     rng = np.random.default_rng(1)
     array = np.zeros((3, 256, 256), np.uint16)  # nodata 0 on every band
     array[:, :100, :] = rng.integers(1, 50, (3, 100, 256), dtype=np.uint16)  # the swath
+    array[:, 100:180, :60] = rng.integers(1, 50, (3, 80, 60), dtype=np.uint16)  # its ragged edge
     array[1, 220, 200] = 1  # one valid pixel deep in the nodata: the 4x4 block mean rounds it to 0
     store = geotiff_scan(tmp_path, array, 0, (64, 64))
     coarse = zarr.open_group(store, mode="r")["image"]
@@ -140,12 +156,12 @@ def test_satellite_nodata_is_skipped_by_default_and_a_lone_pixel_the_pyramid_rou
     assert lowest.shape[1] < 256 and not lowest[:, 220 * lowest.shape[1] // 256, 200 * lowest.shape[2] // 256].any()
     net = Pointwise(3, 2)
     tile = (64, 64)
-    total, must_run, want = expected(array, (array == 0).all(0), tile, net)
+    total, planned, must_run, want = expected(array, (array == 0).all(0), tile, net)
     assert any(b[0].start <= 220 < b[0].stop and b[1].start <= 200 < b[1].stop
                for b in tile_boxes((256, 256), tile) if b[0].start >= 128)  # tiles there only see that pixel
 
     result = infer_scan(store, LoadedModel(net, CARD, "pw"), EngineConfig(tile=tile, output_dtype="float32"))
-    assert result.tiles == must_run and result.tiles_skipped == total - must_run > 0
+    assert result.tiles == must_run and result.tiles_skipped == planned - must_run > 0
     assert np.abs(predicted(store) - want).max() <= 1e-6
     assert storage.read_record(f"{store}/prediction")["skip_empty"] == {"source": "nodata", "values": [0.0] * 3}
 
@@ -189,7 +205,8 @@ def test_cli_and_catalog_take_the_setting(tmp_path):
         Tiling(skip_empty="nodata")
 
     array = np.zeros((1, 16, 32, 32), np.float32)
-    array[0, :8, :16, :16] = 2.0
+    array[0, :4, :6, :6] = 2.0
+    array[0, 12:, 26:, 26:] = 3.0  # two corners: the box is the whole scan, the tiles between are empty
     store = nifti_scan(tmp_path, array, (8, 16, 16))
     model = tmp_path / "pw.pt"
     torch.jit.script(Pointwise(1, 3)).save(str(model))
@@ -199,7 +216,6 @@ def test_cli_and_catalog_take_the_setting(tmp_path):
     ok = runner.invoke(app, ["infer", "--store", store, "--model", str(model), "--tile", "8,16,16",
                              "--skip-empty", "0"])
     assert ok.exit_code == 0, ok.output
-    total = len(tile_boxes(array.shape[1:], (8, 16, 16)))
-    run = sum(not (array[0][b] == 0).all() for b in tile_boxes(array.shape[1:], (8, 16, 16)))
-    assert f"{total - run} empty tiles skipped" in ok.output
+    _, planned, run, _ = expected(array, array[0] == 0, (8, 16, 16), Pointwise(1, 3))
+    assert f"{run} tiles, {planned - run} empty tiles skipped" in ok.output
     assert storage.read_record(f"{store}/prediction")["skip_empty"]["source"] == "background"

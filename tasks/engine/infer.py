@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Literal
 
@@ -49,7 +49,7 @@ from tasks.engine.blend import BlendMode, chunk_weights, importance_map, labels_
 from tasks.engine.model_io import LoadedModel
 from tasks.engine.plan import Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
-from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule
+from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
 from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box
 from tasks.errors import ScanError
 from tasks.export.ngff import write_prediction_labels_ngff
@@ -122,6 +122,7 @@ class Prepared:
     model_identity: str
     calibrator: Any = None  # tasks.calibration.calibrator.Calibrator, or None
     empty_rule: EmptyRule | None = None  # tiles whose input is all empty under it are not run
+    region: tuple[tuple[int, int], ...] | None = None  # the box the tiles cover (non-empty voxels), None: all
 
 
 def _fail(store: str, problem: str) -> ScanError:
@@ -260,8 +261,16 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
 
     done = zarr.open_array(f"{pred_url}/done", mode="r")[...]
     todo = {idx for idx in np.ndindex(*plan.chunk_grid) if not done[idx]}
+    region = None
+    if empty_rule is not None and todo:  # tiles only over the box of the non-empty voxels
+        region = valid_region(group, empty_rule, image.__getitem__, chunks)
+        if region is None:  # nothing but empty voxels: no tile at all
+            plan = replace(plan, starts=tuple(() for _ in plan.starts))
+            region = tuple((0, 0) for _ in spatial)
+        else:
+            plan = plan_tiles(spatial, tile, config.overlap, chunks, config.placement, region)
     return Prepared(store, plan, config, squeeze, classes, digest, todo, resumed, model.identity, calibrator,
-                    empty_rule)
+                    empty_rule, region)
 
 
 def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineConfig, digest: str,
@@ -316,8 +325,8 @@ class _ChunkWriter:
             self._background(probs)
         else:
             weights = chunk_weights(self.plan, index, self.importance, self.skipped)
-            uncovered = weights == 0 if self.skipped else None
-            if uncovered is not None and uncovered.any():
+            uncovered = weights == 0  # outside the planned region, or under skipped tiles only
+            if uncovered.any():
                 weights[uncovered] = 1.0  # their logits are 0: no NaN; overwritten below
             else:
                 uncovered = None
@@ -426,6 +435,8 @@ def finish(prep: Prepared, extra: dict | None = None) -> None:
     done = pred["done"][...]
     if not done.all():
         raise _fail(prep.store, f"{int((done == 0).sum())} output chunks are not done; not marking complete")
+    if prep.region is not None:
+        extra = {**(extra or {}), "valid_region": [list(r) for r in prep.region]}
     storage.mark_complete(pred, {"at": datetime.now(timezone.utc).isoformat(), **(extra or {})},
                           arrays=("probabilities", "labels", "done"))
     # napari / OME-Zarr readers opened at the scan's root overlay the prediction as an NGFF label image

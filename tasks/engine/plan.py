@@ -15,6 +15,10 @@ Two placements of tile starts along an axis are offered:
 An axis shorter than the tile is padded up to the tile (MONAI's rule: ``diff // 2`` before, the
 rest after); the padded voxels come from mirroring (``reflect``) or zeros (``constant``). Only
 voxels inside the scan are ever written.
+
+``region`` (optional, per axis [lo, hi)): the tiles cover only that box of the scan -- the bounding
+box of its non-empty voxels (``tasks.engine.skip``) -- placed over it as over a scan of that size;
+a box thinner than the tile gets one tile centred on it, kept inside the scan.
 """
 
 from __future__ import annotations
@@ -118,16 +122,22 @@ class TilePlan:
 
 
 def plan_tiles(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float, chunks: tuple[int, ...],
-               placement: Placement = "even") -> TilePlan:
-    """Plan the tiles over a scan of spatial ``shape`` (validated by the caller)."""
+               placement: Placement = "even", region: tuple[tuple[int, int], ...] | None = None) -> TilePlan:
+    """Plan the tiles over a scan of spatial ``shape`` (validated by the caller), or over ``region``."""
     if len(tile) != len(shape) or len(chunks) != len(shape):
         raise ValueError(f"tile {tile} and chunks {chunks} must have one size per spatial axis of {shape}")
     starts_fn = even_starts if placement == "even" else monai_starts
     pad_before, starts = [], []
-    for n, t in zip(shape, tile):
+    for axis, (n, t) in enumerate(zip(shape, tile)):
         diff = max(t - n, 0)
         pad_before.append(diff // 2)
-        starts.append(tuple(starts_fn(max(n, t), t, overlap)))
+        lo, hi = region[axis] if region is not None else (0, n)
+        if diff or (lo, hi) == (0, n):
+            starts.append(tuple(starts_fn(max(n, t), t, overlap)))
+        elif hi - lo >= t:
+            starts.append(tuple(lo + s for s in starts_fn(hi - lo, t, overlap)))
+        else:  # one tile centred on a box thinner than the tile, inside the scan
+            starts.append((min(max(lo - (t - (hi - lo)) // 2, 0), n - t),))
     return TilePlan(tuple(shape), tuple(tile), tuple(starts), tuple(pad_before), tuple(chunks))
 
 

@@ -19,6 +19,7 @@ background with probability 1 (the engine's writer); elsewhere the run tiles alo
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,18 @@ class EmptyRule:
             out &= np.isnan(channel) if math.isnan(value) else (channel == value)
         return out
 
+    def maybe_empty(self, coarse: np.ndarray) -> np.ndarray:
+        """``empty`` for a pyramid level: block means of empty voxels may miss the value by a rounding
+        error (float32 sums), so anything that close may be empty; only a clear difference proves
+        that the block holds a non-empty voxel."""
+        out = np.ones(coarse.shape[1:], dtype=bool)
+        for channel, value in zip(coarse, self.values):
+            if math.isnan(value):
+                out &= np.isnan(channel)
+            else:
+                out &= np.abs(channel.astype(np.float64) - value) <= 1e-5 * max(abs(value), 1.0)
+        return out
+
 
 def resolve_rule(setting: SkipSetting, record: dict, channels: int, image=None) -> EmptyRule | None:
     """The rule a run uses: ``"auto"`` the source's nodata when every channel declares one (else none),
@@ -67,6 +80,36 @@ def resolve_rule(setting: SkipSetting, record: dict, channels: int, image=None) 
     if isinstance(setting, str):
         raise ValueError(f"skip_empty must be auto, off, corner or a number, got {setting!r}")
     return EmptyRule((float(setting),) * channels, "background")
+
+
+def valid_region(group, rule: EmptyRule, read: Callable[[tuple[slice, ...]], np.ndarray],
+                 chunks: tuple[int, ...]) -> tuple[tuple[int, int], ...] | None:
+    """The exact bounding box of the scan's non-empty voxels, per spatial axis [lo, hi); None when
+    every voxel is empty. Level 0 decides, chunk by chunk; the lowest pyramid level spares most reads:
+    a clearly non-empty coarse voxel proves a non-empty voxel in its block, so the box reaches at
+    least into the outermost such blocks, and no chunk lying inside the box of those blocks shrunk by
+    one block per side can hold an extreme voxel. ``chunks``: level-0 spatial chunks; ``read`` reads
+    (C, *box) of level 0."""
+    _, coarse, factors = _lowest_level(group)
+    shape = tuple(group["image/0"].shape[1:])
+    inner = None  # chunks wholly inside it need no read
+    if coarse is not None:
+        hits = np.nonzero(~rule.maybe_empty(coarse))
+        if hits[0].size:
+            inner = [(int(i.min()) * f + f, int(i.max()) * f) for i, f in zip(hits, factors)]
+    lo, hi = list(shape), [0] * len(shape)
+    for index in itertools.product(*(range(-(-n // c)) for n, c in zip(shape, chunks))):
+        box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, chunks, shape))
+        if inner is not None and all(b.start >= a and b.stop <= z for b, (a, z) in zip(box, inner)):
+            continue
+        found = np.nonzero(~rule.empty(read((slice(None),) + box)))
+        for axis, (idx, b) in enumerate(zip(found, box)):
+            if idx.size:
+                lo[axis] = min(lo[axis], b.start + int(idx.min()))
+                hi[axis] = max(hi[axis], b.start + int(idx.max()) + 1)
+    if any(a >= z for a, z in zip(lo, hi)):
+        return None
+    return tuple(zip(lo, hi))
 
 
 @dataclass
@@ -97,7 +140,7 @@ def find_empty_tiles(group, plan: TilePlan, origins: Iterable[Origin], rule: Emp
     (its ``image`` pyramid); ``read(box)`` reads level 0 (C, *box), e.g. the engine's chunk cache."""
     t0 = time.perf_counter()
     level, coarse, factors = _lowest_level(group)
-    coarse_empty = rule.empty(coarse) if coarse is not None else None
+    coarse_empty = rule.maybe_empty(coarse) if coarse is not None else None
     decision = SkipDecision(level=level)
     for origin in origins:
         decision.considered += 1
