@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import textwrap
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -309,3 +310,90 @@ def test_file_urls_are_read_in_place_not_copied(tmp_path):
     assert [s.scan_id for s in specs] == [CHIP.format(n)[:-4] for n in (53, 54, 57)]
     assert specs[0].sources == (SAT / "images" / CHIP.format(53),) and specs[0].remote is None
     assert specs[0].labels.sources == (SAT / "masks" / CHIP.format(53),) and specs[0].labels.remote is None
+
+
+# ------------------------------------------------------------------ backfill over remote scans
+
+def _noon(day: str) -> datetime:
+    return datetime.fromisoformat(day + "T12:00:00").replace(tzinfo=timezone.utc)
+
+
+def test_backfill_dates_remote_scans_from_their_listing(s3, tmp_path):
+    from flows.backfill import in_range
+
+    # files: each chip object dated by its LastModified
+    s3.upload_tree(SAT / "images", "rio/images")
+    for n, day in zip((53, 54, 57), ("2024-01-10", "2024-02-10", "2024-03-10")):
+        s3.set_mtime(f"rio/images/{CHIP.format(n)}", _noon(day))
+    # channel folders (prefixes): a scan is as new as its newest channel object
+    s3.upload_tree(MRI, "brats")
+    for subject, days in {"brats_2013_pat0003_1": ("2024-01-05", "2024-02-20"),
+                          "brats_2013_pat0005_1": ("2024-03-01", "2024-03-02")}.items():
+        for channel, day in zip(MRI_CHANNELS, days):
+            s3.set_mtime(f"brats/{subject}/{channel}", _noon(day))
+    sat = satellite_entry(tmp_path, s3)
+    mri = entry(tmp_path, "brats_s3", f"""
+        name: brats_s3
+        modality: mri
+        scans: {{path: "{s3.url}/brats/brats_*", channels: {MRI_CHANNELS}, id: "{{name}}"}}
+    """)
+    s3.forget_requests()
+    feb = in_range(date(2024, 2, 1), date(2024, 2, 28))
+    assert [s.scan_id for s in feb(sat, discover_scans(sat))] == [CHIP.format(54)[:-4]]
+    assert [s.scan_id for s in feb(mri, discover_scans(mri))] == ["brats_2013_pat0003_1"]
+    since_march = in_range(date(2024, 3, 1), None)
+    assert [s.scan_id for s in since_march(sat, discover_scans(sat))] == [CHIP.format(57)[:-4]]
+    assert [s.scan_id for s in since_march(mri, discover_scans(mri))] == ["brats_2013_pat0005_1"]
+    assert s3.object_gets() == []  # dated from listings only: not one object body
+
+
+def test_backfill_dates_remote_scans_from_their_url(s3, tmp_path):
+    from flows.backfill import in_range
+
+    s3.upload_tree(EM / "image", "isbi/em_20240110/image")
+    s3.upload_tree(EM / "image", "isbi/em_20240210/image")
+    loaded = entry(tmp_path, "isbi_dated", f"""
+        name: isbi_dated
+        modality: em
+        scans: {{path: "{s3.url}/isbi/em_*/image", id: "{{parent}}",
+                 date: {{from: path, pattern: "em_(\\\\d{{8}})/", format: "%Y%m%d"}}}}
+    """)
+    s3.forget_requests()
+    select = in_range(date(2024, 2, 1), None)
+    assert [s.scan_id for s in select(loaded, discover_scans(loaded))] == ["em_20240210"]
+    assert s3.object_gets() == []
+
+
+@pytest.mark.slow
+def test_backfill_flow_over_s3_ingests_exactly_the_scans_in_range(prefect_server, s3, tmp_path):
+    from flows.backfill import backfill_flow
+
+    s3.upload_tree(SAT / "images", "rio/images")
+    for n, day in zip((53, 54, 57), ("2024-01-10", "2024-02-10", "2024-03-10")):
+        s3.set_mtime(f"rio/images/{CHIP.format(n)}", _noon(day))
+    satellite_entry(tmp_path, s3)  # no model: the chain ingests, infer is skipped
+    root = tmp_path / "stores"
+    s3.forget_requests()
+    state = backfill_flow("rio_s3", catalog=str(tmp_path / "catalog"), since="2024-02-01", until="2024-02-28",
+                          store_root=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    rows = state.result()
+    assert {(o.scan_id, o.step, o.status) for o in rows if o.scan_id != "*"} == \
+        {(CHIP.format(54)[:-4], "ingest", "ingested")}
+    assert [p.name for p in (root / "rio_s3").iterdir() if p.suffix == ".zarr"] == [CHIP.format(54)[:-4] + ".zarr"]
+    with rasterio.open(SAT / "images" / CHIP.format(54)) as src:
+        np.testing.assert_array_equal(level0(root / "rio_s3" / (CHIP.format(54)[:-4] + ".zarr")), src.read())
+    assert s3.object_gets() == [f"/{s3.bucket}/rio/images/{CHIP.format(54)}"]  # only the selected scan is fetched
+
+
+def test_remote_mtime_forms_read_as_one_instant():
+    from tasks.ingest.remote import RemoteObject, RemoteScan
+
+    noon = _noon("2024-02-10")
+    forms = [noon.isoformat(), "2024-02-10T12:00:00Z", "2024-02-10T12:00:00", str(noon.timestamp()),
+             "2024-02-10T13:00:00+01:00"]
+    assert [RemoteObject("s3://b/k", 1, mtime=m).modified() for m in forms] == [noon] * len(forms)
+    assert RemoteObject("s3://b/k", 1, mtime="yesterday").modified() is None
+    scan = RemoteScan("s3://b/p", (RemoteObject("s3://b/p/a", 1, mtime=forms[0]), RemoteObject("s3://b/p/b", None),
+                                   RemoteObject("s3://b/p/c", 1, mtime="2024-02-11T00:00:00Z")), ("p",))
+    assert scan.newest_mtime() == _noon("2024-02-10").replace(hour=0, day=11)

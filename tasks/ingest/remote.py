@@ -18,6 +18,7 @@ directly under the prefix belong to it (names starting with "." are skipped, as 
 
 from __future__ import annotations
 
+import datetime as _dt
 import glob as _glob
 import hashlib
 import json
@@ -63,6 +64,19 @@ class RemoteObject:
         """Its entry in the scan group's ``source.files`` (what the next ingest compares)."""
         return {"path": self.url, "size": self.size, "etag": self.etag, "mtime": self.mtime}
 
+    def modified(self) -> _dt.datetime | None:
+        """``mtime`` as an aware datetime (ISO text, naive read as UTC, or epoch seconds), else None."""
+        if not self.mtime:
+            return None
+        try:
+            when = _dt.datetime.fromtimestamp(float(self.mtime), tz=_dt.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            try:
+                when = _dt.datetime.fromisoformat(self.mtime)
+            except ValueError:
+                return None
+        return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+
 
 @dataclass(frozen=True)
 class RemoteScan:
@@ -82,6 +96,12 @@ class RemoteScan:
 
     def source_urls(self) -> tuple[str, ...]:
         return tuple(f"{self.parent()}/{s}" for s in self.sources)
+
+    def newest_mtime(self) -> _dt.datetime | None:
+        """The latest modification time of its objects as listed (None when no listing gives one).
+        A prefix has no time of its own: a slice or channel folder is as new as its newest object."""
+        times = [t for t in (o.modified() for o in self.objects) if t is not None]
+        return max(times, default=None)
 
     def key(self) -> str:
         """Names the fetched copy: the match, then every object's metadata."""
