@@ -397,3 +397,71 @@ def test_remote_mtime_forms_read_as_one_instant():
     scan = RemoteScan("s3://b/p", (RemoteObject("s3://b/p/a", 1, mtime=forms[0]), RemoteObject("s3://b/p/b", None),
                                    RemoteObject("s3://b/p/c", 1, mtime="2024-02-11T00:00:00Z")), ("p",))
     assert scan.newest_mtime() == _noon("2024-02-10").replace(hour=0, day=11)
+
+
+# ------------------------------------------------------------------ tilewise ingest --source URL
+
+def test_cli_ingest_of_an_s3_object_then_unchanged_without_a_fetch(s3, tmp_path):
+    key = f"rio/images/{CHIP.format(53)}"
+    s3.put(key, SAT / "images" / CHIP.format(53))
+    store = tmp_path / "chip.zarr"
+    result = CliRunner().invoke(app, ["ingest", f"{s3.url}/{key}", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ingested: {store} (satellite, ")  # told from the object's GeoTIFF header
+    with rasterio.open(SAT / "images" / CHIP.format(53)) as src:
+        np.testing.assert_array_equal(level0(store), src.read())
+    (recorded,) = storage.read_record(str(store))["source"]["files"]
+    assert recorded["path"] == f"{s3.url}/{key}"  # the URL as given, not "s3:/..."
+
+    s3.forget_requests()
+    again = CliRunner().invoke(app, ["ingest", f"{s3.url}/{key}", "--store", str(store), "--modality", "satellite"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(f"unchanged: {store} (satellite, ")
+    assert s3.object_gets() == []
+
+
+def test_cli_ingest_of_s3_channel_objects_and_a_slice_prefix(s3, tmp_path):
+    s3.upload_tree(MRI, "brats")
+    s3.upload_tree(EM / "image", "isbi/image")
+    subject = f"{s3.url}/brats/brats_2013_pat0003_1"
+    result = CliRunner().invoke(app, ["ingest", *(f"{subject}/{c}" for c in MRI_CHANNELS),
+                                      "--store", str(tmp_path / "mri.zarr"), "--chunks", "32,64,64"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ingested: {tmp_path / 'mri.zarr'} (mri, shape 2x")
+    local = ScanSpec("ref", "mri", tuple(MRI / "brats_2013_pat0003_1" / c for c in MRI_CHANNELS), chunks=(32, 64, 64))
+    ingest_scan(local, tmp_path / "ref.zarr")
+    np.testing.assert_array_equal(level0(tmp_path / "mri.zarr"), level0(tmp_path / "ref.zarr"))
+
+    result = CliRunner().invoke(app, ["ingest", f"{s3.url}/isbi/image/", "--store", str(tmp_path / "em.zarr")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ingested: {tmp_path / 'em.zarr'} (em, shape 1x8x512x512")
+    np.testing.assert_array_equal(level0(tmp_path / "em.zarr")[0, 7], iio.imread(EM / "image" / "7.png"))
+
+
+def test_cli_ingest_of_a_missing_s3_object_is_one_line(s3, tmp_path):
+    s3.upload_tree(MRI / "brats_2013_pat0003_1", "brats/pat3")
+    runner = CliRunner()
+    for args, missing in [([f"{s3.url}/rio/nope.tif"], f"{s3.url}/rio/nope.tif"),
+                          ([f"{s3.url}/brats/pat3/{MRI_CHANNELS[0]}", f"{s3.url}/brats/pat3/T2.nii.gz"],
+                           f"{s3.url}/brats/pat3/T2.nii.gz")]:
+        result = runner.invoke(app, ["ingest", *args, "--store", str(tmp_path / "x.zarr")])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines()[-1] == f"error: {missing}: does not exist"
+        assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+        assert not (tmp_path / "x.zarr").exists()
+    mixed = runner.invoke(app, ["ingest", str(MRI / "brats_2013_pat0003_1" / MRI_CHANNELS[0]),
+                                f"{s3.url}/brats/pat3/{MRI_CHANNELS[1]}", "--store", str(tmp_path / "x.zarr")])
+    assert mixed.exit_code == 1 and "all local paths or all URLs" in mixed.output
+
+
+def test_cli_ingest_takes_one_remote_scan_and_reads_file_urls_in_place(s3, tmp_path):
+    s3.upload_tree(MRI, "brats")
+    runner = CliRunner()
+    pattern = runner.invoke(app, ["ingest", f"{s3.url}/brats/brats_*", "--store", str(tmp_path / "x.zarr")])
+    assert pattern.exit_code == 1 and "is a pattern; ingest takes one scan" in pattern.output
+    apart = runner.invoke(app, ["ingest", f"{s3.url}/brats/brats_2013_pat0003_1/{MRI_CHANNELS[0]}",
+                                f"{s3.url}/brats/brats_2013_pat0005_1/{MRI_CHANNELS[1]}", "--store", str(tmp_path / "x.zarr")])
+    assert apart.exit_code == 1 and "is not directly under" in apart.output and "Traceback" not in apart.output
+    local = runner.invoke(app, ["ingest", f"file://{SAT}/images/{CHIP.format(53)}", "--store", str(tmp_path / "f.zarr")])
+    assert local.exit_code == 0, local.output
+    assert storage.read_record(str(tmp_path / "f.zarr"))["source"]["files"][0]["path"] == str(SAT / "images" / CHIP.format(53))

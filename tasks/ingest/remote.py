@@ -191,12 +191,43 @@ def describe_object(url: str, fresh: bool = False) -> RemoteScan:
     """One remote object or prefix (a label file or label slice folder), from its listing (the
     listing this discovery made, unless ``fresh``). Not there: one object with ``size`` None
     (ingest names it missing). ``.`` and ``..`` in the URL are resolved as in a local path."""
-    protocol, _, path = url.partition("://")
-    url = f"{protocol}://{posixpath.normpath(path)}"
+    url = _normalized(url)
     found = list_matches(url, fresh=fresh)
     if found:
         return found[0]
     return RemoteScan(url, (RemoteObject(url, None),), (url.rstrip("/").rpartition("/")[2],))
+
+
+def _normalized(url: str) -> str:
+    protocol, _, path = url.partition("://")
+    return f"{protocol}://{posixpath.normpath(path)}"
+
+
+def describe_sources(urls: list[str]) -> RemoteScan:
+    """One scan named by URL(s) (``tilewise ingest --source``), described as discovery describes a
+    remote match, from a fresh listing: one URL is an object or a prefix (a folder of slices);
+    several are channel objects directly under one prefix, stacked in the given order. A missing
+    object has ``size`` None. Raises :class:`ScanError` for a pattern (one scan, not a glob),
+    channels under different prefixes, or storage that cannot be listed.
+    """
+    urls = [_normalized(u) for u in urls]
+    for url in urls:
+        if _glob.has_magic(url.partition("://")[2]):
+            raise ScanError(url, "is a pattern; ingest takes one scan (a catalog entry takes patterns)")
+    if len(urls) == 1:
+        return describe_object(urls[0], fresh=True)
+    prefix = urls[0].rpartition("/")[0]
+    for url in urls:
+        if url.rpartition("/")[0] != prefix:
+            raise ScanError(url, f"is not directly under {prefix}/ (the channel objects of one scan share a prefix)")
+    names = [url.rpartition("/")[2] for url in urls]
+    if len(set(names)) != len(names):
+        raise ScanError(prefix, "the same channel object is given twice")
+    found = list_matches(prefix, channels=names)
+    if found:
+        return found[0]
+    base = prefix.rpartition("/")[2]  # no such prefix: every channel is missing
+    return RemoteScan(prefix, tuple(RemoteObject(u, None) for u in urls), tuple(f"{base}/{n}" for n in names))
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
