@@ -3,6 +3,9 @@
 A scan's date comes from the catalog's ``scans.date``: ``from: mtime`` (default; the newest
 modification time of the matched file or folder and, for a folder, of the files directly in it,
 as a local date) or ``from: path`` (a regular expression with one group, parsed with ``format``).
+A remote scan (an fsspec URL) is dated from its listing, never downloaded: ``from: path`` reads the
+matched URL, ``from: mtime`` takes the newest modification time of the objects the scan is made of
+(a prefix has no time of its own).
 ``since`` / ``until`` are inclusive ISO dates; either may be left out. ``force`` recomputes every
 step of exactly the selected scans; the others are not looked at.
 """
@@ -23,8 +26,11 @@ from tasks.errors import ScanError
 from tasks.ingest import ScanSpec
 
 
-def matched_path(loaded: LoadedEntry, spec: ScanSpec) -> Path:
-    """The path ``scans.path`` matched for this scan (the folder of channel files, else the source)."""
+def matched_path(loaded: LoadedEntry, spec: ScanSpec) -> Path | str:
+    """The path ``scans.path`` matched for this scan (the folder of channel files, else the source);
+    for a remote scan, the URL it matched (the object, or the prefix of a slice or channel folder)."""
+    if spec.remote is not None:
+        return spec.remote.url
     return spec.sources[0].parent if loaded.entry.scans.channels else spec.sources[0]
 
 
@@ -36,6 +42,12 @@ def scan_date(loaded: LoadedEntry, spec: ScanSpec) -> dt.date:
             return rule.from_path(str(path))
         except ValueError as exc:
             raise ScanError(path, str(exc)) from None
+    if spec.remote is not None:  # the listing's times: nothing is read or fetched to date a remote scan
+        newest = spec.remote.newest_mtime()
+        if newest is None:
+            raise ScanError(path, "cannot read its modification time (the listing gives none); "
+                                  "date it from its path with scans.date {from: path, pattern: ...}")
+        return newest.astimezone().date()
     try:
         times = [os.stat(path).st_mtime]
         if path.is_dir():

@@ -136,8 +136,10 @@ def _parse_ints(text: Optional[str], what: str) -> Optional[tuple[int, ...]]:
 
 @app.command()
 def ingest(
-    source: list[Path] = typer.Argument(..., help="scan file(s): one NIfTI/TIFF/GeoTIFF, a folder of slices, "
-                                                  "or several NIfTI files stacked as channels"),
+    source: list[str] = typer.Argument(..., help="scan file(s): one NIfTI/TIFF/GeoTIFF, a folder of slices, "
+                                                 "or several NIfTI files stacked as channels; paths or fsspec URLs "
+                                                 "(s3://bucket/scan.tif, a prefix of slices, channel objects under "
+                                                 "one prefix)"),
     store: str = typer.Option(..., "--store", help="output Zarr group (path or fsspec URL), e.g. scan.zarr"),
     modality: Optional[str] = typer.Option(None, "--modality", help="mri | em | satellite (guessed if omitted)"),
     chunks: Optional[str] = typer.Option(None, "--chunks", help="spatial chunk shape, e.g. 64,64,64 (Z,Y,X)"),
@@ -151,11 +153,22 @@ def ingest(
     from tasks.errors import ScanError
     from tasks.ingest import ScanSpec, ingest_scan
     from tasks.ingest.readers import guess_modality
+    from tasks.ingest.remote import describe_sources, is_url, local_path
 
     if modality is not None and modality not in ("mri", "em", "satellite"):
         _fail(f"--modality must be mri, em or satellite, got {modality!r}")
+    urls = [s for s in source if is_url(s)]
+    if urls and len(urls) != len(source):
+        _fail("the sources of one scan are all local paths or all URLs, not both")
     try:
-        modality = modality or guess_modality(source[0])
+        # a remote scan is described from its listing, as discovery does; ingest fetches it if it must
+        remote = describe_sources(urls) if urls else None
+        if remote is not None:
+            for obj in remote.objects:
+                if obj.size is None:
+                    raise ScanError(obj.url, "does not exist")
+        sources = remote.source_urls() if remote else tuple(Path(local_path(s) or s) for s in source)
+        modality = modality or guess_modality(sources[0], remote)
         space = None
         if spacing:
             try:
@@ -164,8 +177,7 @@ def ingest(
                 _fail(f"--spacing must be comma-separated numbers, got {spacing!r}")
         spec = ScanSpec(
             scan_id=Path(str(store).rstrip("/")).name.removesuffix(".zarr"), modality=modality,
-            sources=tuple(Path(s) for s in source), chunks=_parse_ints(chunks, "--chunks"),
-            spacing=space, unit=unit,
+            sources=sources, chunks=_parse_ints(chunks, "--chunks"), spacing=space, unit=unit, remote=remote,
         )
         with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total}",
                       TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True) as bar:

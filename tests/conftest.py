@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import tempfile
@@ -63,6 +64,15 @@ class _S3:
         for path in sorted(local.rglob("*")):
             if path.is_file():
                 self.put(f"{prefix}/{path.relative_to(local).as_posix()}", path)
+
+    def set_mtime(self, key: str, when) -> None:
+        """Give the object ``key`` this LastModified (an aware datetime): S3 sets it on upload only,
+        so the server's own record of the object is changed (moto runs in this process)."""
+        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.s3.models import s3_backends
+
+        obj = s3_backends[DEFAULT_ACCOUNT_ID]["global"].buckets[self.bucket].keys[key]
+        obj.last_modified = when.astimezone(datetime.timezone.utc).replace(tzinfo=None)  # moto keeps naive UTC
 
     def object_gets(self) -> list[str]:
         """Paths of the GetObject requests so far (GETs of a key, not bucket listings)."""

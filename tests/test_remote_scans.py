@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import textwrap
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -309,3 +310,158 @@ def test_file_urls_are_read_in_place_not_copied(tmp_path):
     assert [s.scan_id for s in specs] == [CHIP.format(n)[:-4] for n in (53, 54, 57)]
     assert specs[0].sources == (SAT / "images" / CHIP.format(53),) and specs[0].remote is None
     assert specs[0].labels.sources == (SAT / "masks" / CHIP.format(53),) and specs[0].labels.remote is None
+
+
+# ------------------------------------------------------------------ backfill over remote scans
+
+def _noon(day: str) -> datetime:
+    return datetime.fromisoformat(day + "T12:00:00").replace(tzinfo=timezone.utc)
+
+
+def test_backfill_dates_remote_scans_from_their_listing(s3, tmp_path):
+    from flows.backfill import in_range
+
+    # files: each chip object dated by its LastModified
+    s3.upload_tree(SAT / "images", "rio/images")
+    for n, day in zip((53, 54, 57), ("2024-01-10", "2024-02-10", "2024-03-10")):
+        s3.set_mtime(f"rio/images/{CHIP.format(n)}", _noon(day))
+    # channel folders (prefixes): a scan is as new as its newest channel object
+    s3.upload_tree(MRI, "brats")
+    for subject, days in {"brats_2013_pat0003_1": ("2024-01-05", "2024-02-20"),
+                          "brats_2013_pat0005_1": ("2024-03-01", "2024-03-02")}.items():
+        for channel, day in zip(MRI_CHANNELS, days):
+            s3.set_mtime(f"brats/{subject}/{channel}", _noon(day))
+    sat = satellite_entry(tmp_path, s3)
+    mri = entry(tmp_path, "brats_s3", f"""
+        name: brats_s3
+        modality: mri
+        scans: {{path: "{s3.url}/brats/brats_*", channels: {MRI_CHANNELS}, id: "{{name}}"}}
+    """)
+    s3.forget_requests()
+    feb = in_range(date(2024, 2, 1), date(2024, 2, 28))
+    assert [s.scan_id for s in feb(sat, discover_scans(sat))] == [CHIP.format(54)[:-4]]
+    assert [s.scan_id for s in feb(mri, discover_scans(mri))] == ["brats_2013_pat0003_1"]
+    since_march = in_range(date(2024, 3, 1), None)
+    assert [s.scan_id for s in since_march(sat, discover_scans(sat))] == [CHIP.format(57)[:-4]]
+    assert [s.scan_id for s in since_march(mri, discover_scans(mri))] == ["brats_2013_pat0005_1"]
+    assert s3.object_gets() == []  # dated from listings only: not one object body
+
+
+def test_backfill_dates_remote_scans_from_their_url(s3, tmp_path):
+    from flows.backfill import in_range
+
+    s3.upload_tree(EM / "image", "isbi/em_20240110/image")
+    s3.upload_tree(EM / "image", "isbi/em_20240210/image")
+    loaded = entry(tmp_path, "isbi_dated", f"""
+        name: isbi_dated
+        modality: em
+        scans: {{path: "{s3.url}/isbi/em_*/image", id: "{{parent}}",
+                 date: {{from: path, pattern: "em_(\\\\d{{8}})/", format: "%Y%m%d"}}}}
+    """)
+    s3.forget_requests()
+    select = in_range(date(2024, 2, 1), None)
+    assert [s.scan_id for s in select(loaded, discover_scans(loaded))] == ["em_20240210"]
+    assert s3.object_gets() == []
+
+
+@pytest.mark.slow
+def test_backfill_flow_over_s3_ingests_exactly_the_scans_in_range(prefect_server, s3, tmp_path):
+    from flows.backfill import backfill_flow
+
+    s3.upload_tree(SAT / "images", "rio/images")
+    for n, day in zip((53, 54, 57), ("2024-01-10", "2024-02-10", "2024-03-10")):
+        s3.set_mtime(f"rio/images/{CHIP.format(n)}", _noon(day))
+    satellite_entry(tmp_path, s3)  # no model: the chain ingests, infer is skipped
+    root = tmp_path / "stores"
+    s3.forget_requests()
+    state = backfill_flow("rio_s3", catalog=str(tmp_path / "catalog"), since="2024-02-01", until="2024-02-28",
+                          store_root=str(root), return_state=True)
+    assert state.is_completed(), state.message
+    rows = state.result()
+    assert {(o.scan_id, o.step, o.status) for o in rows if o.scan_id != "*"} == \
+        {(CHIP.format(54)[:-4], "ingest", "ingested")}
+    assert [p.name for p in (root / "rio_s3").iterdir() if p.suffix == ".zarr"] == [CHIP.format(54)[:-4] + ".zarr"]
+    with rasterio.open(SAT / "images" / CHIP.format(54)) as src:
+        np.testing.assert_array_equal(level0(root / "rio_s3" / (CHIP.format(54)[:-4] + ".zarr")), src.read())
+    assert s3.object_gets() == [f"/{s3.bucket}/rio/images/{CHIP.format(54)}"]  # only the selected scan is fetched
+
+
+def test_remote_mtime_forms_read_as_one_instant():
+    from tasks.ingest.remote import RemoteObject, RemoteScan
+
+    noon = _noon("2024-02-10")
+    forms = [noon.isoformat(), "2024-02-10T12:00:00Z", "2024-02-10T12:00:00", str(noon.timestamp()),
+             "2024-02-10T13:00:00+01:00"]
+    assert [RemoteObject("s3://b/k", 1, mtime=m).modified() for m in forms] == [noon] * len(forms)
+    assert RemoteObject("s3://b/k", 1, mtime="yesterday").modified() is None
+    scan = RemoteScan("s3://b/p", (RemoteObject("s3://b/p/a", 1, mtime=forms[0]), RemoteObject("s3://b/p/b", None),
+                                   RemoteObject("s3://b/p/c", 1, mtime="2024-02-11T00:00:00Z")), ("p",))
+    assert scan.newest_mtime() == _noon("2024-02-10").replace(hour=0, day=11)
+
+
+# ------------------------------------------------------------------ tilewise ingest --source URL
+
+def test_cli_ingest_of_an_s3_object_then_unchanged_without_a_fetch(s3, tmp_path):
+    key = f"rio/images/{CHIP.format(53)}"
+    s3.put(key, SAT / "images" / CHIP.format(53))
+    store = tmp_path / "chip.zarr"
+    result = CliRunner().invoke(app, ["ingest", f"{s3.url}/{key}", "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ingested: {store} (satellite, ")  # told from the object's GeoTIFF header
+    with rasterio.open(SAT / "images" / CHIP.format(53)) as src:
+        np.testing.assert_array_equal(level0(store), src.read())
+    (recorded,) = storage.read_record(str(store))["source"]["files"]
+    assert recorded["path"] == f"{s3.url}/{key}"  # the URL as given, not "s3:/..."
+
+    s3.forget_requests()
+    again = CliRunner().invoke(app, ["ingest", f"{s3.url}/{key}", "--store", str(store), "--modality", "satellite"])
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith(f"unchanged: {store} (satellite, ")
+    assert s3.object_gets() == []
+
+
+def test_cli_ingest_of_s3_channel_objects_and_a_slice_prefix(s3, tmp_path):
+    s3.upload_tree(MRI, "brats")
+    s3.upload_tree(EM / "image", "isbi/image")
+    subject = f"{s3.url}/brats/brats_2013_pat0003_1"
+    result = CliRunner().invoke(app, ["ingest", *(f"{subject}/{c}" for c in MRI_CHANNELS),
+                                      "--store", str(tmp_path / "mri.zarr"), "--chunks", "32,64,64"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ingested: {tmp_path / 'mri.zarr'} (mri, shape 2x")
+    local = ScanSpec("ref", "mri", tuple(MRI / "brats_2013_pat0003_1" / c for c in MRI_CHANNELS), chunks=(32, 64, 64))
+    ingest_scan(local, tmp_path / "ref.zarr")
+    np.testing.assert_array_equal(level0(tmp_path / "mri.zarr"), level0(tmp_path / "ref.zarr"))
+
+    result = CliRunner().invoke(app, ["ingest", f"{s3.url}/isbi/image/", "--store", str(tmp_path / "em.zarr")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"ingested: {tmp_path / 'em.zarr'} (em, shape 1x8x512x512")
+    np.testing.assert_array_equal(level0(tmp_path / "em.zarr")[0, 7], iio.imread(EM / "image" / "7.png"))
+
+
+def test_cli_ingest_of_a_missing_s3_object_is_one_line(s3, tmp_path):
+    s3.upload_tree(MRI / "brats_2013_pat0003_1", "brats/pat3")
+    runner = CliRunner()
+    for args, missing in [([f"{s3.url}/rio/nope.tif"], f"{s3.url}/rio/nope.tif"),
+                          ([f"{s3.url}/brats/pat3/{MRI_CHANNELS[0]}", f"{s3.url}/brats/pat3/T2.nii.gz"],
+                           f"{s3.url}/brats/pat3/T2.nii.gz")]:
+        result = runner.invoke(app, ["ingest", *args, "--store", str(tmp_path / "x.zarr")])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().splitlines()[-1] == f"error: {missing}: does not exist"
+        assert "Traceback" not in result.output and isinstance(result.exception, SystemExit)
+        assert not (tmp_path / "x.zarr").exists()
+    mixed = runner.invoke(app, ["ingest", str(MRI / "brats_2013_pat0003_1" / MRI_CHANNELS[0]),
+                                f"{s3.url}/brats/pat3/{MRI_CHANNELS[1]}", "--store", str(tmp_path / "x.zarr")])
+    assert mixed.exit_code == 1 and "all local paths or all URLs" in mixed.output
+
+
+def test_cli_ingest_takes_one_remote_scan_and_reads_file_urls_in_place(s3, tmp_path):
+    s3.upload_tree(MRI, "brats")
+    runner = CliRunner()
+    pattern = runner.invoke(app, ["ingest", f"{s3.url}/brats/brats_*", "--store", str(tmp_path / "x.zarr")])
+    assert pattern.exit_code == 1 and "is a pattern; ingest takes one scan" in pattern.output
+    apart = runner.invoke(app, ["ingest", f"{s3.url}/brats/brats_2013_pat0003_1/{MRI_CHANNELS[0]}",
+                                f"{s3.url}/brats/brats_2013_pat0005_1/{MRI_CHANNELS[1]}", "--store", str(tmp_path / "x.zarr")])
+    assert apart.exit_code == 1 and "is not directly under" in apart.output and "Traceback" not in apart.output
+    local = runner.invoke(app, ["ingest", f"file://{SAT}/images/{CHIP.format(53)}", "--store", str(tmp_path / "f.zarr")])
+    assert local.exit_code == 0, local.output
+    assert storage.read_record(str(tmp_path / "f.zarr"))["source"]["files"][0]["path"] == str(SAT / "images" / CHIP.format(53))

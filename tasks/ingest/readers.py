@@ -16,11 +16,14 @@ import re
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tasks.errors import ScanError
+
+if TYPE_CHECKING:
+    from tasks.ingest.remote import RemoteScan
 
 SLICE_SUFFIXES = (".png", ".tif", ".tiff")
 GDAL_CACHE_MB = 64  # rasterio.Env passes an int GDAL_CACHEMAX to GDALSetCacheMax: bytes, not MB
@@ -446,9 +449,15 @@ def default_reader_kind(modality: str, sources: list[Path]) -> str:
     return "slices" if len(sources) == 1 and Path(sources[0]).is_dir() else "tiff"
 
 
-def guess_modality(source: Path) -> str:
+def guess_modality(source: Path, remote: RemoteScan | None = None) -> str:
     """Modality from the source alone (CLI without --modality): NIfTI → mri, folder → em,
-    TIFF with GeoTIFF keys → satellite, other TIFF → em."""
+    TIFF with GeoTIFF keys → satellite, other TIFF → em.
+
+    A remote scan (``remote``, its first source URL as ``source``) is told from its listing: a
+    prefix is a folder; only a TIFF object's header is read (a ranged read, not the object).
+    """
+    if remote is not None:
+        return _guess_remote_modality(str(source), remote)
     source = Path(source)
     name = source.name.lower()
     if name.endswith((".nii", ".nii.gz")):
@@ -460,6 +469,28 @@ def guess_modality(source: Path) -> str:
             import tifffile
 
             with tifffile.TiffFile(str(source)) as tif:
+                return "satellite" if tif.pages[0].tags.get("GeoKeyDirectoryTag") is not None else "em"
+        except Exception:
+            return "em"  # the reader will name the problem
+    raise ScanError(source, "cannot tell the modality from the name; pass --modality mri|em|satellite")
+
+
+def _guess_remote_modality(source: str, remote: RemoteScan) -> str:
+    for obj in remote.objects:
+        if obj.size is None:
+            raise ScanError(obj.url, "does not exist")
+    name = source.rstrip("/").rpartition("/")[2].lower()
+    if name.endswith((".nii", ".nii.gz")):
+        return "mri"
+    if [o.url for o in remote.objects] != [remote.url]:  # a prefix: a folder of slices
+        return "em"
+    if name.endswith((".tif", ".tiff")):
+        try:
+            import fsspec
+            import tifffile
+
+            fs, path = fsspec.core.url_to_fs(remote.url)
+            with fs.open(path, "rb", block_size=1 << 16) as f, tifffile.TiffFile(f) as tif:
                 return "satellite" if tif.pages[0].tags.get("GeoKeyDirectoryTag") is not None else "em"
         except Exception:
             return "em"  # the reader will name the problem

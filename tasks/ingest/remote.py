@@ -18,6 +18,7 @@ directly under the prefix belong to it (names starting with "." are skipped, as 
 
 from __future__ import annotations
 
+import datetime as _dt
 import glob as _glob
 import hashlib
 import json
@@ -63,6 +64,19 @@ class RemoteObject:
         """Its entry in the scan group's ``source.files`` (what the next ingest compares)."""
         return {"path": self.url, "size": self.size, "etag": self.etag, "mtime": self.mtime}
 
+    def modified(self) -> _dt.datetime | None:
+        """``mtime`` as an aware datetime (ISO text, naive read as UTC, or epoch seconds), else None."""
+        if not self.mtime:
+            return None
+        try:
+            when = _dt.datetime.fromtimestamp(float(self.mtime), tz=_dt.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            try:
+                when = _dt.datetime.fromisoformat(self.mtime)
+            except ValueError:
+                return None
+        return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+
 
 @dataclass(frozen=True)
 class RemoteScan:
@@ -82,6 +96,12 @@ class RemoteScan:
 
     def source_urls(self) -> tuple[str, ...]:
         return tuple(f"{self.parent()}/{s}" for s in self.sources)
+
+    def newest_mtime(self) -> _dt.datetime | None:
+        """The latest modification time of its objects as listed (None when no listing gives one).
+        A prefix has no time of its own: a slice or channel folder is as new as its newest object."""
+        times = [t for t in (o.modified() for o in self.objects) if t is not None]
+        return max(times, default=None)
 
     def key(self) -> str:
         """Names the fetched copy: the match, then every object's metadata."""
@@ -171,12 +191,43 @@ def describe_object(url: str, fresh: bool = False) -> RemoteScan:
     """One remote object or prefix (a label file or label slice folder), from its listing (the
     listing this discovery made, unless ``fresh``). Not there: one object with ``size`` None
     (ingest names it missing). ``.`` and ``..`` in the URL are resolved as in a local path."""
-    protocol, _, path = url.partition("://")
-    url = f"{protocol}://{posixpath.normpath(path)}"
+    url = _normalized(url)
     found = list_matches(url, fresh=fresh)
     if found:
         return found[0]
     return RemoteScan(url, (RemoteObject(url, None),), (url.rstrip("/").rpartition("/")[2],))
+
+
+def _normalized(url: str) -> str:
+    protocol, _, path = url.partition("://")
+    return f"{protocol}://{posixpath.normpath(path)}"
+
+
+def describe_sources(urls: list[str]) -> RemoteScan:
+    """One scan named by URL(s) (``tilewise ingest --source``), described as discovery describes a
+    remote match, from a fresh listing: one URL is an object or a prefix (a folder of slices);
+    several are channel objects directly under one prefix, stacked in the given order. A missing
+    object has ``size`` None. Raises :class:`ScanError` for a pattern (one scan, not a glob),
+    channels under different prefixes, or storage that cannot be listed.
+    """
+    urls = [_normalized(u) for u in urls]
+    for url in urls:
+        if _glob.has_magic(url.partition("://")[2]):
+            raise ScanError(url, "is a pattern; ingest takes one scan (a catalog entry takes patterns)")
+    if len(urls) == 1:
+        return describe_object(urls[0], fresh=True)
+    prefix = urls[0].rpartition("/")[0]
+    for url in urls:
+        if url.rpartition("/")[0] != prefix:
+            raise ScanError(url, f"is not directly under {prefix}/ (the channel objects of one scan share a prefix)")
+    names = [url.rpartition("/")[2] for url in urls]
+    if len(set(names)) != len(names):
+        raise ScanError(prefix, "the same channel object is given twice")
+    found = list_matches(prefix, channels=names)
+    if found:
+        return found[0]
+    base = prefix.rpartition("/")[2]  # no such prefix: every channel is missing
+    return RemoteScan(prefix, tuple(RemoteObject(u, None) for u in urls), tuple(f"{base}/{n}" for n in names))
 
 
 def _cache_root(cache_dir: Path | None) -> Path:
