@@ -330,7 +330,16 @@ class _ChunkWriter:
                 weights[uncovered] = 1.0  # their logits are 0: no NaN; overwritten below
             else:
                 uncovered = None
-            probs = probabilities(summed, weights, inplace=True)
+            if self.classes > 1:  # summed holds logits relative to class 0 (K - 1 channels)
+                full = np.empty((self.classes, *summed.shape[1:]), np.float32)
+                full[0] = 0.0
+                full[1:] = summed
+                if self.pool is not None:
+                    self.pool.give(summed)
+                summed = None
+            else:
+                full = summed
+            probs = probabilities(full, weights, inplace=True)
             if self.calibrator is not None:  # one chunk (K, *chunk) at a time
                 probs = self.calibrator.apply(probs)
             if uncovered is not None:
@@ -374,7 +383,10 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     batches = [origins[i: i + config.batch] for i in range(0, len(origins), config.batch)]
     weights = importance_map(plan.tile, config.blend, config.sigma_scale)
     pool = BufferPool()
-    acc = ChunkAccumulator(plan, len(prep.classes), {c: counts[c] for c in wanted if counts[c]},
+    # Softmax is unchanged by a shift of all logits, and blending is linear: summing each tile's
+    # logits minus its class-0 logit keeps K - 1 channels per live chunk instead of K.
+    kept = max(len(prep.classes) - 1, 1)
+    acc = ChunkAccumulator(plan, kept, {c: counts[c] for c in wanted if counts[c]},
                            budget_bytes=config.memory_budget_mb << 20, pool=pool)
     writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator, weights, skipped,
                           len(prep.classes), pool)
@@ -405,6 +417,8 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 if logits.shape[1] != len(prep.classes):
                     raise _fail(prep.store, f"model gives {logits.shape[1]} classes, the prediction has "
                                             f"{len(prep.classes)}")
+                if logits.shape[1] > 1:
+                    logits = logits[:, 1:] - logits[:, :1]
                 for origin, tile_logits in zip(batch, logits):
                     tile_logits *= weights
                     for index, summed in acc.add(origin, tile_logits):

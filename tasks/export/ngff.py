@@ -129,7 +129,7 @@ def _spatial_levels(group: zarr.Group) -> tuple[list[dict[str, Any]], list[dict[
     return axes, scales, factors
 
 
-SLAB_BYTES = 8 << 20  # labels read and written per call: rows of chunks, bounded
+SLAB_BYTES = 1 << 20  # labels read and written per call: whole rows of chunks, several while they stay under it
 
 
 def _slabs(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int):
@@ -167,7 +167,9 @@ def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes:
         chunks = tuple(image[str(n)].chunks[1:])
         array = target.create_array(str(n), shape=shape, dtype=level0.dtype, chunks=chunks, compressors=COMPRESSOR,
                                     fill_value=0, dimension_names=dims)
-        for box in _slabs(shape, chunks, level0.dtype.itemsize):  # whole rows of chunks: zarr writes them together
+        # whole rows of chunks, zarr writes them together; sized by what they read (the level above)
+        source_bytes = level0.dtype.itemsize * (int(np.prod(factors[n - 1])) if n else 1)
+        for box in _slabs(shape, chunks, source_bytes):
             if n == 0:
                 array[box] = np.asarray(level0[box])
             else:
