@@ -204,7 +204,7 @@ def _slabs(length: int, step: int):
 
 
 WINDOW_BYTES = 4 << 20
-READ_AHEAD = 2  # windows read ahead (a slab-only reader reads one slab ahead)
+READ_AHEAD = 1  # windows (or pieces of a slab) read ahead
 
 
 def window_width(shape: tuple[int, ...], rows: int, itemsize: int, multiple: int) -> int:
@@ -224,34 +224,56 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int
     the first spatial axis in slabs of ``step``, and [lo, hi) of the second in windows of ``width``
     (the whole axis when None); a slab's windows come before the next slab's.
 
-    A background thread reads ahead while the caller writes: ``READ_AHEAD`` windows where the reader
-    reads windows on their own (``reader.windowed``), else one slab, which is read once and handed
-    out window by window (views). So a windowed scan never holds a slab, only a few windows.
+    A background thread reads ahead while the caller writes, ``READ_AHEAD`` reads at a time. Where
+    the reader reads windows on their own (``reader.windowed``) those are windows, so a slab is
+    never held. Otherwise a slab is read in pieces of ~``WINDOW_BYTES`` along the first axis (a
+    .nii.gz, a compressed page stack: sources read front to back) gathered into one slab, which
+    is handed out window by window: one slab and a piece ahead, not two slabs.
     """
-    extent = reader.shape[2] if len(reader.shape) > 2 else 1
+    shape = tuple(reader.shape)
+    extent = shape[2] if len(shape) > 2 else 1
     width = extent if width is None else max(1, min(width, extent))
     windows = [(lo, min(lo + width, extent)) for lo in range(0, extent, width)]
-    slabs = list(_slabs(reader.shape[1], step))
+    slabs = list(_slabs(shape[1], step))
     by_window = reader.windowed and len(windows) > 1
     if by_window:
         jobs = [(start, stop, lo, hi) for start, stop in slabs for lo, hi in windows]
-        read, ahead = reader.read_window, READ_AHEAD
+        read = reader.read_window
     else:
-        jobs = slabs
-        read, ahead = reader.read_slab, 1
+        per_row = shape[0] * math.prod(shape[2:]) * np.dtype(reader.dtype).itemsize
+        piece = max(1, WINDOW_BYTES // max(per_row, 1))
+        jobs = [(a, min(a + piece, stop)) for start, stop in slabs for a in range(start, stop, piece)]
+        read = reader.read_slab
+    slab_of = {}  # piece start -> its slab
+    for start, stop in slabs:
+        slab_of[start] = (start, stop)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-read") as pool:
-        pending: deque[Future] = deque(pool.submit(read, *job) for job in jobs[:ahead])
+        pending: deque[Future] = deque(pool.submit(read, *job) for job in jobs[:READ_AHEAD])
+        slab: np.ndarray | None = None
+        current = (0, 0)
         for i, job in enumerate(jobs):
             block = pending.popleft().result()
-            if i + ahead < len(jobs):
-                pending.append(pool.submit(read, *jobs[i + ahead]))
+            if i + READ_AHEAD < len(jobs):
+                pending.append(pool.submit(read, *jobs[i + READ_AHEAD]))
             if by_window:
                 consume(*job, block)
-            else:
-                start, stop = job
-                for lo, hi in windows:
-                    consume(start, stop, lo, hi, block[:, :, lo:hi] if len(windows) > 1 else block)
+                del block
+                continue
+            a, b = job
+            if a in slab_of:  # the first piece of a slab
+                current = slab_of[a]
+                if b == current[1]:  # the whole slab in one piece
+                    slab = block
+                else:
+                    slab = np.empty((block.shape[0], current[1] - current[0], *block.shape[2:]), dtype=block.dtype)
+            if slab is not block:
+                slab[:, a - current[0] : b - current[0]] = block
             del block
+            if b == current[1]:  # the slab is whole: hand it out
+                start, stop = current
+                for lo, hi in windows:
+                    consume(start, stop, lo, hi, slab[:, :, lo:hi] if len(windows) > 1 else slab)
+                slab = None
 
 
 WRITE_PIECE_BYTES = 4 << 20
@@ -287,6 +309,7 @@ class _LevelReader:
     def __init__(self, array: zarr.Array):
         self.array = array
         self.shape = array.shape
+        self.dtype = array.dtype
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.array[:, start:stop])
@@ -317,7 +340,7 @@ class _PyramidWriter:
             )
             for level, shape in enumerate(plan.shapes)
         ]
-        # (level, chunk row) -> [buffer, values filled (rows x width along axis 2)]
+        # (level, chunk row, chunk column) -> [buffer, values filled]
         self._buffers: dict[tuple[int, int], list] = {}
 
     def window_multiple(self, source: int = 0, last: int | None = None) -> int:
@@ -343,31 +366,39 @@ class _PyramidWriter:
             self._append(level, start, lo, block)
 
     def _append(self, level: int, start: int, lo: int, rows: np.ndarray) -> None:
+        """Gather ``rows`` (rows ``start..``, columns ``lo..`` of the second spatial axis) into one
+        buffer per chunk (chunk row x chunk column), and write each chunk once it is whole: only
+        the chunks a window has begun and not finished are held, never a whole chunk row."""
         array = self.arrays[level]
         depth = array.chunks[1]
+        column = array.chunks[2] if array.ndim > 2 else 1
         extent = array.shape[2] if array.ndim > 2 else 1
         width = rows.shape[2] if rows.ndim > 2 else 1
         while rows.shape[1]:
             row = start // depth
             first = row * depth
             held = min(depth, array.shape[1] - first)
-            entry = self._buffers.get((level, row))
-            if entry is None:
-                entry = self._buffers[(level, row)] = [
-                    np.empty((rows.shape[0], held, *array.shape[2:]), dtype=rows.dtype), 0]
             take = min(first + held - start, rows.shape[1])
-            entry[0][:, start - first : start - first + take, lo : lo + width] = rows[:, :take]
-            entry[1] += take * width
+            for col in range(lo // column, -(-(lo + width) // column)):
+                c0, c1 = col * column, min((col + 1) * column, extent)
+                a, b = max(lo, c0), min(lo + width, c1)
+                key = (level, row, col)
+                entry = self._buffers.get(key)
+                if entry is None:
+                    entry = self._buffers[key] = [
+                        np.empty((rows.shape[0], held, c1 - c0, *array.shape[3:]), dtype=rows.dtype), 0]
+                entry[0][:, start - first : start - first + take, a - c0 : b - c0] = rows[:, :take, a - lo : b - lo]
+                entry[1] += take * (b - a)
+                if entry[1] == held * (c1 - c0):
+                    del self._buffers[key]
+                    _write_in_pieces(array, first, entry[0], c0)
             rows, start = rows[:, take:], start + take
-            if entry[1] == held * extent:
-                del self._buffers[(level, row)]
-                _write_in_pieces(array, first, entry[0])
-                del entry
 
     def flush(self) -> None:
         """Write what is left (there is nothing left once every window was written)."""
-        for (level, row), (buffer, _) in sorted(self._buffers.items(), key=lambda kv: kv[0]):
-            _write_in_pieces(self.arrays[level], row * self.arrays[level].chunks[1], buffer)
+        for (level, row, col), (buffer, _) in sorted(self._buffers.items(), key=lambda kv: kv[0]):
+            array = self.arrays[level]
+            _write_in_pieces(array, row * array.chunks[1], buffer, col * (array.chunks[2] if array.ndim > 2 else 1))
         self._buffers.clear()
 
 
@@ -511,9 +542,14 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         # Windows of whole chunks along the second spatial axis: the slab is never held whole
         # (where the reader reads windows) and every copy made of it is a window's size.
         extent = reader.shape[2] if len(reader.shape) > 2 else 1
-        width = window_width(reader.shape, chunks[0], np.dtype(reader.dtype).itemsize,
+        step = chunks[0]
+        if reader.windowed and len(reader.shape) == 3 and first_pass >= 1 and plan.factors[0][0] == 2:
+            # A raster read in windows: windows two chunk rows high finish level 1's chunks as they
+            # go, so of the pyramid only levels 2.. hold chunks across windows.
+            step = 2 * chunks[0]
+        width = window_width(reader.shape, step, np.dtype(reader.dtype).itemsize,
                              writer.window_multiple(0, first_pass))
-        _stream(reader, chunks[0], consume, width)
+        _stream(reader, step, consume, width)
         writer.flush()
         if first_pass < plan.levels - 1:  # the coarse levels, from the last one written
             source = _LevelReader(writer.arrays[first_pass])
