@@ -8,9 +8,12 @@ Layout written (see README, "Zarr layout"):
         0/ 1/ ...                   pyramid levels, Blosc-zstd, chunks aligned across levels
       labels/reference              class indices (uint8), spatial axes only, when labels exist
 
-Peak memory is a few slabs (one being read ahead, one being written), where a slab is one chunk
-row along the first spatial axis (Z, or Y for rasters): it depends on the chunk size and the
-cross-section, never on the number of slices or rows.
+Ingest streams windows: a slab (one chunk row along the first spatial axis, Z or Y for rasters;
+two for a raster read in windows) cut along the second axis into ~4 MB windows of whole chunks.
+Where the reader reads windows on their own (plain .nii, uncompressed TIFF pages, tiled TIFF and
+GeoTIFF) peak memory is a few windows plus the pyramid chunks not yet whole; a source that can only
+be read front to back (.nii.gz, compressed pages, slice folders) also holds one slab, gathered from
+~4 MB pieces. Neither depends on the number of slices or rows.
 """
 
 from __future__ import annotations
