@@ -12,7 +12,9 @@ affine in the attributes so export can undo the transposition exactly.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import warnings
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -65,9 +67,18 @@ class ScanReader(ABC):
     def __init__(self) -> None:
         self.warnings: list[str] = []
 
+    #: True where ``read_window`` reads only its window from the source; False where it reads the
+    #: slab and cuts the window out (ingest then reads each slab once and cuts its windows itself).
+    windowed: bool = False
+
     @abstractmethod
     def read_slab(self, start: int, stop: int) -> np.ndarray:
         """Array of shape (C, stop - start, *rest) for [start, stop) of the first spatial axis."""
+
+    def read_window(self, start: int, stop: int, lo: int, hi: int) -> np.ndarray:
+        """(C, stop - start, hi - lo, *rest): [start, stop) of the first spatial axis and [lo, hi)
+        of the second (Y of a volume, X of a raster), every channel."""
+        return self.read_slab(start, stop)[:, :, lo:hi]
 
     @abstractmethod
     def attributes(self) -> dict[str, Any]:
@@ -98,6 +109,10 @@ class NiftiReader(ScanReader):
     map), and a .nii.gz is decompressed once, front to back (the file handle is kept open so
     successive slabs continue where the last one stopped). NIfTI's Fortran order makes a k-slab
     one contiguous run of the file, and its (i, j, k) array is already C-ordered as (k, j, i).
+
+    A plain (uncompressed) .nii is also read in bands (``read_window``: a range of j for a range
+    of k, one contiguous run of ``ni * (hi - lo)`` voxels per k), so ingest never holds a slab; a
+    compressed file is only read front to back, a slab at a time.
     """
 
     def __init__(self, paths: list[Path]):
@@ -129,6 +144,8 @@ class NiftiReader(ScanReader):
             if not np.allclose(img.affine, first.affine, atol=1e-4):
                 raise ScanError(p, f"affine differs from {self.paths[0].name}; channels must share one grid")
         self._channels_per_file = [img.shape[3] if len(img.shape) == 4 else 1 for img in self._images]
+        # only where a band is cheap to seek to (a gzip stream would be decompressed again per band)
+        self.windowed = all(p.suffix.lower() == ".nii" for p in self.paths)
         i, j, k = first.shape[:3]
         self.axes = "czyx"
         self.shape = (sum(self._channels_per_file), k, j, i)
@@ -139,22 +156,31 @@ class NiftiReader(ScanReader):
         self.spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
         self.unit = NIFTI_UNITS.get(first.header.get_xyzt_units()[0])
 
-    def _read_file(self, index: int, start: int, stop: int) -> np.ndarray:
+    def _read_file(self, index: int, start: int, stop: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
         img = self._images[index]
+        j = slice(None) if (lo, hi) == (0, None) else slice(lo, hi)
         try:
             if len(img.shape) == 3:
-                block = np.asarray(img.dataobj[:, :, start:stop])[np.newaxis]  # (1, i, j, k)
+                block = np.asarray(img.dataobj[:, j, start:stop])[np.newaxis]  # (1, i, j, k)
             else:
-                block = np.moveaxis(np.asarray(img.dataobj[:, :, start:stop, :]), 3, 0)  # (t, i, j, k)
+                block = np.moveaxis(np.asarray(img.dataobj[:, j, start:stop, :]), 3, 0)  # (t, i, j, k)
         except Exception as exc:  # EOFError / zlib.error / OSError for truncated files
             raise ScanError(self.paths[index], f"cannot read slices {start}-{stop - 1} ({_describe(exc)})") from None
         return block.transpose(0, 3, 2, 1)  # (c, k, j, i) = (C, Z, Y, X)
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
-        parts = [self._read_file(n, start, stop) for n in range(len(self._images))]
+        return self._read(start, stop, 0, None)
+
+    def read_window(self, start: int, stop: int, lo: int, hi: int) -> np.ndarray:
+        if lo == 0 and hi >= self.shape[2]:
+            return self._read(start, stop, 0, None)
+        return self._read(start, stop, lo, hi)
+
+    def _read(self, start: int, stop: int, lo: int, hi: int | None) -> np.ndarray:
+        parts = [self._read_file(n, start, stop, lo, hi) for n in range(len(self._images))]
         if len(parts) == 1:
             return np.ascontiguousarray(parts[0], dtype=self.dtype)
-        out = np.empty((self.shape[0], stop - start) + self.shape[2:], dtype=self.dtype)
+        out = np.empty((self.shape[0], *parts[0].shape[1:]), dtype=self.dtype)
         c = 0
         for part in parts:
             out[c : c + part.shape[0]] = part
@@ -198,7 +224,9 @@ class TiffStackReader(ScanReader):
     """A TIFF file: a multi-page stack (Z, Y, X[, S]) or one 2D page (Y, X[, S]).
 
     Read through tifffile's Zarr view of the file, so a slab touches only its own pages (or
-    strips / tiles of a single large page).
+    strips / tiles of a single large page). Windows (``read_window``) are read on their own where
+    that costs nothing extra: bands of rows of uncompressed contiguous pages straight from the file,
+    and tiles of a tiled single page; otherwise a page is decoded whole, so ingest reads the slab.
     """
 
     def __init__(self, path: Path):
@@ -226,6 +254,63 @@ class TiffStackReader(ScanReader):
         self._series_axes = series_axes
         self._page_shape = tuple(series.shape[1:]) if len(spatial) == 3 else ()
         self._check_shape()
+        self._row_bytes = int(np.prod(series.shape[len(spatial) - 1:])) * self.dtype.itemsize  # one row, samples
+        self._fd: int | None = None
+        if len(spatial) == 3:
+            self._pages = series.pages
+            self.windowed = len(self._pages) == spatial_shape[0] and self._raw_rows(0) is not None
+        else:
+            self.windowed = bool(series.pages[0].is_tiled)
+
+    def _raw_rows(self, z: int) -> int | None:
+        """File offset of page z's first row where its rows can be read as stored (uncompressed,
+        contiguous, native byte order, no predictor, samples interleaved), else None."""
+        try:
+            page = self._pages[z]
+            key = getattr(page, "keyframe", None) or page
+            offsets, counts = page.dataoffsets, page.databytecounts
+            native = self.dtype.itemsize == 1 or self._tif.byteorder == ("<" if sys.byteorder == "little" else ">")
+            if (key.compression != 1 or key.predictor != 1 or key.fillorder != 1 or key.is_tiled or not native
+                    or tuple(key.shape[:2]) != tuple(self._page_shape[:2])
+                    or (self._samples_last and key.planarconfig != 1)
+                    or any(o + c != n for o, c, n in zip(offsets, counts, offsets[1:]))
+                    or sum(counts) < self._row_bytes * self._page_shape[0]):
+                return None
+            return int(offsets[0])
+        except Exception:  # a page tifffile cannot describe: the general path decodes it
+            return None
+
+    def _read_rows(self, z: int, lo: int, hi: int, out: np.ndarray) -> bool:
+        """Rows [lo, hi) of page z into ``out`` straight from the file; False where the page needs
+        decoding."""
+        offset = self._raw_rows(z)
+        if offset is None:
+            return False
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        position, done = offset + lo * self._row_bytes, 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], position + done)
+            if n <= 0:
+                raise EOFError(f"page {z} is truncated")
+            done += n
+        return True
+
+    def read_window(self, start: int, stop: int, lo: int, hi: int) -> np.ndarray:
+        if not self.windowed:
+            return super().read_window(start, stop, lo, hi)
+        try:
+            if self.axes == "czyx":
+                block = np.empty((stop - start, hi - lo, *self._page_shape[1:]), dtype=self.dtype)
+                for i, z in enumerate(range(start, stop)):
+                    if not self._read_rows(z, lo, hi, block[i]):
+                        block[i] = self._tif.asarray(key=z, series=0).reshape(self._page_shape)[lo:hi]
+            else:
+                block = np.asarray(self._array[start:stop, lo:hi])
+        except Exception as exc:
+            raise ScanError(self.path, f"cannot read rows/pages {start}-{stop - 1} ({_describe(exc)})") from None
+        return np.moveaxis(block, -1, 0) if self._samples_last else block[np.newaxis]
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
         try:
@@ -251,6 +336,9 @@ class TiffStackReader(ScanReader):
         return attrs
 
     def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
         self._tif.close()
 
 
@@ -344,7 +432,12 @@ class SliceFolderReader(ScanReader):
 
 
 class GeoTiffReader(ScanReader):
-    """GeoTIFF / COG through rasterio windowed reads: every band, any dtype, nodata kept."""
+    """GeoTIFF / COG through rasterio windowed reads: every band, any dtype, nodata kept.
+
+    A tiled file is read in windows of whole tiles (``read_window``). GDAL keeps decoded blocks in
+    its cache (up to ``GDAL_CACHE_MB``, resident, invisible to Python); once a read has covered
+    whole blocks no later read needs them, so the reader drops them from the cache.
+    """
 
     def __init__(self, path: Path):
         super().__init__()
@@ -372,6 +465,8 @@ class GeoTiffReader(ScanReader):
             self.close()
             raise
         self.spacing = (abs(src.transform.e), abs(src.transform.a))
+        self._block = tuple(src.block_shapes[0]) if src.block_shapes else (1, src.width)  # (rows, cols)
+        self.windowed = self._block[1] < src.width  # tiled: a window of whole tiles decodes only them
         self.unit = None
         if src.crs is None:
             self._warn("GeoTIFF has no CRS; stored with crs: null")
@@ -380,6 +475,17 @@ class GeoTiffReader(ScanReader):
             self.unit = "meter" if units in ("metre", "meter", "m") else None
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
+        return self._read(start, stop, 0, self.shape[2])
+
+    def read_window(self, start: int, stop: int, lo: int, hi: int) -> np.ndarray:
+        return self._read(start, stop, lo, min(hi, self.shape[2]))
+
+    def _whole_blocks(self, start: int, stop: int, lo: int, hi: int) -> bool:
+        (bh, bw), (height, width) = self._block, self.shape[1:]
+        return (start % bh == 0 and (stop % bh == 0 or stop == height)
+                and lo % bw == 0 and (hi % bw == 0 or hi == width))
+
+    def _read(self, start: int, stop: int, lo: int, hi: int) -> np.ndarray:
         import rasterio
         from rasterio.windows import Window
 
@@ -388,7 +494,13 @@ class GeoTiffReader(ScanReader):
             # opened the file: without the cap there, GDAL's block cache sizes itself (process-wide,
             # on first use) to 5% of RAM.
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB << 20):
-                return self._src.read(window=Window(0, start, self.shape[2], stop - start), out_dtype=self.dtype)
+                block = self._src.read(window=Window(lo, start, hi - lo, stop - start), out_dtype=self.dtype)
+                if self._whole_blocks(start, stop, lo, hi):
+                    # No later read needs these blocks: lowering the cap flushes the cache (GDAL
+                    # frees blocks down to it), and leaving this Env restores the cap above.
+                    with rasterio.Env(GDAL_CACHEMAX=0):
+                        pass
+                return block
         except Exception as exc:
             raise ScanError(self.path, f"cannot read rows {start}-{stop - 1} ({_describe(exc)})") from None
 

@@ -8,9 +8,12 @@ Layout written (see README, "Zarr layout"):
         0/ 1/ ...                   pyramid levels, Blosc-zstd, chunks aligned across levels
       labels/reference              class indices (uint8), spatial axes only, when labels exist
 
-Peak memory is a few slabs (one being read ahead, one being written), where a slab is one chunk
-row along the first spatial axis (Z, or Y for rasters): it depends on the chunk size and the
-cross-section, never on the number of slices or rows.
+Ingest streams windows: a slab (one chunk row along the first spatial axis, Z or Y for rasters;
+two for a raster read in windows) cut along the second axis into ~4 MB windows of whole chunks.
+Where the reader reads windows on their own (plain .nii, uncompressed TIFF pages, tiled TIFF and
+GeoTIFF) peak memory is a few windows plus the pyramid chunks not yet whole; a source that can only
+be read front to back (.nii.gz, compressed pages, slice folders) also holds one slab, gathered from
+~4 MB pieces. Neither depends on the number of slices or rows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -63,11 +67,15 @@ class IngestResult:
     message: str = ""
 
 
-def sha256_file(path: Path, block: int = 8 << 20) -> str:
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    """The file's sha256 through one reused 1 MiB buffer (beside an ingest, the hash thread then
+    holds 1 MiB instead of the 8 MiB blocks that ``f.read`` would allocate afresh)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
+    buffer = bytearray(block)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])  # hashlib releases the GIL for buffers this large
     return digest.hexdigest()
 
 
@@ -240,23 +248,84 @@ def _slabs(length: int, step: int):
         yield start, min(start + step, length)
 
 
-def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, np.ndarray], None]) -> None:
-    """Read slab n+1 in a background thread while slab n is being written."""
-    bounds = list(_slabs(reader.shape[1], step))
+WINDOW_BYTES = 4 << 20
+READ_AHEAD = 1  # windows (or pieces of a slab) read ahead
+
+
+def window_width(shape: tuple[int, ...], rows: int, itemsize: int, multiple: int) -> int:
+    """Width along the second spatial axis (axis 2 of a channel-first array: Y of a volume, X of a
+    raster) of a window of about ``WINDOW_BYTES`` holding ``rows`` rows of the first: a multiple of
+    ``multiple`` (whole chunks, whole pyramid blocks), at least one multiple."""
+    if len(shape) < 3:
+        return 1
+    per_index = shape[0] * rows * math.prod(shape[3:]) * itemsize
+    width = max(1, WINDOW_BYTES // max(per_index, 1) // multiple) * multiple
+    return min(width, shape[2])
+
+
+def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int, np.ndarray], None],
+            width: int | None = None) -> None:
+    """``consume(start, stop, lo, hi, block)`` for every window, in order: rows [start, stop) of
+    the first spatial axis in slabs of ``step``, and [lo, hi) of the second in windows of ``width``
+    (the whole axis when None); a slab's windows come before the next slab's.
+
+    A background thread reads ahead while the caller writes, ``READ_AHEAD`` reads at a time. Where
+    the reader reads windows on their own (``reader.windowed``) those are windows, so a slab is
+    never held. Otherwise a slab is read in pieces of ~``WINDOW_BYTES`` along the first axis (a
+    .nii.gz, a compressed page stack: sources read front to back) gathered into one slab, which
+    is handed out window by window: one slab and a piece ahead, not two slabs.
+    """
+    shape = tuple(reader.shape)
+    extent = shape[2] if len(shape) > 2 else 1
+    width = extent if width is None else max(1, min(width, extent))
+    windows = [(lo, min(lo + width, extent)) for lo in range(0, extent, width)]
+    slabs = list(_slabs(shape[1], step))
+    by_window = reader.windowed and len(windows) > 1
+    if by_window:
+        jobs = [(start, stop, lo, hi) for start, stop in slabs for lo, hi in windows]
+        read = reader.read_window
+    else:
+        per_row = shape[0] * math.prod(shape[2:]) * np.dtype(reader.dtype).itemsize
+        piece = max(1, WINDOW_BYTES // max(per_row, 1))
+        jobs = [(a, min(a + piece, stop)) for start, stop in slabs for a in range(start, stop, piece)]
+        read = reader.read_slab
+    slab_of = {}  # piece start -> its slab
+    for start, stop in slabs:
+        slab_of[start] = (start, stop)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-read") as pool:
-        pending: Future | None = pool.submit(reader.read_slab, *bounds[0]) if bounds else None
-        for i, (start, stop) in enumerate(bounds):
-            slab = pending.result()
-            pending = pool.submit(reader.read_slab, *bounds[i + 1]) if i + 1 < len(bounds) else None
-            consume(start, stop, slab)
-            del slab
+        pending: deque[Future] = deque(pool.submit(read, *job) for job in jobs[:READ_AHEAD])
+        slab: np.ndarray | None = None
+        current = (0, 0)
+        for i, job in enumerate(jobs):
+            block = pending.popleft().result()
+            if i + READ_AHEAD < len(jobs):
+                pending.append(pool.submit(read, *jobs[i + READ_AHEAD]))
+            if by_window:
+                consume(*job, block)
+                del block
+                continue
+            a, b = job
+            if a in slab_of:  # the first piece of a slab
+                current = slab_of[a]
+                if b == current[1]:  # the whole slab in one piece
+                    slab = block
+                else:
+                    slab = np.empty((block.shape[0], current[1] - current[0], *block.shape[2:]), dtype=block.dtype)
+            if slab is not block:
+                slab[:, a - current[0] : b - current[0]] = block
+            del block
+            if b == current[1]:  # the slab is whole: hand it out
+                start, stop = current
+                for lo, hi in windows:
+                    consume(start, stop, lo, hi, slab[:, :, lo:hi] if len(windows) > 1 else slab)
+                slab = None
 
 
 WRITE_PIECE_BYTES = 4 << 20
 
 
-def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray) -> None:
-    """``array[:, start:start + n] = rows``, a few chunks at a time along the last axis.
+def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray, lo: int = 0) -> None:
+    """``array[:, start:start + n, lo:lo + m] = rows``, a few chunks at a time along the last axis.
 
     Zarr encodes every chunk of one assignment at once, holding a copy and the compressed bytes
     of each: writing a whole slab in one go would double its memory. Pieces of ~4 MB keep the
@@ -266,28 +335,41 @@ def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray) -> None:
     per_column = rows.nbytes // max(1, -(-rows.shape[-1] // step))
     columns = max(1, WRITE_PIECE_BYTES // max(per_column, 1))
     stop = start + rows.shape[1]
+    if rows.ndim > 3:  # (C, Z, Y, X): the window is along Y, the pieces along X
+        head = (slice(None), slice(start, stop), slice(lo, lo + rows.shape[2]))
+        offset = 0
+    else:  # (C, Y, X): the window and the pieces are both along X
+        head = (slice(None), slice(start, stop))
+        offset = lo
     for x0 in range(0, rows.shape[-1], columns * step):
         x1 = min(x0 + columns * step, rows.shape[-1])
-        array[:, start:stop, ..., x0:x1] = rows[..., x0:x1]
+        array[head + (Ellipsis, slice(offset + x0, offset + x1))] = rows[..., x0:x1]
 
 
 class _LevelReader:
     """A written pyramid level as the source of the next ones (same ``read_slab`` contract)."""
 
+    windowed = True
+
     def __init__(self, array: zarr.Array):
         self.array = array
         self.shape = array.shape
+        self.dtype = array.dtype
 
     def read_slab(self, start: int, stop: int) -> np.ndarray:
         return np.asarray(self.array[:, start:stop])
 
+    def read_window(self, start: int, stop: int, lo: int, hi: int) -> np.ndarray:
+        return np.asarray(self.array[:, start:stop, lo:hi])
+
 
 class _PyramidWriter:
-    """Writes a slab to level 0 and its block means to every lower level.
+    """Writes a window to level 0 and its block means to every lower level.
 
-    A lower level gets fewer rows per slab than its chunks are deep; writing those directly would
-    decode and re-encode each of its chunks several times, so its rows are gathered into one
-    chunk-row buffer and written when that is full (and at the end).
+    A lower level gets fewer rows per slab than its chunks are deep, and windows narrower than its
+    width; writing those directly would decode and re-encode each of its chunks several times, so
+    its rows are gathered into one chunk-row buffer per level and written when every window of
+    that chunk row is in (and at the end).
     """
 
     def __init__(self, image: zarr.Group, channels: int, dtype: np.dtype, plan: PyramidPlan,
@@ -303,40 +385,65 @@ class _PyramidWriter:
             )
             for level, shape in enumerate(plan.shapes)
         ]
-        self._buffers: dict[int, tuple[np.ndarray, int, int]] = {}  # level -> (buffer, first row, rows held)
+        # (level, chunk row, chunk column) -> [buffer, values filled]
+        self._buffers: dict[tuple[int, int], list] = {}
 
-    def write(self, start: int, slab: np.ndarray, source: int = 0, last: int | None = None) -> None:
-        """``slab`` holds rows ``start..`` of level ``source``; write it if it is level 0, and its
-        block means to levels ``source + 1 .. last``."""
+    def window_multiple(self, source: int = 0, last: int | None = None) -> int:
+        """Windows of level ``source`` must be a multiple of this along the second spatial axis:
+        whole chunks of ``source``, whole blocks of levels ``source + 1 .. last``."""
+        m = 1
+        last = len(self.arrays) - 1 if last is None else last
+        for f in self.plan.factors[source:last]:
+            m *= f[1] if len(f) > 1 else 1
+        return math.lcm(m, self.arrays[source].chunks[2]) if self.arrays[source].ndim > 2 else 1
+
+    def write(self, start: int, lo: int, block: np.ndarray, source: int = 0, last: int | None = None) -> None:
+        """``block`` holds rows ``start..`` and columns ``lo..`` (second spatial axis) of level
+        ``source``; write it if it is level 0, and its block means to levels ``source + 1 .. last``."""
         if source == 0:
-            _write_in_pieces(self.arrays[0], start, slab)
+            _write_in_pieces(self.arrays[0], start, block, lo)
         last = len(self.arrays) - 1 if last is None else last
         for level in range(source + 1, last + 1):
             factors = self.plan.factors[level - 1]
-            slab = downsample_mean(slab, factors)
+            block = downsample_mean(block, factors)
             start //= factors[0]
-            self._append(level, start, slab)
+            lo //= factors[1] if len(factors) > 1 else 1
+            self._append(level, start, lo, block)
 
-    def _append(self, level: int, start: int, rows: np.ndarray) -> None:
+    def _append(self, level: int, start: int, lo: int, rows: np.ndarray) -> None:
+        """Gather ``rows`` (rows ``start..``, columns ``lo..`` of the second spatial axis) into one
+        buffer per chunk (chunk row x chunk column), and write each chunk once it is whole: only
+        the chunks a window has begun and not finished are held, never a whole chunk row."""
         array = self.arrays[level]
         depth = array.chunks[1]
+        column = array.chunks[2] if array.ndim > 2 else 1
+        extent = array.shape[2] if array.ndim > 2 else 1
+        width = rows.shape[2] if rows.ndim > 2 else 1
         while rows.shape[1]:
-            buffer, first, held = self._buffers.get(level) or (None, start, 0)
-            if buffer is None:
-                buffer = np.empty((rows.shape[0], depth, *rows.shape[2:]), dtype=rows.dtype)
-            take = min(depth - held, rows.shape[1])
-            buffer[:, held : held + take] = rows[:, :take]
-            held += take
+            row = start // depth
+            first = row * depth
+            held = min(depth, array.shape[1] - first)
+            take = min(first + held - start, rows.shape[1])
+            for col in range(lo // column, -(-(lo + width) // column)):
+                c0, c1 = col * column, min((col + 1) * column, extent)
+                a, b = max(lo, c0), min(lo + width, c1)
+                key = (level, row, col)
+                entry = self._buffers.get(key)
+                if entry is None:
+                    entry = self._buffers[key] = [
+                        np.empty((rows.shape[0], held, c1 - c0, *array.shape[3:]), dtype=rows.dtype), 0]
+                entry[0][:, start - first : start - first + take, a - c0 : b - c0] = rows[:, :take, a - lo : b - lo]
+                entry[1] += take * (b - a)
+                if entry[1] == held * (c1 - c0):
+                    del self._buffers[key]
+                    _write_in_pieces(array, first, entry[0], c0)
             rows, start = rows[:, take:], start + take
-            if held == depth or first + held == array.shape[1]:
-                _write_in_pieces(array, first, buffer[:, :held])
-                self._buffers.pop(level, None)
-            else:
-                self._buffers[level] = (buffer, first, held)
 
     def flush(self) -> None:
-        for level, (buffer, first, held) in sorted(self._buffers.items()):
-            _write_in_pieces(self.arrays[level], first, buffer[:, :held])
+        """Write what is left (there is nothing left once every window was written)."""
+        for (level, row, col), (buffer, _) in sorted(self._buffers.items(), key=lambda kv: kv[0]):
+            array = self.arrays[level]
+            _write_in_pieces(array, row * array.chunks[1], buffer, col * (array.chunks[2] if array.ndim > 2 else 1))
         self._buffers.clear()
 
 
@@ -365,12 +472,14 @@ def _write_labels(group: zarr.Group, labels: LabelSpec, modality: str, image_sha
         )
         counts = np.zeros(len(labels.classes), dtype=np.int64)
 
-        def consume(start: int, stop: int, slab: np.ndarray) -> None:
-            mapped = _map_labels(slab[0], labels.mapping, reader.path)
+        def consume(start: int, stop: int, lo: int, hi: int, block: np.ndarray) -> None:
+            mapped = _map_labels(block[0], labels.mapping, reader.path)
             counts[:] += np.bincount(mapped.ravel(), minlength=len(counts))[: len(counts)]
-            arr[start:stop] = mapped
+            arr[start:stop, lo:hi] = mapped
 
-        _stream(reader, chunks[0], consume)
+        # np.unique's inverse is int64: windows of ~WINDOW_BYTES / 8 labels
+        width = window_width(reader.shape, chunks[0], 8, chunks[1]) if len(chunks) > 1 else None
+        _stream(reader, chunks[0], consume, width)
         arr.attrs["tilewise"] = {
             "classes": list(labels.classes),
             "mapping": {str(k): v for k, v in sorted(labels.mapping.items())},
@@ -526,19 +635,32 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         stats = _SlabStats(np.issubdtype(reader.dtype, np.floating))
         total = reader.shape[1]
 
-        def consume(start: int, stop: int, slab: np.ndarray) -> None:
-            stats.update(slab)
-            writer.write(start, slab, last=first_pass)
-            if progress is not None:
+        def consume(start: int, stop: int, lo: int, hi: int, block: np.ndarray) -> None:
+            stats.update(block)
+            writer.write(start, lo, block, last=first_pass)
+            if progress is not None and hi >= extent:
                 progress(stop, total)
 
-        _stream(reader, chunks[0], consume)
+        # Windows of whole chunks along the second spatial axis: the slab is never held whole
+        # (where the reader reads windows) and every copy made of it is a window's size.
+        extent = reader.shape[2] if len(reader.shape) > 2 else 1
+        step = chunks[0]
+        if reader.windowed and len(reader.shape) == 3 and first_pass >= 1 and plan.factors[0][0] == 2:
+            # A raster read in windows: windows two chunk rows high finish level 1's chunks as they
+            # go, so of the pyramid only levels 2.. hold chunks across windows.
+            step = 2 * chunks[0]
+        width = window_width(reader.shape, step, np.dtype(reader.dtype).itemsize,
+                             writer.window_multiple(0, first_pass))
+        _stream(reader, step, consume, width)
         writer.flush()
         if first_pass < plan.levels - 1:  # the coarse levels, from the last one written
             source = _LevelReader(writer.arrays[first_pass])
             multiple = plan.slab_multiple(first_pass)
             step2 = math.lcm(writer.arrays[first_pass].chunks[1], multiple)
-            _stream(source, step2, lambda start, stop, slab: writer.write(start, slab, source=first_pass))
+            width2 = window_width(source.shape, step2, np.dtype(reader.dtype).itemsize,
+                                  writer.window_multiple(first_pass))
+            _stream(source, step2, lambda start, stop, lo, hi, block: writer.write(start, lo, block, source=first_pass),
+                    width2)
             writer.flush()
         labels = (_write_labels(group, spec.labels, spec.modality, tuple(reader.shape[1:]), chunks)
                   if spec.labels else None)
