@@ -457,8 +457,6 @@ def _instrument(clock: _Clock) -> None:
     for cls in (readers.NiftiReader, readers.TiffStackReader, readers.GeoTiffReader, readers.SliceFolderReader):
         cls.read_slab = clock.wrap("read_slab (read-ahead thread)", cls.read_slab)
     tz.sha256_file = clock.wrap("sha256 of sources (hash thread)", tz.sha256_file)
-    if hasattr(tz, "_hash_source"):
-        tz._hash_source = clock.wrap("sha256 of sources (hash thread)", tz._hash_source)
     for cls in (readers.NiftiReader, readers.TiffStackReader, readers.GeoTiffReader):
         if "read_window" in vars(cls):
             cls.read_window = clock.wrap("read_window (read-ahead thread)", cls.read_window)
