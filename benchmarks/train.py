@@ -175,7 +175,8 @@ def summarise(case: str, scores: dict, suffix: str = "") -> dict:
     return {f"building_iou{suffix}": sum(scores[f"inter{suffix}"]) / max(sum(scores[f"union{suffix}"]), 1)}
 
 
-def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, crf: bool = False) -> dict:
+def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, crf: bool = False,
+             skip: str | None = None) -> dict:
     import zarr
 
     from tasks.engine.infer import EngineConfig, infer_scan
@@ -186,13 +187,26 @@ def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, cr
     tile = tuple(model.card.tile)
     scores: dict[str, list] = {}
     predictions, truths = [], []
+    seconds = {"": 0.0, "_skip": 0.0}
     for store in stores:
         if case != "maskrcnn":
-            infer_scan(store, model, EngineConfig(tile=tile, overlap=0.5, output_dtype="float32", tta=tta))
+            t0 = time.perf_counter()
+            infer_scan(store, model, EngineConfig(tile=tile, overlap=0.5, output_dtype="float32", tta=tta,
+                                                  skip_empty="off" if skip else "auto"))
+            seconds[""] += time.perf_counter() - t0
             truth = zarr.open_array(f"{store}/labels/reference")[:]
             pred = zarr.open_array(f"{store}/prediction/labels")[:]
             probs = zarr.open_array(f"{store}/prediction/probabilities")[:] if case == "em" else None
             score(case, pred, truth, probs, scores)
+            if skip:  # the same model with empty voxels left out (tiles over their box, empty tiles not run)
+                t0 = time.perf_counter()
+                infer_scan(store, model, EngineConfig(tile=tile, overlap=0.5, output_dtype="float32", tta=tta,
+                                                      skip_empty=float(skip) if skip not in ("auto", "corner")
+                                                      else skip))
+                seconds["_skip"] += time.perf_counter() - t0
+                pred = zarr.open_array(f"{store}/prediction/labels")[:]
+                probs = zarr.open_array(f"{store}/prediction/probabilities")[:] if case == "em" else None
+                score(case, pred, truth, probs, scores, "_skip")
             if crf:
                 from tasks.refine.regions import crf_url, refine_prediction
 
@@ -217,6 +231,9 @@ def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, cr
     out = summarise(case, scores)
     if crf:
         out.update(summarise(case, scores, "_crf"))
+    if skip:
+        out.update(summarise(case, scores, "_skip"))
+        out.update({"infer_seconds": seconds[""], "infer_seconds_skip": seconds["_skip"]})
     return out
 
 
@@ -258,7 +275,8 @@ tiling: {{tile: [256, 256], overlap: 0.5}}
 
 
 def run_case(case: str, shared: Path, minutes: float, epochs: int, *, architecture: str | None = None,
-             tta: bool = False, crf: bool = False, pretrain_minutes: float = 0.0, freeze: str | None = None) -> dict:
+             tta: bool = False, crf: bool = False, pretrain_minutes: float = 0.0, freeze: str | None = None,
+             skip: str | None = None) -> dict:
     """Train ``case`` (optionally after pre-training on Las Vegas roads for ``pretrain_minutes``) and
     score the champion on the held-out scans."""
     from data_catalog import find_entry
@@ -283,7 +301,8 @@ def run_case(case: str, shared: Path, minutes: float, epochs: int, *, architectu
     report = train_dataset(find_entry(train_name, catalog), architecture=arch, epochs=epochs, max_minutes=minutes,
                            init_from=init_from, freeze=freeze)
     train_minutes = (time.perf_counter() - t0) / 60
-    metrics = held_out(case, stores[test_name], f"models:/{report.registered.split('/')[0]}@champion", tta, crf)
+    metrics = held_out(case, stores[test_name], f"models:/{report.registered.split('/')[0]}@champion", tta, crf,
+                       skip)
     return {"case": case, "architecture": arch, "train_minutes": round(train_minutes, 1), "epochs": report.epochs,
             "stopped": report.stopped, report.metric_name: round(report.metric, 4),
             **{k: round(v, 4) for k, v in metrics.items()}, **extra,
@@ -431,6 +450,8 @@ def main() -> None:
     parser.add_argument("--pretrain-minutes", type=float, default=5.0, help="transfer: pre-training budget")
     parser.add_argument("--tta", action="store_true", help="mirroring TTA when scoring held-out 2D scans")
     parser.add_argument("--crf", action="store_true", help="also score the dense-CRF-refined prediction")
+    parser.add_argument("--skip-empty", default=None, help="also score with this empty-voxel rule (corner, auto, "
+                                                           "a value), the first scoring then with it off")
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--throughput", action="store_true", help="the training-step throughput table")
     parser.add_argument("--iterations", type=int, default=20)
@@ -457,7 +478,8 @@ def main() -> None:
             row["case"] = "unet-sat"
         else:
             row = run_case(case, args.shared, args.minutes, args.epochs, tta=args.tta and case != "mri",
-                           crf=args.crf and case != "mri")  # 3D CRF over a whole subject: minutes; not scored
+                           crf=args.crf and case != "mri",  # 3D CRF over a whole subject: minutes; not scored
+                           skip=args.skip_empty)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print("\ncase      metric                 value   target  met   train min  epochs  stopped")
