@@ -195,6 +195,8 @@ def infer(
     tta: bool = typer.Option(False, "--tta", help="average over all flips of the spatial axes"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
     amp: str = typer.Option("none", "--amp", help="mixed precision: none | bf16 | fp16"),
+    backend: str = typer.Option("eager", "--backend", help="who runs the network: eager (PyTorch) | onnx (ONNX "
+                                "Runtime) | openvino; onnx/openvino: CPU, float32, semantic models only"),
     blend: str = typer.Option("gaussian", "--blend", help="gaussian | constant"),
     pad: str = typer.Option("reflect", "--pad", help="border context: reflect (mirror) | constant (zeros)"),
     placement: str = typer.Option("even", "--placement", help="tile starts: even (nnU-Net) | monai"),
@@ -218,6 +220,14 @@ def infer(
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             _fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
+    from tasks.engine.backends import BackendError, check_backend
+
+    try:
+        check_backend(backend, device=device, amp=amp)
+    except BackendError as exc:
+        _fail(str(exc))
+    if backend != "eager" and mode == "instances":
+        _fail(f"--backend {backend} runs semantic models; instance inference (Mask R-CNN) runs eager")
     tile_size = None
     if tile:
         try:
@@ -233,7 +243,7 @@ def infer(
 
     config = EngineConfig(tile=tile_size, overlap=overlap, batch=batch, tta=tta, device=device, amp=amp,
                           blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb,
-                          calibration=calibration, crf=_default_crf() if crf else None)
+                          calibration=calibration, crf=_default_crf() if crf else None, backend=backend)
     if crf and (dask or mode == "instances"):
         _fail("--crf refines a semantic prediction in one process: drop --dask / --mode instances")
     try:

@@ -134,7 +134,9 @@ def export_onnx(module, example, path: str) -> None:
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
                                   opset_version=18, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any exporter failure is the same one-line error
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        import re
+
+        first = re.sub(r"\x1b\[[0-9;]*m", "", (str(exc).strip().splitlines() or [""])[0])[:200]
         raise BackendError(f"--backend: ONNX export of the model failed ({type(exc).__name__}: {first})") from None
 
 
