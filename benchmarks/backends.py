@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/backends.py [--models unet3d,unet2d,deeplab]
         [--backends eager,onnx,openvino,compile] [--rounds 2] [--threads 2] [--workdir DIR]
-        [--compile-rounds 1]
+        [--compile-rounds 1] [--modes bare,engine]
 
 Models (``models.zoo.build``, random weights from ``torch.manual_seed(0)``, eval, 1 input channel,
 2 classes), 4 tiles per model call:
@@ -29,8 +29,8 @@ OpenVINO get the same count), the variants interleaved round by round; the best 
               seconds for the same tiles.
 * ``compare``: max |Δ probability| between the backend's engine output and eager's.
 
-``compile`` (``torch.compile``) is measured in bare mode only, ``--compile-rounds`` times: its
-compile time is long; the table says how many tiles it takes to pay it back (never, when slower).
+``compile`` (``torch.compile``) is measured in bare mode only, ``--compile-rounds`` times, with
+inductor's caches off (a cold compile); its compile time is long; the table says how many tiles it takes to pay it back (never, when slower).
 
 Speed-up = eager bare seconds ÷ backend bare seconds. The load average is printed at start and end;
 the machine may be shared, so read the ratios of one run, not seconds across runs.
@@ -204,6 +204,8 @@ WORKERS = {"build": build_input, "bare": run_bare, "engine": run_engine, "compar
 def run_worker(job: dict, timeout: float = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if job.get("backend") == "compile":  # a cold compile, as a fresh machine pays it (no inductor cache)
+        env["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     env.setdefault("PYTHONWARNINGS", "ignore")
     proc = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           timeout=timeout, check=False)
@@ -228,6 +230,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--compile-rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default="bare,engine", help="bare,engine or bare (no engine runs)")
     ap.add_argument("--workdir", default="/tmp/tilewise-backends-bench")
     ap.add_argument("--worker")
     args = ap.parse_args()
@@ -263,7 +266,7 @@ def main() -> None:
         order = backends if rnd % 2 == 0 else backends[::-1]
         for m in models:
             for b in order:
-                modes = ["bare"] if b == "compile" else ["bare", "engine"]
+                modes = ["bare"] if b == "compile" or "engine" not in args.modes else ["bare", "engine"]
                 if b == "compile" and rnd >= args.compile_rounds:
                     continue
                 for mode in (modes if rnd % 2 == 0 else modes[::-1]):
