@@ -195,8 +195,8 @@ def infer(
     tta: bool = typer.Option(False, "--tta", help="average over all flips of the spatial axes"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
     amp: str = typer.Option("none", "--amp", help="mixed precision: none | bf16 | fp16"),
-    backend: str = typer.Option("eager", "--backend", help="who runs the network: eager (PyTorch) | onnx (ONNX "
-                                "Runtime) | openvino; onnx/openvino: CPU, float32, semantic models only"),
+    backend: str = typer.Option("eager", "--backend", help="who runs the network: eager (PyTorch) | openvino "
+                                "(CPU, float32, semantic models only; pip install 'tilewise[openvino]')"),
     blend: str = typer.Option("gaussian", "--blend", help="gaussian | constant"),
     pad: str = typer.Option("reflect", "--pad", help="border context: reflect (mirror) | constant (zeros)"),
     placement: str = typer.Option("even", "--placement", help="tile starts: even (nnU-Net) | monai"),

@@ -97,9 +97,10 @@ def test_infer_scan_matches_eager_and_keeps_the_digest(backend, tmp_path, unet2d
 @pytest.mark.parametrize("backend, options, message", [
     ("nope", {}, "--backend 'nope' is not offered"),
     ("compile", {}, "--backend 'compile' is not offered (measured"),
-    ("onnx", {"amp": "bf16"}, "--amp bf16 needs --backend eager"),
+    ("onnx", {}, "--backend 'onnx' is not offered (measured"),
+    ("openvino", {"amp": "bf16"}, "--amp bf16 needs --backend eager"),
     ("openvino", {"channels_last": True}, "does not take --channels-last"),
-    ("onnx", {"device": "cuda"}, "runs on the CPU only"),
+    ("openvino", {"device": "cuda"}, "runs on the CPU only"),
 ])
 def test_unusable_backend_is_a_one_line_error(backend, options, message):
     with pytest.raises(BackendError) as err:
@@ -111,9 +112,9 @@ def test_a_backend_that_is_not_installed_names_the_extra(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    with pytest.raises(BackendError, match=r"^--backend onnx needs onnxruntime: pip install 'tilewise\[onnx\]'$"):
-        ModelRunner(conv_net(2, 1, 2), backend="onnx")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(BackendError, match=r"^--backend openvino needs openvino: pip install 'tilewise\[openvino\]'$"):
+        ModelRunner(conv_net(2, 1, 2), backend="openvino")
 
 
 def test_a_model_that_does_not_export_is_a_one_line_error():
@@ -121,7 +122,7 @@ def test_a_model_that_does_not_export_is_a_one_line_error():
         def forward(self, x):
             return torch.linalg.svd(x)[0]  # no ONNX operator for it
 
-    runner = ModelRunner(Unexportable(), backend="onnx")
+    runner = ModelRunner(Unexportable(), backend="openvino")
     with pytest.raises(BackendError, match=r"^--backend: ONNX export of the model failed") as err:
         runner(np.zeros((1, 1, 8, 8), np.float32))
     assert "\x1b" not in str(err.value)
@@ -130,7 +131,7 @@ def test_a_model_that_does_not_export_is_a_one_line_error():
 
 @pytest.mark.parametrize("args, message", [
     (["--backend", "nope"], "--backend 'nope' is not offered"),
-    (["--backend", "onnx", "--amp", "bf16"], "--amp bf16 needs --backend eager"),
+    (["--backend", "openvino", "--amp", "bf16"], "--amp bf16 needs --backend eager"),
     (["--backend", "openvino", "--mode", "instances"], "instance inference (Mask R-CNN) runs eager"),
 ])
 def test_cli_refuses_an_unusable_backend(args, message, tmp_path):
@@ -145,4 +146,4 @@ def test_cli_refuses_an_unusable_backend(args, message, tmp_path):
 
 
 def test_backend_is_not_in_the_digest():
-    assert "backend" not in EngineConfig(backend="onnx").result_fields()
+    assert "backend" not in EngineConfig(backend="openvino").result_fields()
