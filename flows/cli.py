@@ -207,6 +207,8 @@ def infer(
     tta: bool = typer.Option(False, "--tta", help="average over all flips of the spatial axes"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
     amp: str = typer.Option("none", "--amp", help="mixed precision: none | bf16 | fp16"),
+    backend: str = typer.Option("eager", "--backend", help="who runs the network: eager (PyTorch) | openvino "
+                                "(CPU, float32, semantic models only; pip install 'tilewise[openvino]')"),
     blend: str = typer.Option("gaussian", "--blend", help="gaussian | constant"),
     pad: str = typer.Option("reflect", "--pad", help="border context: reflect (mirror) | constant (zeros)"),
     placement: str = typer.Option("even", "--placement", help="tile starts: even (nnU-Net) | monai"),
@@ -239,6 +241,14 @@ def infer(
             skip_setting = float(skip_empty)
         except ValueError:
             _fail(f"--skip-empty must be auto, off, corner or a number, got {skip_empty!r}")
+    from tasks.engine.backends import BackendError, check_backend
+
+    try:
+        check_backend(backend, device=device, amp=amp)
+    except BackendError as exc:
+        _fail(str(exc))
+    if backend != "eager" and mode == "instances":
+        _fail(f"--backend {backend} runs semantic models; instance inference (Mask R-CNN) runs eager")
     tile_size = None
     if tile:
         try:
@@ -254,7 +264,8 @@ def infer(
 
     config = EngineConfig(tile=tile_size, overlap=overlap, batch=batch, tta=tta, device=device, amp=amp,
                           blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb,
-                          calibration=calibration, crf=_default_crf() if crf else None, skip_empty=skip_setting)
+                          calibration=calibration, crf=_default_crf() if crf else None, skip_empty=skip_setting,
+                          backend=backend)
     if crf and (dask or mode == "instances"):
         _fail("--crf refines a semantic prediction in one process: drop --dask / --mode instances")
     try:

@@ -76,6 +76,7 @@ class EngineConfig:
     amp: AmpMode = "none"
     tta: bool = False
     channels_last: bool = False
+    backend: str = "eager"  # tasks.engine.backends.OFFERED; not in the digest (logits within 1e-3 of eager)
     output_dtype: Literal["float16", "float32"] = "float16"
     threshold: float = 0.5
     memory_budget_mb: int = 512  # partial output chunks held before spilling to disk
@@ -87,8 +88,8 @@ class EngineConfig:
     def result_fields(self) -> dict:
         """The options that change the numbers written (not device, batch or memory budget; the
         calibrator itself, not the ``calibration`` switch, enters the digest, and so does the resolved
-        empty-tile rule, not the ``skip_empty`` setting)."""
-        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "calibration",
+        empty-tile rule, not the ``skip_empty`` setting; the backend stays within 1e-3 of eager)."""
+        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "backend", "calibration",
                 "crf", "skip_empty"}  # the CRF writes prediction/crf with a digest of its own
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
@@ -362,7 +363,8 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     group = storage.open_group(prep.store, mode="r")
     image = ChunkCache(group["image/0"], budget_bytes=config.input_cache_mb << 20)
     runner = runner or ModelRunner(model.module, device=config.device, amp=config.amp, tta=config.tta,
-                                   channels_last=config.channels_last, squeeze_axis=prep.squeeze_axis)
+                                   channels_last=config.channels_last, squeeze_axis=prep.squeeze_axis,
+                                   backend=config.backend)
     if runner.squeeze_axis is None:
         runner.squeeze_axis = prep.squeeze_axis
     counts = plan.tiles_per_chunk()

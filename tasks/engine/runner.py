@@ -31,12 +31,17 @@ class ModelRunner:
     """
 
     def __init__(self, module, *, device: str | None = None, amp: AmpMode = "none", tta: bool = False,
-                 channels_last: bool = False, squeeze_axis: int | None = None):
+                 channels_last: bool = False, squeeze_axis: int | None = None, backend: str = "eager"):
         import torch
 
+        from tasks.engine.backends import check_backend
+
+        check_backend(backend, device=device, amp=amp, channels_last=channels_last)
         self.torch = torch
         self.device = torch.device(pick_device(device))
         self.module = module.to(self.device).eval()
+        self.backend = backend
+        self._fn, self._fn_shape = None, None  # the backend's forward, built for a (C, *tile) shape
         self.amp = amp
         self.tta = tta
         self.channels_last = channels_last
@@ -45,7 +50,11 @@ class ModelRunner:
 
     def _forward(self, x):
         torch = self.torch
-        out = self.module(x)
+        if self._fn_shape != tuple(x.shape[1:]):
+            from tasks.engine.backends import build_forward
+
+            self._fn, self._fn_shape = build_forward(self.backend, self.module, x), tuple(x.shape[1:])
+        out = self._fn(x)
         if isinstance(out, dict):
             out = out["out"] if "out" in out else next(iter(out.values()))
         elif isinstance(out, (tuple, list)):
