@@ -50,6 +50,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_MARK = "BENCH_RESULT "
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import load_average  # noqa: E402
+
 MODELS = {
     "unet3d": {"build": ("unet", 3, 1, 2), "args": {"channels": [16, 32, 64, 128]}, "tile": [96, 96, 96],
                "scan": [128, 128, 128]},
@@ -89,19 +92,13 @@ def build_input(job: dict) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from engine import _smooth_volume_slab
+    from engine import _smooth_volume_slab, smooth_waves
 
     from tasks.ingest.discover import ScanSpec
     from tasks.ingest.to_zarr import ingest_scan
 
     d, h, w = job["scan"]
-    rng = np.random.default_rng(20240601)
-    waves = []
-    for _ in range(16):
-        direction = rng.standard_normal(3)
-        direction /= np.linalg.norm(direction)
-        wavelength = rng.uniform(24.0, 160.0)
-        waves.append((tuple(direction * 2 * np.pi / wavelength), rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 1.5) / 4))
+    waves = smooth_waves()
     assert h == w
     vol = _smooth_volume_slab(0, d, h, waves)  # (k, j, i) = (d, h, w)
     nii = Path(job["nii"])
@@ -216,13 +213,6 @@ def run_worker(job: dict, timeout: float = 1800) -> dict:
     return {"error": f"rc {proc.returncode}: " + " | ".join(tail)[-400:]}
 
 
-def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="unet3d,unet2d,deeplab")
@@ -246,7 +236,7 @@ def main() -> None:
     work = Path(args.workdir)
     (work / "inputs").mkdir(parents=True, exist_ok=True)
     print(f"# benchmarks/backends.py  models={','.join(models)} backends={','.join(backends)} "
-          f"rounds={args.rounds} threads={args.threads}  load average at start: {_load()}", flush=True)
+          f"rounds={args.rounds} threads={args.threads}  load average at start: {load_average()}", flush=True)
     stores = {}
     for m in models:
         scan = MODELS[m]["scan"]
@@ -307,7 +297,7 @@ def main() -> None:
                 dprob = f"{c['max_abs_probs']:.1e}" if "error" not in c else c["error"][:60]
             print(f"| {m} | {b} | {per:.4f} | {speed:.2f}x | {bb['prep_seconds']:.1f} | {payback} | {ratio} "
                   f"| {bb['max_abs_logits']:.1e} (of {bb['logit_scale']:.2g}) | {dprob} |", flush=True)
-    print(f"\nload average at end: {_load()}  (best of {args.rounds} rounds; each cell its own process)")
+    print(f"\nload average at end: {load_average()}  (best of {args.rounds} rounds; each cell its own process)")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

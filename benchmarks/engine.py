@@ -78,7 +78,7 @@ DEFAULT_CFG: dict = {}  # the engine's own defaults: placement even, pad reflect
 
 # --------------------------------------------------------------------------------------------
 # memory helpers (worker side)
-from measure import maxrss as _maxrss, proc_status as _vm, reset_peak as _reset_peak  # noqa: E402
+from measure import load_average, maxrss as _maxrss, proc_status as _vm, reset_peak as _reset_peak  # noqa: E402
 
 
 def _say(msg: str) -> None:
@@ -119,6 +119,20 @@ def _smooth_volume_slab(k0: int, k1: int, n: int, waves):
     return out
 
 
+def smooth_waves() -> list:
+    """The 16 random plane waves of the synthetic volumes (the same at every size: same structure per voxel)."""
+    import numpy as np
+
+    rng = np.random.default_rng(20240601)
+    waves = []
+    for _ in range(16):
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        wavelength = rng.uniform(24.0, 160.0)
+        waves.append((tuple(direction * 2 * np.pi / wavelength), rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 1.5) / 4))
+    return waves
+
+
 def build_input(job: dict) -> dict:
     """A smooth random n³ float32 volume: plain .nii, then ingested into a scan group."""
     import nibabel as nib
@@ -128,13 +142,7 @@ def build_input(job: dict) -> dict:
     from tasks.ingest.to_zarr import ingest_scan
 
     n, nii, store = job["size"], Path(job["nii"]), job["store"]
-    rng = np.random.default_rng(20240601)  # same waves at every size: same structure per voxel
-    waves = []
-    for _ in range(16):
-        direction = rng.standard_normal(3)
-        direction /= np.linalg.norm(direction)
-        wavelength = rng.uniform(24.0, 160.0)
-        waves.append((tuple(direction * 2 * np.pi / wavelength), rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 1.5) / 4))
+    waves = smooth_waves()
     hdr = nib.Nifti1Header()
     hdr.set_data_shape((n, n, n))
     hdr.set_data_dtype(np.float32)
@@ -387,13 +395,6 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _load() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
-
-
 def _lscpu() -> str:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -523,7 +524,7 @@ def main_table(args, bench: Bench, sizes: list[int], stores: dict[int, str]) -> 
         store = stores[size]
         reps = args.repeats if size == small else 1
         for rep in range(reps):
-            _log(f"size {size}³, repeat {rep + 1}/{reps} (load {_load()})")
+            _log(f"size {size}³, repeat {rep + 1}/{reps} (load {load_average()})")
             keep = rep == 0  # outputs of the first repeat are compared
             steps = [(bench.monai, ("monai",), {"keep": keep}),
                      (bench.tilewise, ("tw-monai", MONAI_CFG), {"keep": keep}),
@@ -561,7 +562,7 @@ def print_table(args, bench: Bench, sizes: list[int]) -> None:
           f"num_res_units=0), torch.manual_seed(0), CPU, float32.")
     print(f"Times: best wall-clock of the runs listed, each a fresh subprocess; cpu s = the process's user+sys CPU "
           f"time (all threads), the least seen. Working memory = peak RSS (ru_maxrss) - RSS after imports + model "
-          f"(the largest seen). Load average at end: {_load()}.")
+          f"(the largest seen). Load average at end: {load_average()}.")
     hdr = (f"{'run':48s} {'size':>5s} {'tiles':>6s} {'time s':>8s} {'runs (s)':>20s} {'cpu s':>8s} "
            f"{'working MiB':>11s} {'peak MiB':>9s}")
     print(hdr)
@@ -649,7 +650,7 @@ def print_table(args, bench: Bench, sizes: list[int]) -> None:
 
 def explore(args, bench: Bench, size: int, store: str) -> None:
     """Cheap speed-ups without engine code changes, each variant in 2 interleaved rounds."""
-    _log(f"explore at {size}³ (load {_load()})")
+    _log(f"explore at {size}³ (load {load_average()})")
     n_tiles = args.explore_tiles
     bare_variants = [("base (torch threads=cores, batch 4)", {}), ("threads=1", {"threads": 1}),
                      ("channels_last_3d input", {"channels_last": True}),
@@ -691,7 +692,7 @@ def explore(args, bench: Bench, size: int, store: str) -> None:
     shutil.rmtree(ref["out"], ignore_errors=True)
 
     print()
-    print(f"Explore — {_lscpu()}; torch {bench_torch_version()}; load average at end {_load()}")
+    print(f"Explore — {_lscpu()}; torch {bench_torch_version()}; load average at end {load_average()}")
     print(f"Bare model forward, {n_tiles} tiles of {'x'.join(map(str, args.tile_shape))}, fresh process per run, "
           f"{args.explore_rounds} interleaved rounds (min wall, min cpu per tile):")
     for name, rs in bare.items():
@@ -761,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats = 1 if args.quick else 2
     t_all = time.perf_counter()
     _log(f"engine benchmark: sizes {sizes}, tile {side}³, batch {args.batch}, workdir {args.workdir}, "
-         f"load {_load()}")
+         f"load {load_average()}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     bench = Bench(args, args.workdir)
     try:
@@ -774,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(bench.outputs, ignore_errors=True)
         for store in (args.workdir / "inputs").glob("*.zarr"):
             shutil.rmtree(store / "prediction", ignore_errors=True)
-    print(f"\nTotal wall time {time.perf_counter() - t_all:.0f} s; load average at end {_load()}.")
+    print(f"\nTotal wall time {time.perf_counter() - t_all:.0f} s; load average at end {load_average()}.")
     return 0
 
 

@@ -45,3 +45,12 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (Linux), or "?"."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"

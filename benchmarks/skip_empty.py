@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULT_MARK = "BENCH_RESULT "
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from measure import proc_status, reset_peak  # noqa: E402
+from measure import load_average, proc_status, reset_peak  # noqa: E402
 
 CASES = {
     "brats": {"kind": "mri", "dims": 3, "tile": [32, 96, 96], "batch": 2, "classes": 5, "skip": "corner",
@@ -188,7 +188,7 @@ def main() -> int:
         rows.append((name, shape, off["tiles"], tw["tiles"] + tw["tiles_skipped"], tw["tiles"], tw["region"],
                      best, bare["seconds"], diff))
     print()
-    print(f"Empty voxels on real scans — load average at end {' '.join(Path('/proc/loadavg').read_text().split()[:3])}; "
+    print(f"Empty voxels on real scans — load average at end {load_average()}; "
           f"times are the best of {args.repeats} run(s), each in a fresh process")
     for name, shape, full, planned, ran, region, best, bare_s, diff in rows:
         print(f"{name}: image {shape}; tiles full grid {full}, over the non-empty box {planned} (box {region}), run {ran}")
