@@ -158,6 +158,9 @@ def test_remote_channel_folders_and_labels_match_a_local_ingest(s3, tmp_path):
     np.testing.assert_array_equal(level0(remote_store), level0(tmp_path / "ref.zarr"))
     np.testing.assert_array_equal(level0(remote_store, "labels/reference"), level0(tmp_path / "ref.zarr", "labels/reference"))
     assert level0(remote_store).shape[0] == 2
+    # provenance names the labels' objects, not the local cache copies they were read from
+    recorded = zarr.open_group(str(remote_store), mode="r")["labels/reference"].attrs["tilewise"]["source"]
+    assert recorded == [f"{s3.url}/brats/brats_2013_pat0003_1/OTMultiClass.nii.gz"]
 
     s3.forget_requests()
     for spec in discover_scans(loaded):

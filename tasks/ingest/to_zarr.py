@@ -461,6 +461,7 @@ def _map_labels(values: np.ndarray, mapping: dict[int, int], path: str) -> np.nd
 def _write_labels(group: zarr.Group, labels: LabelSpec, modality: str, image_shape: tuple[int, ...],
                   chunks: tuple[int, ...]) -> dict[str, Any]:
     kind = default_reader_kind(modality, list(labels.sources))
+    recorded = list(labels.remote.source_urls()) if labels.remote is not None else [str(p) for p in labels.sources]
     with open_reader(list(labels.sources), kind) as reader:
         spatial = tuple(reader.shape[1:])
         if spatial != image_shape or reader.shape[0] != 1:
@@ -483,11 +484,11 @@ def _write_labels(group: zarr.Group, labels: LabelSpec, modality: str, image_sha
         arr.attrs["tilewise"] = {
             "classes": list(labels.classes),
             "mapping": {str(k): v for k, v in sorted(labels.mapping.items())},
-            "source": [str(p) for p in labels.sources],
+            "source": recorded,
             "class_voxels": counts.tolist(),
         }
         return {"classes": list(labels.classes), "class_voxels": counts.tolist(),
-                "source": [str(p) for p in labels.sources]}
+                "source": recorded}
 
 
 def ingest_scan(
@@ -560,7 +561,7 @@ def _fetch(spec: ScanSpec, stats_files: list[dict[str, Any]]) -> tuple[ScanSpec,
         sources, fetched = remote.fetch(spec.labels.remote)
         copies.update(fetched)
         urls.update(zip(map(str, sources), spec.labels.remote.source_urls()))
-        local = replace(local, labels=replace(spec.labels, sources=sources, remote=None))
+        local = replace(local, labels=replace(spec.labels, sources=sources))  # remote kept: the labels' URLs
     for f in stats_files:
         if f["path"] in copies:
             f["local"] = str(copies[f["path"]])
