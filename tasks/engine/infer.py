@@ -331,15 +331,8 @@ class _ChunkWriter:
                 weights[uncovered] = 1.0  # their logits are 0: no NaN; overwritten below
             else:
                 uncovered = None
-            if self.classes > 1:  # summed holds logits relative to class 0 (K - 1 channels)
-                full = np.empty((self.classes, *summed.shape[1:]), np.float32)
-                full[0] = 0.0
-                full[1:] = summed
-                if self.pool is not None:
-                    self.pool.give(summed)
-                summed = None
-            else:
-                full = summed
+            # K > 1: summed holds the logits relative to class 0 (K - 1 channels); class 0's are 0
+            full = summed if self.classes == 1 else np.concatenate([np.zeros_like(summed[:1]), summed])
             probs = probabilities(full, weights, inplace=True)
             if self.calibrator is not None:  # one chunk (K, *chunk) at a time
                 probs = self.calibrator.apply(probs)

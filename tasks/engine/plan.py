@@ -95,8 +95,7 @@ class TilePlan:
         per_axis = []
         for axis, b in enumerate(self.chunk_box(index)):
             origins = (s - self.pad_before[axis] for s in self.starts[axis])
-            per_axis.append([o for o in origins if max(o, 0) < min(o + self.tile[axis], self.shape[axis])
-                             and o < b.stop and o + self.tile[axis] > b.start])
+            per_axis.append([o for o in origins if o < b.stop and o + self.tile[axis] > b.start])
         yield from itertools.product(*per_axis)
 
     def overlap(self, origin: tuple[int, ...], index: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[slice, ...]]:

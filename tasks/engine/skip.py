@@ -90,7 +90,7 @@ def valid_region(group, rule: EmptyRule, read: Callable[[tuple[slice, ...]], np.
     least into the outermost such blocks, and no chunk lying inside the box of those blocks shrunk by
     one block per side can hold an extreme voxel. ``chunks``: level-0 spatial chunks; ``read`` reads
     (C, *box) of level 0."""
-    _, coarse, factors = _lowest_level(group)
+    coarse, factors = _lowest_level(group)
     shape = tuple(group["image/0"].shape[1:])
     inner = None  # chunks wholly inside it need no read
     if coarse is not None:
@@ -115,23 +115,21 @@ def valid_region(group, rule: EmptyRule, read: Callable[[tuple[slice, ...]], np.
 @dataclass
 class SkipDecision:
     skipped: set[Origin] = field(default_factory=set)
-    considered: int = 0  # tiles decided on
     checked_at_level0: int = 0  # tiles the lowest level could not clear
-    level: int = 0  # the pyramid level decided on first
     seconds: float = 0.0
 
 
-def _lowest_level(group) -> tuple[int, np.ndarray | None, tuple[int, ...]]:
-    """The smallest pyramid level of the scan's image: its index, its voxels (C, *spatial) in memory
-    (None without a pyramid) and its factor per spatial axis from level 0 (OME-NGFF scales)."""
+def _lowest_level(group) -> tuple[np.ndarray | None, tuple[int, ...]]:
+    """The smallest pyramid level of the scan's image: its voxels (C, *spatial) in memory (None
+    without a pyramid) and its factor per spatial axis from level 0 (OME-NGFF scales)."""
     datasets = group.attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets") or []
     if len(datasets) < 2:
-        return 0, None, ()
+        return None, ()
     first, last = datasets[0], datasets[-1]
     scale0 = first["coordinateTransformations"][0]["scale"][1:]
     scale = last["coordinateTransformations"][0]["scale"][1:]
     factors = tuple(int(round(s / s0)) for s, s0 in zip(scale, scale0))
-    return len(datasets) - 1, np.asarray(group[last["path"]][...]), factors
+    return np.asarray(group[last["path"]][...]), factors
 
 
 def find_empty_tiles(group, plan: TilePlan, origins: Iterable[Origin], rule: EmptyRule,
@@ -139,11 +137,10 @@ def find_empty_tiles(group, plan: TilePlan, origins: Iterable[Origin], rule: Emp
     """The tiles among ``origins`` whose input is all empty under ``rule``. ``group`` is the scan group
     (its ``image`` pyramid); ``read(box)`` reads level 0 (C, *box), e.g. the engine's chunk cache."""
     t0 = time.perf_counter()
-    level, coarse, factors = _lowest_level(group)
+    coarse, factors = _lowest_level(group)
     coarse_empty = rule.maybe_empty(coarse) if coarse is not None else None
-    decision = SkipDecision(level=level)
+    decision = SkipDecision()
     for origin in origins:
-        decision.considered += 1
         lo = [max(o, 0) for o in origin]
         hi = [min(o + t, n) for o, t, n in zip(origin, plan.tile, plan.shape)]
         if coarse_empty is not None:

@@ -289,9 +289,7 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int
         piece = max(1, WINDOW_BYTES // max(per_row, 1))
         jobs = [(a, min(a + piece, stop)) for start, stop in slabs for a in range(start, stop, piece)]
         read = reader.read_slab
-    slab_of = {}  # piece start -> its slab
-    for start, stop in slabs:
-        slab_of[start] = (start, stop)
+    slab_of = {start: (start, stop) for start, stop in slabs}  # a slab's first piece -> the slab
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-read") as pool:
         pending: deque[Future] = deque(pool.submit(read, *job) for job in jobs[:READ_AHEAD])
         slab: np.ndarray | None = None
@@ -386,7 +384,7 @@ class _PyramidWriter:
             for level, shape in enumerate(plan.shapes)
         ]
         # (level, chunk row, chunk column) -> [buffer, values filled]
-        self._buffers: dict[tuple[int, int], list] = {}
+        self._buffers: dict[tuple[int, int, int], list] = {}
 
     def window_multiple(self, source: int = 0, last: int | None = None) -> int:
         """Windows of level ``source`` must be a multiple of this along the second spatial axis:
