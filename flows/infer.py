@@ -18,6 +18,7 @@ from flows.outcomes import ScanOutcome, final_state
 from tasks import storage
 from tasks.engine.infer import EngineConfig, InferResult, infer_scan
 from tasks.engine.model_io import LoadedModel, load_model
+from tasks.export.ngff import remove_prediction
 from tasks.ingest import discover_scans
 from tasks.settings import scan_store
 
@@ -163,18 +164,23 @@ def refine(store: str, config: EngineConfig) -> None:
 def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None = None,
                     replace: bool = False) -> InferResult:
     """``uri`` over one scan, holding a ``gpu`` slot while the model runs. ``replace``: drop a
-    complete prediction first (backfill --force); an incomplete one is resumed as always."""
-    if replace and storage.is_complete(f"{store}/prediction"):
-        storage.remove(f"{store}/prediction")
+    complete prediction first (nightly / backfill --force); an incomplete one is resumed as always.
+
+    The store's lock is held from the drop to the end of the run (the engine's own lock is the
+    same one, re-entered): no export or evaluation reads between the drop and the new mark, and
+    none is dropped under a run that reads it."""
     with gpu_slot():
         model = cached_model(uri)
-        if dask and not is_instance_model(model):  # instance inference runs in one process
-            from tasks.engine.distributed import infer_distributed
+        with storage.store_lock(store, purpose="infer"):
+            if replace and storage.is_complete(f"{store}/prediction"):
+                remove_prediction(store)  # label images unlisted first, then the marks, then the data
+            if dask and not is_instance_model(model):  # instance inference runs in one process
+                from tasks.engine.distributed import infer_distributed
 
-            result = infer_distributed(store, uri, config, dask)
-            refine(store, config)
-            return result
-        return run_model(store, model, config)
+                result = infer_distributed(store, uri, config, dask)
+                refine(store, config)
+                return result
+            return run_model(store, model, config)
 
 
 @flow(name="infer", flow_run_name="infer {dataset}")

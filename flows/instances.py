@@ -5,7 +5,9 @@ per scan with the instance table. A prediction made by an instance model (Mask R
 infer``) has its instances already: the step only records them (once).
 
 Work is decided from digests, as everywhere (tasks/instances/store.py): instances made from this
-very prediction with these parameters are ``unchanged``."""
+very prediction with these parameters are ``unchanged``. Every read of the store holds its lock
+shared and every write the writer's (tasks/store_lock.py); what the MLflow run names is checked to
+be what it read."""
 
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ def instances_scan_task(store: str, entry: CatalogEntry, settings: InstanceSetti
         from tasks.instances.panoptic import write_panoptic
 
         with storage.store_lock(store, purpose="instances"):
+            inst_store.update_record(store, {"panoptic": None})  # its record goes before its array is rewritten
             panoptic = write_panoptic(store, things, stuff)
             record = inst_store.read_instances_record(store) or {}
             record = inst_store.update_record(store, {"panoptic": {"things": things, "stuff": stuff,
@@ -102,8 +105,13 @@ def instances_scan_task(store: str, entry: CatalogEntry, settings: InstanceSetti
     if log_mlflow and (outcome["status"] != "unchanged" or record.get("mlflow_run_for") != record.get("digest")):
         from tasks.reports.instances_run import log_instances
 
-        run_id = log_instances(store, entry.name, outcome, parent_run_id)
-        with storage.store_lock(store, purpose="instances"):
+        pred_url = f"{store}/prediction"
+        with storage.store_lock(store, purpose="instances", shared=True):  # the table it logs is read whole
+            read = storage.marks(storage.read_record(pred_url))
+            record = inst_store.read_instances_record(store) or {}
+            run_id = log_instances(store, entry.name, outcome, parent_run_id)
+        with storage.store_lock(store, purpose="instances", brief=True):
+            storage.check_marks(pred_url, read, "logged to MLflow")  # the run logged these very instances
             inst_store.update_record(store, {"mlflow_run": run_id, "mlflow_run_for": record.get("digest")})
         outcome["mlflow_run"] = run_id
         if outcome["status"] == "unchanged":

@@ -4,8 +4,16 @@ Storage contract (README "Zarr layout"): one Zarr v3 group per scan. A group is 
 its ``tilewise.complete`` attribute is present AND every array that mark vouches for is there with
 the shape it lists (``complete.arrays``: ``{"image/0": [3, 4096, 4096], ...}``). The mark is
 written last, after every array and every other attribute, and only after the arrays it lists
-were checked to exist. Readers must ignore incomplete groups, and writers replace them. Writers
-(ingest, infer) hold :func:`store_lock` for the whole write (tasks/store_lock.py).
+were checked to exist. Readers must ignore incomplete groups, and writers replace them.
+
+Readers and writers of one store (tasks/store_lock.py): every writer (ingest, infer, CRF,
+instances, NGFF label images, the evaluation's record) holds :func:`store_lock` for the whole
+write, and takes every mark away before it touches an array (:func:`clear_complete`,
+:func:`remove`: a crash half-way never leaves a mark above missing or rewritten chunks). Every
+step that reads a prediction (export, evaluate, the instances' MLflow run) holds it shared for
+the whole read, and records only what it read: it takes the record's :func:`marks` before reading
+and checks them after (:func:`check_marks`), so a writer that ignored the lock is caught, not
+recorded as the old result.
 
 "Not there" and "cannot tell" are kept apart: :func:`read_record` returns None only when there is
 no group (missing path, no ``zarr.json``, or a half-written one); a permission error, an I/O error
@@ -23,6 +31,7 @@ import fsspec
 import zarr
 from zarr.errors import ContainsArrayError, GroupNotFoundError
 
+from tasks.errors import ScanError
 from tasks.store_lock import StoreBusy, lock_path, store_lock  # noqa: F401  (the storage API)
 
 COMPLETE_KEY = "complete"
@@ -131,19 +140,51 @@ def mark_complete(group: zarr.Group, record: dict[str, Any], arrays: Iterable[st
     group.attrs[ATTRS_KEY] = attrs
 
 
+def marks(record: dict[str, Any] | None) -> dict[str, Any]:
+    """What says which result a record is: its digest and completion mark, and those of every
+    part with a mark of its own (the instances). A reader compares them before and after."""
+    record = record or {}
+    out: dict[str, Any] = {"digest": record.get("digest"), COMPLETE_KEY: record.get(COMPLETE_KEY)}
+    for key, value in sorted(record.items()):
+        if isinstance(value, dict) and COMPLETE_KEY in value:
+            out[key] = {"digest": value.get("digest"), COMPLETE_KEY: value.get(COMPLETE_KEY)}
+    return out
+
+
+def check_marks(url: str, expected: dict[str, Any], doing: str = "read") -> None:
+    """ScanError (one line) unless the record at ``url`` still has the marks ``expected`` (taken
+    with :func:`marks` before the read): it changed while it was being ``doing``."""
+    if marks(read_record(url)) != expected:
+        raise ScanError(url, f"changed while it was being {doing} (another run rewrote it); run again")
+
+
+def _drop_marks(record: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in record.items() if k != COMPLETE_KEY}
+    for key, value in out.items():
+        if isinstance(value, dict) and COMPLETE_KEY in value:
+            out[key] = {k: v for k, v in value.items() if k != COMPLETE_KEY}
+    return out
+
+
 def clear_complete(url: str) -> None:
     """Take the mark away first: deleting a group file by file is not atomic, and a crash in the
     middle must not leave a 'complete' zarr.json above missing arrays."""
     group = open_group(url, mode="r+")
     attrs = dict(group.attrs.get(ATTRS_KEY, {}))
-    if attrs.pop(COMPLETE_KEY, None) is not None:
-        group.attrs[ATTRS_KEY] = attrs
+    cleared = _drop_marks(attrs)  # the part marks too (the instances'): none may outlive the group's
+    if cleared != attrs:
+        group.attrs[ATTRS_KEY] = cleared
 
 
 def remove(url: str) -> None:
-    """Delete the group at ``url`` (nothing if there is none). Writers call it holding the lock."""
+    """Delete the group at ``url`` (nothing if there is none). Writers call it holding the lock.
+    The group's marks go first (:func:`clear_complete`): files are deleted one by one, and a
+    crash, or a reader that ignores the lock, must never find a mark above missing chunks."""
     fs, path = fsspec.core.url_to_fs(str(url))
     if exists(url):
+        record = read_record(url)
+        if record and _drop_marks(record) != record:
+            clear_complete(url)
         fs.rm(path, recursive=True)
 
 

@@ -52,7 +52,7 @@ from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
 from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box
 from tasks.errors import ScanError
-from tasks.export.ngff import write_prediction_labels_ngff
+from tasks.export.ngff import remove_prediction, write_prediction_labels_ngff
 from tasks.ingest.to_zarr import COMPRESSOR
 from tasks.version import tilewise_version
 
@@ -242,7 +242,7 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
             log.warning("%s: arrays missing or reshaped; recomputing the prediction", pred_url)
         if record is not None or storage.exists(pred_url):
             log.info("%s: replacing a prediction made with another model or parameters", pred_url)
-            storage.remove(pred_url)
+            remove_prediction(store)  # its NGFF label images unlisted first
         classes = list(model.card.classes or [])
         if not classes:  # ask the model: run one tile
             probe = runner or ModelRunner(model.module, device=config.device, squeeze_axis=squeeze)

@@ -4,6 +4,11 @@
 prediction, writes OUT under a temporary name and renames it, then writes ``OUT.tilewise.json``
 (see ``provenance``). ``zarr`` writes into the store itself (the NGFF label image
 ``labels/prediction``, see ``ngff``) and keeps its provenance in that group's attributes.
+
+Locking (tasks/store_lock.py): a file export holds the store's lock shared for the whole read
+(many exports and evaluations at once; no writer starts, so no chunk is rewritten under it) and
+renames its output onto OUT only if the prediction's marks are still the ones its provenance
+records; ``zarr`` writes into the store, as a brief writer that waits for the store's readers.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from tasks import storage
 from tasks.errors import ScanError
 from tasks.export import provenance as prov
 from tasks.export.source import open_source
@@ -90,7 +96,19 @@ def _check_options(store: str, options: ExportOptions) -> None:
 
 
 def export_scan(store: str, options: ExportOptions) -> ExportResult:
-    """Export the prediction of the scan group ``store`` as ``options`` say (see module docstring)."""
+    """Export the prediction of the scan group ``store`` as ``options`` say (see module docstring).
+    :class:`storage.StoreBusy` (one line) when another run writes the store."""
+    store = str(store).rstrip("/")
+    _check_options(store, options)
+    if not storage.exists(store):  # no lock file beside a store that is not there
+        raise ScanError(store, "does not exist")
+    into_store = options.format == "zarr"
+    with storage.store_lock(store, purpose="export", shared=not into_store, brief=into_store):
+        return _export(store, options)
+
+
+def _export(store: str, options: ExportOptions) -> ExportResult:
+    """:func:`export_scan`'s work, under the store's lock."""
     t0 = time.perf_counter()
     store = str(store).rstrip("/")
     _check_options(store, options)
@@ -130,5 +148,7 @@ def export_scan(store: str, options: ExportOptions) -> ExportResult:
     with prov.atomic_output(out) as tmp:
         details = write(src, tmp, options, record) if options.format in ("geotiff", "geojson", "gpkg") \
             else write(src, tmp, options.what, record)
+        # what the provenance names is what was read: else no rename (a writer that ignored the lock)
+        storage.check_marks(f"{store}/prediction", storage.marks(src.prediction), "exported")
     sidecar = prov.write_sidecar(out, {**record, "details": details})
     return ExportResult(store, options.format, str(out), "exported", str(sidecar), time.perf_counter() - t0, details)

@@ -22,6 +22,11 @@ being written plus its source block (the chunk times the factors, at most 8x).
 Completion: "prediction" is taken out of ``labels``' list before the group is rewritten and put
 back last, so a reader never sees a half-written label image listed; the group's
 ``attrs["tilewise"]`` records the prediction's digest, so an unchanged prediction is not rewritten.
+A prediction that is replaced or cleared (a new model, ``--force``) loses its label images first
+(:func:`remove_prediction`): "prediction" and "instances" are unlisted before the prediction is
+touched and listed again only when the new one is complete, so after a re-infer that failed a
+viewer shows no mask rather than the old one. Everything here writes the store: it runs under the
+store's lock (the writer's, or the brief one of ``export --format zarr``, tasks/store_lock.py).
 """
 
 from __future__ import annotations
@@ -224,12 +229,27 @@ def remove_label_image(store: str, name: str) -> None:
     storage.remove(f"{url}/{name}")
 
 
+def remove_prediction(store: str) -> None:
+    """Delete ``store``'s prediction (hold the store's lock): its label images ``labels/instances``
+    and ``labels/prediction`` are unlisted and deleted first, then its marks cleared, then the group."""
+    store = str(store).rstrip("/")
+    for name in ("instances", "prediction"):
+        remove_label_image(store, name)
+    storage.remove(f"{store}/prediction")
+
+
 def write_prediction_labels_ngff(store: str, force: bool = False) -> str:
     """Write ``labels/prediction`` (NGFF image-label of ``prediction/labels``) and the root
     multiscales; "exported", or "unchanged" when it already shows this very prediction.
 
-    The engine calls it after marking a prediction complete; ``tilewise export --format zarr`` too.
+    The engine calls it after marking a prediction complete (holding the writer's lock);
+    ``tilewise export --format zarr`` too (a brief write: it waits for readers of the store).
     """
+    with storage.store_lock(store, purpose="export", brief=True):
+        return _write_prediction_labels(store, force)
+
+
+def _write_prediction_labels(store: str, force: bool) -> str:
     from tasks.export.source import open_source
 
     src = open_source(store)

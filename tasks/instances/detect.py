@@ -271,16 +271,19 @@ def _recreate(store, plan, model, config, digest, score_threshold, keep_cache: b
     """A fresh prediction group for instances (the detection cache kept when resuming)."""
     from tasks.ingest.to_zarr import COMPRESSOR
 
+    from tasks.export.ngff import remove_label_image, remove_prediction
+
     pred_url = inst_store.prediction_url(store)
 
     if keep_cache:  # resuming: the arrays are made afresh, the detection cache stays
+        remove_label_image(store, "prediction")  # the old mask stops being shown first
         pred = storage.open_group(pred_url, mode="r+")
         storage.clear_complete(pred_url)
         for name in ("labels", inst_store.PANOPTIC):
             if name in pred:
                 del pred[name]
     else:
-        storage.remove(pred_url)
+        remove_prediction(store)
         pred = storage.open_group(pred_url, mode="w")
     axes = "zyx"[-plan.ndim:]
     pred.create_array("labels", shape=plan.shape, dtype="uint8", chunks=plan.chunks, compressors=COMPRESSOR,

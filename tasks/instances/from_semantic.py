@@ -32,12 +32,33 @@ def instances_from_prediction(store: str, *, method: str = "components", classes
     """Compute (or find up to date) the instances of ``store``'s prediction. ``classes``: names of
     the classes whose objects to label (default: every class but the first); ``membrane_class``:
     the watershed's boundary class (default: the prediction's class named ``membrane``).
-    Returns {status: computed | unchanged, method, count, seconds}."""
+    Returns {status: computed | unchanged, method, count, seconds}.
+
+    "Unchanged" is decided holding the store's lock shared (beside exports and evaluations); the
+    work, and the decision again, under the writer's lock: the prediction it reads and the digest
+    it records are those of one and the same record."""
     t0 = time.perf_counter()
     store = str(store).rstrip("/")
-    pred_url = inst_store.prediction_url(store)
     if method not in ("components", "watershed"):
         raise ScanError(store, f"unknown instance method {method!r}: components or watershed")
+    options = dict(method=method, classes=classes, min_size=min_size, per_section=per_section,
+                   membrane_class=membrane_class, seed_threshold=seed_threshold, median=median)
+    if not storage.exists(store):  # no lock file beside a store that is not there
+        raise ScanError(store, "has no complete prediction: run tilewise infer first")
+    with storage.store_lock(store, purpose="instances", shared=True):
+        found = _instances(store, t0, compute=False, **options)
+    if found is not None:
+        return found
+    with storage.store_lock(store, purpose="instances"):
+        return _instances(store, t0, compute=True, **options)
+
+
+def _instances(store: str, t0: float, *, compute: bool, method: str, classes: list[str] | None, min_size: int,
+               per_section: bool | None, membrane_class: str | None, seed_threshold: float, median: int
+               ) -> dict[str, Any] | None:
+    """The result when the instances are up to date (or the model's own); else, with ``compute``,
+    compute them (the caller holds the writer's lock), without it None."""
+    pred_url = inst_store.prediction_url(store)
     if not storage.is_complete(pred_url):
         raise ScanError(store, "has no complete prediction: run tilewise infer first")
     record = storage.read_record(pred_url) or {}
@@ -69,25 +90,26 @@ def instances_from_prediction(store: str, *, method: str = "components", classes
     if inst_store.instances_complete(store, digest):
         count = inst_store.read_instances_record(store)[storage.COMPLETE_KEY].get("count")
         return {"status": "unchanged", "method": method, "count": count, "seconds": time.perf_counter() - t0}
+    if not compute:
+        return None
     from tasks.instances.table import instance_table, write_table
 
-    with storage.store_lock(store, purpose="instances"):
-        out = inst_store.create_instances(store, labels.shape, labels.chunks, source=method, digest_value=digest,
-                                          params=params)
-        if method == "components":
-            from tasks.instances.components import label_components
+    out = inst_store.create_instances(store, labels.shape, labels.chunks, source=method, digest_value=digest,
+                                      params=params)
+    if method == "components":
+        from tasks.instances.components import label_components
 
-            count = label_components(labels, [names.index(c) for c in chosen], out, min_size=int(min_size),
-                                     per_section=section, where=store)
-        else:
-            from tasks.instances.watershed import watershed_cells
+        count = label_components(labels, [names.index(c) for c in chosen], out, min_size=int(min_size),
+                                 per_section=section, where=store)
+    else:
+        from tasks.instances.watershed import watershed_cells
 
-            count = watershed_cells(group["probabilities"], names.index(params["membrane_class"]), out,
-                                    seed_threshold=float(seed_threshold), min_size=int(min_size), where=store,
-                                    median=int(median))
-        write_table(store, instance_table(store))
-        inst_store.mark_instances_complete(store, {"at": datetime.now(timezone.utc).isoformat(), "count": count})
-        from tasks.export.ngff import write_instances_ngff
+        count = watershed_cells(group["probabilities"], names.index(params["membrane_class"]), out,
+                                seed_threshold=float(seed_threshold), min_size=int(min_size), where=store,
+                                median=int(median))
+    write_table(store, instance_table(store))
+    inst_store.mark_instances_complete(store, {"at": datetime.now(timezone.utc).isoformat(), "count": count})
+    from tasks.export.ngff import write_instances_ngff
 
-        write_instances_ngff(store)  # napari: the objects beside the image and the class labels
+    write_instances_ngff(store)  # napari: the objects beside the image and the class labels
     return {"status": "computed", "method": method, "count": count, "seconds": time.perf_counter() - t0}

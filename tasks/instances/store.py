@@ -15,7 +15,10 @@ Their record is ``prediction`` attrs["tilewise"]["instances"]: {"source" (detect
 watershed), "digest" (what made them: the prediction's digest and the method's parameters),
 "params", "complete": {"at", "count", "arrays": {path: shape}}}. The mark is written last, after
 the arrays and the table; without it (or with an array missing or reshaped) the instances are
-not done and the next run computes them again. Replacing the prediction removes them with it.
+not done and the next run computes them again. Replacing the prediction removes them with it
+(tasks/export/ngff.py ``remove_prediction``: ``labels/instances`` is unlisted first). Every
+function here that writes is called holding the store's writer lock (tasks/store_lock.py); a
+writer takes the mark (and ``labels/instances``) away before it touches an array.
 """
 
 from __future__ import annotations
@@ -80,9 +83,10 @@ def _set_record(store: str, value: dict[str, Any] | None) -> None:
 
 def update_record(store: str, updates: dict[str, Any]) -> dict[str, Any]:
     """Add ``updates`` to the instances' record (panoptic segments, the MLflow run that logged
-    them); call it holding the store's lock. Returns the new record."""
+    them; a key set to None is removed); call it holding the store's lock. Returns the new record."""
     record = read_instances_record(store) or {}
     record.update(updates)
+    record = {k: v for k, v in record.items() if v is not None}
     _set_record(store, record)
     return record
 

@@ -18,6 +18,12 @@ Memory: one slab of the two label arrays (uint8), one chunk of probabilities (fl
 section of the boundary probability for EM, and the subsampled volumes (<= ``max_surface_voxels``
 each). The result is written into the prediction's attributes (``tilewise.evaluation``) without
 touching its completion mark or digest.
+
+Locking (tasks/store_lock.py): the whole read holds the store's lock shared (other readers go on,
+no writer starts); the prediction's marks (digest, completion, the instances') are taken at the
+start and checked at the end. The record is then written under the brief writer's lock, which
+waits for the readers of the same nightly run (an instance-polygon export), and only if the marks
+are still the ones read: a prediction replaced in between is never scored under its new mark.
 """
 
 from __future__ import annotations
@@ -209,7 +215,26 @@ def evaluate_scan(store: str, labels_path: str | Path | None = None, entry=None,
 
     ``entry``: the dataset's catalog entry (``CatalogEntry`` or ``LoadedEntry``), for the label
     mapping, class names and boundary class; ``tolerance``: surface Dice tolerance in the scan's
-    unit. Raises :class:`ScanError` (one line) for bad input."""
+    unit. Raises :class:`ScanError` (one line) for bad input, :class:`storage.StoreBusy` when
+    another run writes the store."""
+    store = str(store).rstrip("/")
+    pred_url = f"{store}/prediction"
+    if not storage.exists(store):  # no lock file beside a store that is not there
+        raise ScanError(store, "is not a complete scan group (no completion mark): ingest it first")
+    with storage.store_lock(store, purpose="evaluate", shared=True):
+        read = storage.marks(storage.read_record(pred_url))
+        report = _evaluate(store, labels_path, entry, boundary_class, tolerance=tolerance,
+                           max_surface_voxels=max_surface_voxels, write=False)
+        storage.check_marks(pred_url, read, "evaluated")
+    if write:
+        write_evaluation(pred_url, report, read)
+    return report
+
+
+def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, boundary_class: str | None = None,
+              *, tolerance: float = DEFAULT_TOLERANCE, max_surface_voxels: int = DEFAULT_MAX_VOXELS,
+              write: bool = True) -> EvaluationReport:
+    """:func:`evaluate_scan`'s work, under the store's shared lock."""
     t0 = time.perf_counter()
     store = str(store).rstrip("/")
     entry = _entry_of(entry)
@@ -378,12 +403,17 @@ def _instance_scores(store: str, group, record: dict, pred_record: dict, entry, 
     return jsonable(scores), inst.get("digest")
 
 
-def write_evaluation(pred_url: str, report: EvaluationReport) -> None:
+def write_evaluation(pred_url: str, report: EvaluationReport, read: dict | None = None) -> None:
     """Put the report into ``prediction`` attrs["tilewise"]["evaluation"]; the completion mark and
-    the digest stay as they are. Refuses if the prediction changed while it was evaluated."""
-    group = storage.open_group(pred_url, mode="r+")
-    attrs = dict(group.attrs.get(storage.ATTRS_KEY, {}))
-    if attrs.get("digest") != report.prediction_digest or not attrs.get(storage.COMPLETE_KEY):
-        raise ScanError(pred_url, "the prediction changed while it was being evaluated; evaluate again")
-    attrs["evaluation"] = report.to_dict()
-    group.attrs[storage.ATTRS_KEY] = attrs
+    the digest stay as they are. Holds the store's brief writer lock (it waits for readers).
+    Refuses if the prediction changed while it was evaluated: another digest, no mark, or marks
+    other than ``read`` (``storage.marks`` of the record the evaluation read)."""
+    store = pred_url.rstrip("/").removesuffix("/prediction")
+    with storage.store_lock(store, purpose="evaluate", brief=True):
+        group = storage.open_group(pred_url, mode="r+")
+        attrs = dict(group.attrs.get(storage.ATTRS_KEY, {}))
+        if attrs.get("digest") != report.prediction_digest or not attrs.get(storage.COMPLETE_KEY) or (
+                read is not None and storage.marks(attrs) != read):
+            raise ScanError(pred_url, "the prediction changed while it was being evaluated; evaluate again")
+        attrs["evaluation"] = report.to_dict()
+        group.attrs[storage.ATTRS_KEY] = attrs
