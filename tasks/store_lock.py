@@ -154,8 +154,11 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 
 
 def _parse_lines(raw: bytes) -> list[dict[str, Any]]:
-    """The holders a local lock file names, one JSON object a line (a line being written is skipped)."""
-    return [h for h in (_parse(line) for line in raw.splitlines() if line.strip()) if h]
+    """The holders a local lock file names, one JSON object a line (a line being written is
+    skipped), less the readers that wrote a ``{"left": token}`` line on release."""
+    lines = [h for h in (_parse(line) for line in raw.splitlines() if line.strip()) if h]
+    left = {h["left"] for h in lines if "left" in h}
+    return [h for h in lines if "left" not in h and h.get("token") not in left]
 
 
 def _is_writer(holder: dict[str, Any]) -> bool:
@@ -250,10 +253,12 @@ def _acquire_local(url: str, lock: str, wait: float, purpose: str, shared: bool,
             os.close(fd)  # locked a file its holder deleted on release: take the new one
             continue
         line = (json.dumps(me) + "\n").encode()
+        joined = False
         if shared:
             if os.fstat(fd).st_size < HOLDERS_MAX_BYTES:  # beside the other readers' lines, atomically
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
                 os.write(fd, line)
+                joined = True
         else:
             stale = [h for h in _parse_lines(os.pread(fd, HOLDERS_MAX_BYTES, 0)) if _is_writer(h)]
             if stale:  # left by a run that died holding it (the kernel dropped its flock)
@@ -266,6 +271,8 @@ def _acquire_local(url: str, lock: str, wait: float, purpose: str, shared: bool,
     def release() -> None:
         try:
             if shared:  # the last reader out deletes the file: only it can turn its lock exclusive
+                if joined:  # appended, so the other readers' lines stay whole; no longer named
+                    os.write(fd, (json.dumps({"left": me["token"]}) + "\n").encode())
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -390,7 +397,7 @@ def _acquire_marker(url: str, fs, lock: str, wait: float, purpose: str, shared: 
     start = time.monotonic()
     holder = _holder(purpose, shared, brief)
     data = json.dumps(holder).encode()
-    folder = readers_path(lock)
+    folder = f"{lock}.readers"  # readers_path of the store
     mine = f"{folder}/{holder['token']}"
     while True:
         readers_only = False
