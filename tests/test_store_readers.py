@@ -26,6 +26,7 @@ import zarr
 from tasks import storage
 from tasks.engine.infer import EngineConfig, infer_scan
 from tasks.engine.model_io import load_model
+from tasks.errors import ScanError
 from tests.test_concurrency import _assert_busy, _cli, _env
 from tests.test_engine import conv_net, make_scan
 
@@ -288,7 +289,7 @@ def test_a_reader_never_records_marks_it_did_not_read(tmp_path, predicted, monke
 
     monkeypatch.setattr(tiff, "export_tiff", rewrite_then)
     out = tmp_path / "x.ome.tif"
-    with pytest.raises(storage.ScanError, match="changed while it was being exported"):
+    with pytest.raises(ScanError, match="changed while it was being exported"):
         export_scan(store, ExportOptions("tiff", str(out)))
     assert not out.exists()
 
@@ -338,3 +339,30 @@ def test_labels_are_unlisted_during_a_failed_reinfer_and_listed_after_a_good_one
     assert _listed(store) == ["prediction"]
     np.testing.assert_array_equal(zarr.open_array(f"{store}/labels/prediction/0", mode="r")[:],
                                   zarr.open_array(f"{store}/prediction/labels", mode="r")[:])
+
+
+def test_a_removal_that_stops_half_way_leaves_nothing_marked_complete(tmp_path, monkeypatch):
+    """Files go one by one: whatever of a prediction is left after a crash mid-removal is not
+    complete, and neither are its instances (their mark lives in the prediction's record)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from tasks.instances import store as inst_store
+    from tasks.instances.from_semantic import instances_from_prediction
+
+    array = np.random.default_rng(4).random((1, 64, 64), dtype=np.float32)
+    store = make_scan(tmp_path, array, (32, 32), "scan")
+    model = tmp_path / "m.pt"
+    torch.jit.script(conv_net(2, 1, 2)).save(str(model))
+    infer_scan(store, load_model(str(model)), EngineConfig(tile=(32, 32), output_dtype="float32", batch=2))
+    instances_from_prediction(store, method="components", min_size=1)
+    assert storage.is_complete(f"{store}/prediction") and inst_store.instances_complete(store)
+
+    def crash(self, path, recursive=False, maxdepth=None):
+        raise OSError("the machine went down mid-removal")
+
+    monkeypatch.setattr(LocalFileSystem, "rm", crash)
+    with pytest.raises(OSError, match="mid-removal"):
+        storage.remove(f"{store}/prediction")
+    assert (Path(store) / "prediction" / "labels").is_dir()  # nothing deleted yet, and yet:
+    assert not storage.is_complete(f"{store}/prediction")
+    assert not inst_store.instances_complete(store)
