@@ -423,9 +423,20 @@ def train(
     out.print(f"trained {report.registered} ({report.architecture}): {report.metric_name}={report.metric:.4f}, "
               f"{report.epochs} epochs, {report.seconds / 60:.1f} min, stopped: {report.stopped}")
     out.print(f"{report.decision}; MLflow run {report.run_id}")
+    _print_artifacts(report.run_id)
     out.print(f"calibration: {report.calibration}")
     if report.initialised_from:
         out.print(f"init-from: {report.initialised_from}")
+
+
+def _print_artifacts(run_id: str) -> None:
+    """Where the run's files went: the user chose the tracking URI, tilewise chose this folder."""
+    from models.registry import run_artifacts
+
+    try:
+        out.print(f"MLflow artifacts: {run_artifacts(run_id)}", highlight=False)
+    except Exception as exc:  # the run is made; not finding its folder again is no failure
+        err.print(escape(f"MLflow artifacts of run {run_id}: not found ({type(exc).__name__}: {exc})"))
 
 
 def _evaluation_tables(report) -> list[Table]:
@@ -510,6 +521,7 @@ def evaluate(
         from tasks.reports.tracking import dataset_of
 
         out.print(f"MLflow run {run_id} (experiment tilewise/{dataset_of(report)})")
+        _print_artifacts(run_id)
 
 
 @app.command("export")
