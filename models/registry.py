@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from models.card import LoadedModel, ModelCard
+from models.transient import is_transient
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_DIR = "tilewise"
@@ -365,14 +366,22 @@ def registered_weights(uri: str) -> tuple[ModelCard, dict, str, dict | None]:
             card = ModelCard.model_validate_json((local / CARD_FILE).read_text())
             state = load_file(str(local / WEIGHTS_FILE))
         except Exception as exc:
-            raise RegistryError(f"{uri}: cannot read the model's card and weights ({exc})") from None
+            # MLflow retried what may pass (MLFLOW_HTTP_REQUEST_MAX_RETRIES, with backoff); still
+            # failing, an outage is RegistryUnavailable (a ConnectionError: the flows retry the task),
+            # never "this model cannot be read"
+            if is_transient(exc):
+                raise _unavailable(f"while {uri}'s card and weights were downloaded", exc) from None
+            raise RegistryError(f"{uri}: cannot read the model's card and weights ({' '.join(str(exc).split())})") from None
         calibrator = None
         if CALIBRATOR_FILE in run_files:  # fitted after registration (tilewise calibrate)
             try:
                 path = c.download_artifacts(run_id, f"{ARTIFACT_DIR}/{CALIBRATOR_FILE}", tmp)
                 calibrator = json.loads(Path(path).read_text())
-            except ValueError as exc:
-                raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{CALIBRATOR_FILE} ({exc})") from None
+            except Exception as exc:
+                if is_transient(exc):
+                    raise _unavailable(f"while {uri}'s calibrator was downloaded", exc) from None
+                raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{CALIBRATOR_FILE} "
+                                    f"({' '.join(str(exc).split())})") from None
     return card, state, f"models:/{version.name}/{version.version}", calibrator
 
 

@@ -14,6 +14,13 @@ removed once the new one is in place.
 Remote "folders" are prefixes: a match that lists as a directory is a folder of slices, or, with
 the catalog's ``scans.channels``, a folder holding one object per channel. Only the objects
 directly under the prefix belong to it (names starting with "." are skipped, as for local folders).
+
+Transient errors (connection reset or refused, 5xx, throttling) are retried by botocore itself
+("standard" mode: jittered exponential backoff, each wait at most 20 s, :data:`S3_ATTEMPTS` tries
+in all, or ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` when set) and s3fs's own loop for throttling
+answers and broken reads. A download still failing then is :class:`RemoteUnavailable`, a
+ConnectionError the flows retry the task on; 403, 404 and bad data are a ScanError at once. A
+listing that fails is a ScanError either way (it fails that dataset only, never the whole run).
 """
 
 from __future__ import annotations
@@ -32,7 +39,44 @@ from typing import Any
 
 import fsspec
 
+from models.transient import is_transient
 from tasks.errors import ScanError
+
+# botocore retries what may pass (connection errors, 5xx, throttling) with jittered exponential
+# backoff, each wait at most 20 s ("standard" mode): these attempts bound it (about 2 minutes at
+# worst). AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, botocore's own variables, still choose when set.
+S3_ATTEMPTS = 8
+
+
+class RemoteUnavailable(ConnectionError):
+    """The storage did not answer (reset, 5xx, throttling) after botocore's bounded retries. A
+    ConnectionError, not a ScanError: the flows retry the scan's task and the CLI says it in one
+    line; "no right", "not there" and bad data stay ScanErrors, said at once."""
+
+
+def retry_attempts() -> int:
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_ATTEMPTS))
+    except ValueError:
+        return S3_ATTEMPTS
+
+
+def _tries() -> str:
+    n = retry_attempts()
+    return f"{n} {'try' if n == 1 else 'tries'}"
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: botocore's retry settings for S3 (see :data:`S3_ATTEMPTS`)."""
+    if url.partition("://")[0] not in ("s3", "s3a"):
+        return {}
+    mode = os.environ.get("AWS_RETRY_MODE") or "standard"
+    return {"config_kwargs": {"retries": {"mode": mode, "total_max_attempts": retry_attempts()}}}
+
+
+def filesystem(url: str):
+    """(filesystem, path) of ``url`` with :func:`storage_options`."""
+    return fsspec.core.url_to_fs(url, **storage_options(url))
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -153,7 +197,7 @@ def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = 
     Raises :class:`ScanError` naming the URL when the storage cannot be listed.
     """
     try:
-        fs, path = fsspec.core.url_to_fs(pattern)
+        fs, path = filesystem(pattern)
         if fresh:
             fs.invalidate_cache()  # a long-lived filesystem caches listings: list afresh
         if _glob.has_magic(path):
@@ -184,7 +228,10 @@ def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = 
     except ScanError:
         raise
     except Exception as exc:  # unreachable endpoint, no credentials, no such bucket...
-        raise ScanError(pattern, f"cannot list the remote scans ({_one_line(exc)})") from None
+        # a ScanError even when transient (botocore retried it already): discovery failing fails
+        # only this dataset tonight, never the whole run
+        retried = f" after {_tries()}" if is_transient(exc) else ""
+        raise ScanError(pattern, f"cannot list the remote scans{retried} ({_one_line(exc)})") from None
 
 
 def describe_object(url: str, fresh: bool = False) -> RemoteScan:
@@ -276,11 +323,14 @@ def fetch(scan: RemoteScan, cache_dir: Path | None = None) -> tuple[tuple[Path, 
 
 def _download(obj: RemoteObject, target: Path) -> None:
     try:
-        fs, path = fsspec.core.url_to_fs(obj.url)
+        fs, path = filesystem(obj.url)
         fs.get_file(path, str(target))
     except FileNotFoundError:
         raise ScanError(obj.url, "does not exist") from None
     except Exception as exc:
+        if is_transient(exc):
+            raise RemoteUnavailable(f"{obj.url}: the storage did not answer after {_tries()} "
+                                    f"({_one_line(exc)}); try again later") from None
         raise ScanError(obj.url, f"cannot be read ({_one_line(exc)})") from None
     got = target.stat().st_size
     if got != obj.size:
