@@ -11,6 +11,16 @@ into a private ``.part-*`` folder that is renamed into place only when every obj
 a half-downloaded folder is never taken as done. The copies of older versions of the scan are
 removed once the new one is in place.
 
+The copy is deleted once the scan is ingested (:func:`release`). Chosen over a bounded cache
+because, once ingested, a remote scan is never read again: an unchanged scan is told "unchanged"
+from its listing alone, and a changed one must be fetched anew anyway; only ``--force`` or new
+ingest options re-read the same bytes, and those are rare next to holding every scan's full size
+on disk for ever. A failed ingest keeps its copy, so the flow's retry (or tomorrow's run) does not
+download it again; the next successful ingest of that scan, or a new version of it, removes it.
+While an ingest uses a copy it holds a shared lock on ``<copy>.lock`` (taken in :func:`fetch`), and
+a copy is only deleted under an exclusive lock taken without waiting: a copy another ingest is
+reading is left to that ingest.
+
 Remote "folders" are prefixes: a match that lists as a directory is a folder of slices, or, with
 the catalog's ``scans.channels``, a folder holding one object per channel. Only the objects
 directly under the prefix belong to it (names starting with "." are skipped, as for local folders).
@@ -277,6 +287,60 @@ def describe_sources(urls: list[str]) -> RemoteScan:
     return RemoteScan(prefix, tuple(RemoteObject(u, None) for u in urls), tuple(f"{base}/{n}" for n in names))
 
 
+_holds: dict[str, list[int]] = {}  # copy folder -> open lock files holding its shared lock
+
+
+def _lock_path(copy: Path) -> Path:
+    return copy.with_name(copy.name + ".lock")
+
+
+def _hold(copy: Path) -> None:
+    import fcntl
+
+    fd = os.open(_lock_path(copy), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _holds.setdefault(str(copy), []).append(fd)
+
+
+def _delete_unused(copy: Path) -> bool:
+    """Delete ``copy`` unless another ingest holds it (its shared lock); True when deleted."""
+    import fcntl
+
+    lock = _lock_path(copy)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    try:
+        shutil.rmtree(copy, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    return not copy.exists()
+
+
+def release(*scans: "RemoteScan | None", ingested: bool, cache_dir: Path | None = None) -> None:
+    """The end of an ingest that fetched ``scans``: drop this ingest's hold on each copy and, when
+    ``ingested``, delete the copy (unless another ingest holds it). See the module docstring."""
+    root = _cache_root(cache_dir)
+    for scan in scans:
+        if scan is None:
+            continue
+        copy = root / scan.key()
+        fds = _holds.get(str(copy))
+        if fds:
+            os.close(fds.pop())
+            if not fds:
+                del _holds[str(copy)]
+        if ingested and copy.is_dir():
+            _delete_unused(copy)
+
+
 def _cache_root(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -318,6 +382,10 @@ def fetch(scan: RemoteScan, cache_dir: Path | None = None) -> tuple[tuple[Path, 
         finally:
             shutil.rmtree(part, ignore_errors=True)
         _drop_older_versions(root, final)
+    _hold(final)  # until release(): no other ingest deletes the copy while this one reads it
+    if not final.is_dir():  # deleted by another ingest's release between the check and the hold
+        release(scan, ingested=False, cache_dir=cache_dir)
+        return fetch(scan, cache_dir)
     return tuple(final / s for s in scan.sources), local
 
 
@@ -341,5 +409,5 @@ def _download(obj: RemoteObject, target: Path) -> None:
 def _drop_older_versions(root: Path, keep: Path) -> None:
     url_key = keep.name.split("-", 1)[0]
     for other in root.glob(f"{url_key}-*"):
-        if other != keep:
-            shutil.rmtree(other, ignore_errors=True)
+        if other != keep and other.is_dir():
+            _delete_unused(other)
