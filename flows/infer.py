@@ -164,6 +164,14 @@ def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None
                     replace: bool = False) -> InferResult:
     """``uri`` over one scan, holding a ``gpu`` slot while the model runs. ``replace``: drop a
     complete prediction first (backfill --force); an incomplete one is resumed as always."""
+    if config.crf is not None:  # a missing CRF extra is said before any tile runs, not after them all
+        from tasks.errors import ScanError
+        from tasks.refine.crf import CrfUnavailable, require_crf
+
+        try:
+            require_crf()
+        except CrfUnavailable as exc:
+            raise ScanError(store, str(exc)) from None
     if replace and storage.is_complete(f"{store}/prediction"):
         storage.remove(f"{store}/prediction")
     with gpu_slot():

@@ -549,11 +549,17 @@ def ingest_scan(
             shape = _unchanged_remote(spec, store, stats_files)
             if shape is not None:
                 return IngestResult(spec.scan_id, store, "unchanged", shape, time.perf_counter() - t0)
-        local, urls = _fetch(spec, stats_files)
+        ingested = False
         try:
-            return _ingest_local(spec, local, store, stats_files, force, progress, t0)
-        except ScanError as err:
-            raise _named_by_url(err, urls) from None
+            local, urls = _fetch(spec, stats_files)
+            try:
+                result = _ingest_local(spec, local, store, stats_files, force, progress, t0)
+            except ScanError as err:
+                raise _named_by_url(err, urls) from None
+            ingested = True
+            return result
+        finally:  # the local copies go once ingested; a failure keeps them for the retry (remote.py)
+            remote.release(spec.remote, spec.labels.remote if spec.labels is not None else None, ingested=ingested)
     return _ingest_local(spec, spec, store, stats_files, force, progress, t0)
 
 
