@@ -35,7 +35,7 @@ from flows.instances import instance_settings, instances_scan_task, outcome_row
 from flows.ingest import ingest_scan_task
 from flows.outcomes import ScanOutcome
 from models.zoo import is_instance_architecture
-from tasks import storage
+from tasks import identity, storage
 from tasks.export import ExportOptions
 from tasks.ingest import ScanSpec
 from tasks.settings import scan_store
@@ -62,16 +62,11 @@ def _error(state) -> str:
     return str(err) if isinstance(err, BaseException) else (state.message or state.name)
 
 
-def evaluation_is_current(store: str) -> bool:
-    """True when the prediction's ``evaluation`` attributes score this very prediction (same
-    digest) against the store's reference labels."""
+def evaluation_is_current(store: str, entry: CatalogEntry) -> bool:
+    """The prediction's recorded evaluation scored this very prediction against the store's
+    reference with the catalog's current scoring settings (tasks/identity.py)."""
     record = storage.read_record(f"{store}/prediction") or {}
-    evaluation = record.get("evaluation") or {}
-    instances = record.get("instances") or {}
-    current_instances = instances.get("digest") if instances.get(storage.COMPLETE_KEY) else None
-    return bool(record.get(storage.COMPLETE_KEY) and evaluation.get("prediction_digest") == record.get("digest")
-                and evaluation.get("reference") == REFERENCE
-                and evaluation.get("instances_digest") == current_instances)
+    return identity.evaluation_current(record, REFERENCE, identity.scoring_settings(entry))
 
 
 def _stored_metrics(store: str) -> dict:
@@ -90,7 +85,7 @@ def evaluate_step_task(store: str, entry: CatalogEntry, parent_run_id: str | Non
     """(status, flat metrics, MLflow run id): ``unchanged`` with the stored metrics when the last
     evaluation scored this prediction already, else evaluated and logged (nested under the run's
     MLflow run of the dataset)."""
-    if not force and evaluation_is_current(store):
+    if not force and evaluation_is_current(store, entry):
         return "unchanged", _stored_metrics(store), None
     from tasks.reports import evaluate_and_report
 

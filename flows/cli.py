@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import flows  # noqa: F401  (sets the embedded Prefect defaults before Prefect is imported)
@@ -47,7 +48,8 @@ def _announce_home() -> None:
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: Rich would take "pip install 'tilewise[crf]'" or a path with [1] in it for markup and drop it
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -60,7 +62,7 @@ def catalog_validate(path: Optional[Path] = typer.Argument(None, help="catalog f
         entries = load_catalog(_catalog_dir(path))
     except CatalogError as exc:
         for problem in exc.problems:
-            err.print(f"[red]{problem}[/]", highlight=False, soft_wrap=True)
+            err.print(f"[red]{escape(str(problem))}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     out.print(f"ok: {len(entries)} catalog entries valid ({', '.join(e.entry.name for e in entries)})")
 
@@ -207,8 +209,9 @@ def infer(
     tta: bool = typer.Option(False, "--tta", help="average over all flips of the spatial axes"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if present)"),
     amp: str = typer.Option("none", "--amp", help="mixed precision: none | bf16 | fp16"),
+    # help text is Rich markup to Typer: the extra's brackets are escaped so they are printed
     backend: str = typer.Option("eager", "--backend", help="who runs the network: eager (PyTorch) | openvino "
-                                "(CPU, float32, semantic models only; pip install 'tilewise[openvino]')"),
+                                + escape("(CPU, float32, semantic models only; pip install 'tilewise[openvino]')")),
     blend: str = typer.Option("gaussian", "--blend", help="gaussian | constant"),
     pad: str = typer.Option("reflect", "--pad", help="border context: reflect (mirror) | constant (zeros)"),
     placement: str = typer.Option("even", "--placement", help="tile starts: even (nnU-Net) | monai"),
@@ -268,6 +271,13 @@ def infer(
                           backend=backend)
     if crf and (dask or mode == "instances"):
         _fail("--crf refines a semantic prediction in one process: drop --dask / --mode instances")
+    if crf:  # before the model is loaded and any tile runs, not after the whole inference
+        from tasks.refine.crf import CrfUnavailable, require_crf
+
+        try:
+            require_crf()
+        except CrfUnavailable as exc:
+            _fail(f"--crf: {exc}")
     try:
         if dask and mode != "instances":
             from tasks.engine.distributed import infer_distributed
@@ -413,9 +423,20 @@ def train(
     out.print(f"trained {report.registered} ({report.architecture}): {report.metric_name}={report.metric:.4f}, "
               f"{report.epochs} epochs, {report.seconds / 60:.1f} min, stopped: {report.stopped}")
     out.print(f"{report.decision}; MLflow run {report.run_id}")
+    _print_artifacts(report.run_id)
     out.print(f"calibration: {report.calibration}")
     if report.initialised_from:
         out.print(f"init-from: {report.initialised_from}")
+
+
+def _print_artifacts(run_id: str) -> None:
+    """Where the run's files went: the user chose the tracking URI, tilewise chose this folder."""
+    from models.registry import run_artifacts
+
+    try:
+        out.print(f"MLflow artifacts: {run_artifacts(run_id)}", highlight=False)
+    except Exception as exc:  # the run is made; not finding its folder again is no failure
+        err.print(escape(f"MLflow artifacts of run {run_id}: not found ({type(exc).__name__}: {exc})"))
 
 
 def _evaluation_tables(report) -> list[Table]:
@@ -500,6 +521,7 @@ def evaluate(
         from tasks.reports.tracking import dataset_of
 
         out.print(f"MLflow run {run_id} (experiment tilewise/{dataset_of(report)})")
+        _print_artifacts(run_id)
 
 
 @app.command("export")
@@ -534,7 +556,8 @@ def _outcome_table(title: str, outcomes) -> Table:
     colours = {"failed": "red", "unchanged": "dim", "skipped": "yellow"}
     for o in outcomes:
         style = colours.get(o.status, "green")
-        table.add_row(o.dataset, o.scan_id, o.step, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", o.message)
+        table.add_row(escape(o.dataset), escape(o.scan_id), o.step, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}",
+                      escape(o.message or ""))
     return table
 
 
@@ -562,7 +585,7 @@ def _report_run(kind: str, state) -> None:
     out.print(summary.rich_table(f"tilewise {summary.run_name(kind)}", outcomes))
     for o in outcomes:
         if o.status == "skipped" and o.scan_id == "*":
-            out.print(f"[yellow]{o.dataset}: {o.step} skipped: {o.message}[/]", highlight=False)
+            out.print(f"[yellow]{escape(f'{o.dataset}: {o.step} skipped: {o.message}')}[/]", highlight=False)
     if state.is_failed():
         _fail(state.message or "some scans failed")
     scans = len({(o.dataset, o.scan_id) for o in outcomes if o.scan_id != "*"})

@@ -169,6 +169,14 @@ def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None
     The store's lock is held from the drop to the end of the run (the engine's own lock is the
     same one, re-entered): no export or evaluation reads between the drop and the new mark, and
     none is dropped under a run that reads it."""
+    if config.crf is not None:  # a missing CRF extra is said before any tile runs, not after them all
+        from tasks.errors import ScanError
+        from tasks.refine.crf import CrfUnavailable, require_crf
+
+        try:
+            require_crf()
+        except CrfUnavailable as exc:
+            raise ScanError(store, str(exc)) from None
     with gpu_slot():
         model = cached_model(uri)
         with storage.store_lock(store, purpose="infer"):

@@ -22,7 +22,7 @@ from prefect.futures import wait
 from data_catalog import DEFAULT_CATALOG_DIR, find_entry
 from data_catalog.schema import CatalogEntry
 from flows.outcomes import ScanOutcome, final_state
-from tasks import storage
+from tasks import identity, storage
 from tasks.ingest import discover_scans
 from tasks.settings import scan_store
 
@@ -91,16 +91,17 @@ def instances_scan_task(store: str, entry: CatalogEntry, settings: InstanceSetti
         things = [classes.index(c) for c in (settings.classes or []) if c in classes]
     stuff = [classes.index(c) for c in (settings.stuff_classes if settings and settings.stuff_classes else [])
              if c in classes]
-    if stuff and things and (outcome["status"] != "unchanged" or "panoptic" not in record):
-        from tasks.instances.panoptic import write_panoptic
-
+    wanted = identity.panoptic_record(record.get("digest"), things, stuff) if stuff and things else None
+    if wanted != identity.panoptic_record_of(record.get("panoptic")):
         with storage.store_lock(store, purpose="instances"):
-            inst_store.update_record(store, {"panoptic": None})  # its record goes before its array is rewritten
-            panoptic = write_panoptic(store, things, stuff)
-            record = inst_store.read_instances_record(store) or {}
-            record = inst_store.update_record(store, {"panoptic": {"things": things, "stuff": stuff,
-                                                                   "digest": record.get("digest")}})
-        outcome["panoptic"] = panoptic
+            inst_store.update_record(store, {"panoptic": None})  # its record goes before its array is touched
+            if wanted is None:  # the catalog no longer asks for it: no stale panoptic output stays
+                storage.remove(f"{inst_store.prediction_url(store)}/{inst_store.PANOPTIC}")
+            else:
+                from tasks.instances.panoptic import write_panoptic
+
+                outcome["panoptic"] = write_panoptic(store, things, stuff)
+            record = inst_store.update_record(store, {"panoptic": wanted})
         outcome["status"] = "computed" if outcome["status"] == "unchanged" else outcome["status"]
     if log_mlflow and (outcome["status"] != "unchanged" or record.get("mlflow_run_for") != record.get("digest")):
         from tasks.reports.instances_run import log_instances

@@ -132,6 +132,7 @@ def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: 
 
 def rich_table(title: str, outcomes: list[ScanOutcome]):
     """The CLI's table: a row per scan, a column per step, colour by status, nothing cut."""
+    from rich.markup import escape
     from rich.table import Table
 
     colours = {"failed": "red", "unchanged": "dim", "kept": "dim", "skipped": "yellow"}
@@ -142,6 +143,6 @@ def rich_table(title: str, outcomes: list[ScanOutcome]):
         table.add_column(column, overflow="fold")
     for r in rows:
         cells = [f"[{colours.get(r[s], 'green')}]{r[s]}[/]" if s in r else "-" for s in steps]
-        table.add_row(r["dataset"], r["scan"], r["model"].removeprefix("models:/"), *cells, r["metric"],
-                      "\n".join(r["outputs"]), f"{r['seconds']:.1f}")
+        table.add_row(escape(r["dataset"]), escape(r["scan"]), escape(r["model"].removeprefix("models:/")), *cells,
+                      r["metric"], escape("\n".join(r["outputs"])), f"{r['seconds']:.1f}")  # names, not markup
     return table

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from models.card import LoadedModel, ModelCard
+from models.transient import is_transient
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_DIR = "tilewise"
@@ -83,19 +84,42 @@ def client():
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def artifact_root(uri: str | None = None) -> Path | None:
+    """Where the artifacts of the experiments tilewise creates go, for a tracking URI that names a
+    database (MLflow would otherwise put them in ``./mlruns`` of whatever folder the command ran
+    in): ``mlflow-artifacts/`` next to a SQLite file (the embedded default: in the tilewise home),
+    under the tilewise home for any other database. None for a tracking server (``http(s)://``,
+    which has its own artifact store) or a file store (which keeps artifacts in its own folder)."""
+    uri = uri or tracking_uri()
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme == "sqlite":
+        # SQLAlchemy: sqlite:///rel.db is relative to the working folder, sqlite:////abs.db absolute
+        database = uri.split("://", 1)[1].split("?", 1)[0].removeprefix("/")
+        if database and database != ":memory:":
+            return Path(os.path.abspath(database)).parent / "mlflow-artifacts"
+        return _home() / "mlflow-artifacts"
+    if scheme in ("postgresql", "mysql", "mssql"):
+        return _home() / "mlflow-artifacts"
+    return None
+
+
 def experiment_id(dataset: str) -> str:
-    """One experiment per dataset, created on first use (local artifacts on the embedded default)."""
+    """One experiment per dataset, created on first use, its artifacts under :func:`artifact_root`."""
     c = client()
     name = f"tilewise/{dataset}"
     existing = c.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
-    location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (_home() / "mlflow-artifacts" / dataset).as_uri()
+    root = artifact_root()
+    location = (root / dataset).as_uri() if root is not None else None
     # MLflow 3's UI files experiments without a kind under GenAI ("Evaluations"); ours are model training.
     return c.create_experiment(name, artifact_location=location,
                                tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+def run_artifacts(run_id: str) -> str:
+    """Where the run's artifacts are (printed after training and evaluation: the user finds them)."""
+    return client().get_run(run_id).info.artifact_uri
 
 
 def registered_name(dataset: str, architecture: str) -> str:
@@ -342,14 +366,22 @@ def registered_weights(uri: str) -> tuple[ModelCard, dict, str, dict | None]:
             card = ModelCard.model_validate_json((local / CARD_FILE).read_text())
             state = load_file(str(local / WEIGHTS_FILE))
         except Exception as exc:
-            raise RegistryError(f"{uri}: cannot read the model's card and weights ({exc})") from None
+            # MLflow retried what may pass (MLFLOW_HTTP_REQUEST_MAX_RETRIES, with backoff); still
+            # failing, an outage is RegistryUnavailable (a ConnectionError: the flows retry the task),
+            # never "this model cannot be read"
+            if is_transient(exc):
+                raise _unavailable(f"while {uri}'s card and weights were downloaded", exc) from None
+            raise RegistryError(f"{uri}: cannot read the model's card and weights ({' '.join(str(exc).split())})") from None
         calibrator = None
         if CALIBRATOR_FILE in run_files:  # fitted after registration (tilewise calibrate)
             try:
                 path = c.download_artifacts(run_id, f"{ARTIFACT_DIR}/{CALIBRATOR_FILE}", tmp)
                 calibrator = json.loads(Path(path).read_text())
-            except ValueError as exc:
-                raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{CALIBRATOR_FILE} ({exc})") from None
+            except Exception as exc:
+                if is_transient(exc):
+                    raise _unavailable(f"while {uri}'s calibrator was downloaded", exc) from None
+                raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{CALIBRATOR_FILE} "
+                                    f"({' '.join(str(exc).split())})") from None
     return card, state, f"models:/{version.name}/{version.version}", calibrator
 
 

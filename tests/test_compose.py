@@ -186,3 +186,75 @@ def test_prefect_yaml_matches_the_bundled_catalog():
         assert d["work_pool"]["name"] == "tilewise"
     assert deployments["backfill"]["entrypoint"] == "flows/backfill.py:backfill_flow"
     assert not deployments["backfill"]["schedules"]
+
+
+# ---- least privilege: the worker's own MLflow user, object-only S3 rights -------------------------
+
+def test_the_worker_is_not_the_mlflow_admin(services):
+    admin_refs = set(VAR.findall(str(env_of(services["mlflow"])["MLFLOW_AUTH_ADMIN_USERNAME"]) +
+                                 str(env_of(services["mlflow"])["MLFLOW_AUTH_ADMIN_PASSWORD"])))
+    for worker in ("worker", "worker-gpu"):
+        env = env_of(services[worker])
+        used = set(VAR.findall(f"{env['MLFLOW_TRACKING_USERNAME']} {env['MLFLOW_TRACKING_PASSWORD']}"))
+        assert used == {"MLFLOW_WORKER_USER", "MLFLOW_WORKER_PASSWORD"}, (worker, used)
+        assert not used & admin_refs
+        assert not any("MLFLOW_ADMIN" in str(v) for v in env.values()), worker
+        assert services[worker]["depends_on"]["mlflow-init"]["condition"] == "service_completed_successfully"
+    init = services["mlflow-init"]
+    assert init["depends_on"]["mlflow"]["condition"] == "service_healthy" and init["restart"] == "no"
+    assert set(VAR.findall(str(env_of(init)["MLFLOW_TRACKING_USERNAME"]))) == {"MLFLOW_ADMIN_USER"}
+    example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example["MLFLOW_WORKER_USER"] != example["MLFLOW_ADMIN_USER"]
+
+
+def test_mlflow_init_makes_a_plain_user_with_edit_rights_only():
+    import ast
+
+    source = (REPO / "docker" / "mlflow-init.py").read_text()
+    tree = ast.parse(source)
+    calls = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            calls.setdefault(name, []).append(node)
+    assert "create_user" in calls
+    (admin,) = calls["update_user_admin"]
+    assert isinstance(admin.args[1], ast.Constant) and admin.args[1].value is False  # never an admin
+    constants = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert "EDIT" in constants and not {"MANAGE", "ADMIN"} & constants
+    resource_types = {c.args[0].value for c in calls["grant"]}
+    assert resource_types == {"experiment", "registered_model"}
+    entrypoint = (REPO / "docker" / "mlflow-entrypoint.sh").read_text()
+    assert "default_permission = NO_PERMISSIONS" in entrypoint  # no right without a grant
+
+
+def _minio_policy() -> dict:
+    import json
+
+    script = (REPO / "docker" / "minio-init.sh").read_text()
+    body = script.split("<<JSON\n", 1)[1].split("\nJSON\n", 1)[0]
+    return json.loads(body)
+
+
+def test_the_s3_user_may_only_work_with_objects_in_its_two_buckets():
+    policy = _minio_policy()
+    buckets = {"arn:aws:s3:::mlflow", "arn:aws:s3:::tilewise"}
+    objects = {f"{b}/*" for b in buckets}
+    # what reading and writing objects needs (listing, multipart uploads included); nothing else
+    bucket_actions = {"s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads"}
+    object_actions = {"s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+                      "s3:ListMultipartUploadParts"}
+    seen = set()
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow" and "NotAction" not in statement and "NotResource" not in statement
+        actions = set(statement["Action"]) if isinstance(statement["Action"], list) else {statement["Action"]}
+        resources = set(statement["Resource"]) if isinstance(statement["Resource"], list) else {statement["Resource"]}
+        assert not any("*" in a for a in actions), actions  # no s3:*, no s3:Put*
+        if resources <= buckets:
+            assert actions <= bucket_actions, actions
+        else:
+            assert resources <= objects and actions <= object_actions, (resources, actions)
+        seen |= actions
+    assert {"s3:ListBucket", "s3:GetObject", "s3:PutObject", "s3:DeleteObject"} <= seen
+    assert "s3:PutBucketPolicy" not in seen

@@ -105,3 +105,48 @@ def test_cli_instances_recomputes_with_another_min_size_and_reports_bad_options(
     assert result.exit_code == 1 and "--method must be components or watershed" in result.output
     result = runner.invoke(app, ["instances", "NOPE", "--catalog", em_inst["catalog"]])
     assert result.exit_code == 1 and "NOPE" in result.output and "Traceback" not in result.output
+
+
+def test_the_catalogs_scoring_and_instance_settings_recompute_what_reads_them(em_inst):
+    """Changing what the catalog says about instances and scoring recomputes the steps that read
+    it -- instances, panoptic output, evaluation -- and nothing else; no change, no work."""
+    from flows.nightly import nightly_flow
+    from tasks.instances import store as inst_store
+
+    yaml = Path(em_inst["catalog"], f"{NAME}.yaml")
+    original = yaml.read_text()
+
+    def nightly() -> dict:
+        state = nightly_flow(catalog=em_inst["catalog"], return_state=True)
+        assert state.is_completed(), state.message
+        return {(o.scan_id, o.step): o.status for o in state.result() if o.scan_id == "a"}
+
+    def evaluation() -> dict:
+        return storage.read_record(f"{_store('a')}/prediction")["evaluation"]
+
+    try:
+        nightly()  # settle what the other tests changed
+        assert set(nightly().values()) == {"unchanged"}
+        assert evaluation()["isbi"] is None and evaluation()["instances"]["pq"] is not None
+
+        yaml.write_text(original.replace("min_size: 8", "min_size: 40"))
+        got = nightly()
+        assert (got[("a", "ingest")], got[("a", "infer")]) == ("unchanged", "unchanged")
+        assert (got[("a", "instances")], got[("a", "evaluate")]) == ("computed", "evaluated")
+        assert inst_store.read_instances_record(_store("a"))["params"]["min_size"] == 40
+
+        yaml.write_text(yaml.read_text().replace("classes: [interior, membrane], instance_classes",
+                                                 "classes: [interior, membrane], boundary_class: membrane, "
+                                                 "instance_classes"))
+        got = nightly()
+        assert (got[("a", "instances")], got[("a", "evaluate")]) == ("unchanged", "evaluated")
+        assert evaluation()["isbi"]["adapted_rand_error"] is not None  # the ISBI scores, now asked for
+
+        yaml.write_text(yaml.read_text().replace(", stuff_classes: [membrane]", ""))
+        got = nightly()
+        assert (got[("a", "instances")], got[("a", "evaluate")]) == ("computed", "evaluated")
+        assert not storage.exists(f"{_store('a')}/prediction/panoptic")  # no stale panoptic output
+        assert evaluation()["settings"]["stuff_classes"] is None
+        assert set(nightly().values()) == {"unchanged"}
+    finally:
+        yaml.write_text(original)

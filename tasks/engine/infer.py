@@ -31,8 +31,6 @@ probabilities.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,7 +41,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import zarr
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.engine.accumulate import BufferPool, Chunk, ChunkAccumulator
 from tasks.engine.blend import BlendMode, chunk_weights, importance_map, labels_from, probabilities
 from tasks.engine.model_io import LoadedModel
@@ -158,12 +156,8 @@ def resolve_tile(config: EngineConfig, model: LoadedModel, spatial: tuple[int, .
 
 def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...], calibrator: dict | str = "none",
             empty_rule: EmptyRule | None = None) -> str:
-    payload = {"model": model_identity, "config": config.result_fields(), "tile": list(tile)}
-    if calibrator != "none":  # digests of uncalibrated predictions stay what they were
-        payload["calibrator"] = calibrator
-    if empty_rule is not None:  # likewise for scans where no tile can be skipped
-        payload["skip_empty"] = empty_rule.record()
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+    return identity.prediction_digest(model_identity, config.result_fields(), list(tile), calibrator,
+                                      empty_rule.record() if empty_rule is not None else None)
 
 
 def resolve_calibrator(model: LoadedModel, config: EngineConfig, calibrator: Any = None) -> tuple[Any, dict | str]:
@@ -224,7 +218,8 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
                            f"driver's {expect_digest[:12]}: another model version or file; not touching the prediction")
     record = storage.read_record(pred_url)
     resumed = False
-    reusable = (record is not None and record.get("digest") == digest and "classes" in record
+    stale = identity.outdated("infer", record) if record is not None else []
+    reusable = (record is not None and record.get("digest") == digest and "classes" in record and not stale
                 and storage.arrays_match(pred_url, {"probabilities": [len(record["classes"]), *plan.shape],
                                                     "labels": list(plan.shape), "done": list(plan.chunk_grid)}))
     if reusable and record.get(storage.COMPLETE_KEY):
@@ -238,7 +233,9 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
         if expect_digest is not None:
             raise _fail(store, "the driver's prediction output is missing or changed under this worker; "
                                "not replacing it")
-        if record is not None and record.get("digest") == digest:
+        if stale:
+            log.info("%s: made by older code (%s); recomputing the prediction", pred_url, "; ".join(stale))
+        elif record is not None and record.get("digest") == digest:
             log.warning("%s: arrays missing or reshaped; recomputing the prediction", pred_url)
         if record is not None or storage.exists(pred_url):
             log.info("%s: replacing a prediction made with another model or parameters", pred_url)
@@ -289,7 +286,7 @@ def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineCo
         "kind": "prediction", "digest": digest, "classes": names, "model": model_identity, "calibrator": calibrator,
         "params": {**config.result_fields(), "tile": list(plan.tile)},
         "skip_empty": empty_rule.record() if empty_rule is not None else "off",
-        "tilewise_version": tilewise_version(),
+        "tilewise_version": tilewise_version(), **identity.stamp("infer"),
     }
 
 

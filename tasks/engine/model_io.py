@@ -4,6 +4,9 @@ or a registry URI (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``).
 The card file is ``<model file>.json`` (e.g. ``unet.pt.json``), ``<model stem>.json``, or
 ``model_card.json`` in the same folder. Without a card the engine takes the input channels from
 the store, the classes from the model's output and applies no normalisation.
+
+The model's identity (what a prediction records and its digest includes) is the file's sha256 and
+the card's content: editing the card recomputes, moving the files does not.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 
 from models.card import LoadedModel, ModelCard, Normalization  # noqa: F401  (re-exported)
 from tasks.errors import ScanError
+from tasks.identity import model_file_identity
 
 
 def card_path(model_path: Path) -> Path | None:
@@ -49,5 +53,6 @@ def load_model(uri: str) -> LoadedModel:
             card = ModelCard.model_validate_json(cpath.read_text())
         except Exception as exc:
             raise ScanError(cpath, f"invalid model card ({str(exc).splitlines()[0]})") from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return LoadedModel(module=module, card=card, identity=f"file:{path.resolve()}#sha256:{digest}")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    written = card.model_dump(mode="json") if cpath is not None else None
+    return LoadedModel(module=module, card=card, identity=model_file_identity(digest, written))

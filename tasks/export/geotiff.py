@@ -82,13 +82,13 @@ def _stage(src: ExportSource, path: Path, what: str, tile: int, spatial: dict[st
         import zarr
 
         image = zarr.open_group(src.url, mode="r")["image/0"]
-    k = src.probabilities.shape[0]
     if what == "labels":
         dtype = "uint8" if len(src.classes) <= 255 else "uint16"
         out_nodata = (255 if dtype == "uint8" else 65535) if nodata is not None else None
         count, names = 1, ["labels"]
     else:
-        dtype, count, names = "float32", k, list(src.classes)
+        # an instance model's prediction has no probabilities: export_scan refuses that case first
+        dtype, count, names = "float32", src.probabilities.shape[0], list(src.classes)
         out_nodata = float("nan") if nodata is not None else None
     profile = {
         "driver": "GTiff", "width": width, "height": height, "count": count, "dtype": dtype,

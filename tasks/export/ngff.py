@@ -40,7 +40,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.errors import ScanError
 
 NGFF_VERSION = "0.5"
@@ -260,10 +260,10 @@ def _write_prediction_labels(store: str, force: bool) -> str:
     listed = group["labels"].attrs.get("ome", {}).get("labels", []) if "labels" in group else []
     if not force and "prediction" in listed:
         old = group["labels/prediction"].attrs.get(storage.ATTRS_KEY, {})
-        if old.get("prediction_digest") == digest:
+        if old.get("prediction_digest") == digest and not identity.outdated("export", old):
             return "unchanged"
     attrs = {"kind": "ngff-prediction-labels", "prediction_digest": digest, "model": src.prediction.get("model"),
              "calibrator": src.prediction.get("calibrator"), "from": "prediction/labels",
-             "written_at": datetime.now(timezone.utc).isoformat()}
+             "written_at": datetime.now(timezone.utc).isoformat(), **identity.stamp("export")}
     write_label_image(group, "prediction", src.labels, src.classes, attrs)
     return "exported"

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from tasks import identity as step_identity
 from tasks.errors import ScanError
 from tasks.export.source import ExportSource
 from tasks.version import tilewise_version
@@ -48,7 +49,7 @@ def provenance(src: ExportSource, fmt: str, options: dict[str, Any]) -> dict[str
         "classes": src.classes,
         "format": fmt,
         "options": options,
-        "tilewise_version": tilewise_version(),
+        "tilewise_version": tilewise_version(), **step_identity.stamp("export"),
         "exported_at": datetime.now(timezone.utc).isoformat(),
     }
 
@@ -70,7 +71,8 @@ def up_to_date(out: Path, record: dict[str, Any]) -> bool:
     old = read_sidecar(out)
     if old is None or not out.is_file():
         return False
-    return identity(old) == identity(record) and old.get("output", {}).get("size") == out.stat().st_size
+    return (identity(old) == identity(record) and not step_identity.outdated("export", old)
+            and old.get("output", {}).get("size") == out.stat().st_size)
 
 
 def write_sidecar(out: Path, record: dict[str, Any]) -> Path:

@@ -7,15 +7,13 @@ store's: (Z, Y, X) for volumes, (Y, X) for rasters.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 import zarr
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.errors import ScanError
 
 
@@ -41,21 +39,15 @@ class ExportSource:
         return len(self.shape)
 
     def store_digest(self) -> str:
-        """The scan's identity: ingest options and the sha256 of every source file."""
-        done = self.record.get(storage.COMPLETE_KEY) or {}
-        files = sorted((f.get("path", ""), f.get("sha256", "")) for f in self.record.get("source", {}).get("files", []))
-        return _digest({"options": done.get("options_digest"), "files": files})
+        """The scan's identity: its sources' content in order and the ingest options (tasks/identity.py)."""
+        return identity.scan_content(self.record)
 
     def prediction_digest(self) -> str:
         """The prediction's identity: the engine's digest (model + parameters), the calibrator and
         the time its completion mark was written (a re-run that replaced it changes this)."""
         done = self.prediction.get(storage.COMPLETE_KEY) or {}
-        return _digest({"digest": self.prediction.get("digest"), "calibrator": self.prediction.get("calibrator"),
-                        "completed_at": done.get("at")})
-
-
-def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+        return identity.digest({"digest": self.prediction.get("digest"), "calibrator": self.prediction.get("calibrator"),
+                                "completed_at": done.get("at")})
 
 
 def open_source(store: str) -> ExportSource:

@@ -11,9 +11,26 @@ into a private ``.part-*`` folder that is renamed into place only when every obj
 a half-downloaded folder is never taken as done. The copies of older versions of the scan are
 removed once the new one is in place.
 
+The copy is deleted once the scan is ingested (:func:`release`). Chosen over a bounded cache
+because, once ingested, a remote scan is never read again: an unchanged scan is told "unchanged"
+from its listing alone, and a changed one must be fetched anew anyway; only ``--force`` or new
+ingest options re-read the same bytes, and those are rare next to holding every scan's full size
+on disk for ever. A failed ingest keeps its copy, so the flow's retry (or tomorrow's run) does not
+download it again; the next successful ingest of that scan, or a new version of it, removes it.
+While an ingest uses a copy it holds a shared lock on ``<copy>.lock`` (taken in :func:`fetch`), and
+a copy is only deleted under an exclusive lock taken without waiting: a copy another ingest is
+reading is left to that ingest.
+
 Remote "folders" are prefixes: a match that lists as a directory is a folder of slices, or, with
 the catalog's ``scans.channels``, a folder holding one object per channel. Only the objects
 directly under the prefix belong to it (names starting with "." are skipped, as for local folders).
+
+Transient errors (connection reset or refused, 5xx, throttling) are retried by botocore itself
+("standard" mode: jittered exponential backoff, each wait at most 20 s, :data:`S3_ATTEMPTS` tries
+in all, or ``AWS_MAX_ATTEMPTS`` / ``AWS_RETRY_MODE`` when set) and s3fs's own loop for throttling
+answers and broken reads. A download still failing then is :class:`RemoteUnavailable`, a
+ConnectionError the flows retry the task on; 403, 404 and bad data are a ScanError at once. A
+listing that fails is a ScanError either way (it fails that dataset only, never the whole run).
 """
 
 from __future__ import annotations
@@ -32,7 +49,44 @@ from typing import Any
 
 import fsspec
 
+from models.transient import is_transient
 from tasks.errors import ScanError
+
+# botocore retries what may pass (connection errors, 5xx, throttling) with jittered exponential
+# backoff, each wait at most 20 s ("standard" mode): these attempts bound it (about 2 minutes at
+# worst). AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, botocore's own variables, still choose when set.
+S3_ATTEMPTS = 8
+
+
+class RemoteUnavailable(ConnectionError):
+    """The storage did not answer (reset, 5xx, throttling) after botocore's bounded retries. A
+    ConnectionError, not a ScanError: the flows retry the scan's task and the CLI says it in one
+    line; "no right", "not there" and bad data stay ScanErrors, said at once."""
+
+
+def retry_attempts() -> int:
+    try:
+        return max(1, int(os.environ.get("AWS_MAX_ATTEMPTS") or S3_ATTEMPTS))
+    except ValueError:
+        return S3_ATTEMPTS
+
+
+def _tries() -> str:
+    n = retry_attempts()
+    return f"{n} {'try' if n == 1 else 'tries'}"
+
+
+def storage_options(url: str) -> dict[str, Any]:
+    """fsspec options for ``url``: botocore's retry settings for S3 (see :data:`S3_ATTEMPTS`)."""
+    if url.partition("://")[0] not in ("s3", "s3a"):
+        return {}
+    mode = os.environ.get("AWS_RETRY_MODE") or "standard"
+    return {"config_kwargs": {"retries": {"mode": mode, "total_max_attempts": retry_attempts()}}}
+
+
+def filesystem(url: str):
+    """(filesystem, path) of ``url`` with :func:`storage_options`."""
+    return fsspec.core.url_to_fs(url, **storage_options(url))
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -153,7 +207,7 @@ def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = 
     Raises :class:`ScanError` naming the URL when the storage cannot be listed.
     """
     try:
-        fs, path = fsspec.core.url_to_fs(pattern)
+        fs, path = filesystem(pattern)
         if fresh:
             fs.invalidate_cache()  # a long-lived filesystem caches listings: list afresh
         if _glob.has_magic(path):
@@ -184,7 +238,10 @@ def list_matches(pattern: str, channels: list[str] | None = None, fresh: bool = 
     except ScanError:
         raise
     except Exception as exc:  # unreachable endpoint, no credentials, no such bucket...
-        raise ScanError(pattern, f"cannot list the remote scans ({_one_line(exc)})") from None
+        # a ScanError even when transient (botocore retried it already): discovery failing fails
+        # only this dataset tonight, never the whole run
+        retried = f" after {_tries()}" if is_transient(exc) else ""
+        raise ScanError(pattern, f"cannot list the remote scans{retried} ({_one_line(exc)})") from None
 
 
 def describe_object(url: str, fresh: bool = False) -> RemoteScan:
@@ -230,6 +287,60 @@ def describe_sources(urls: list[str]) -> RemoteScan:
     return RemoteScan(prefix, tuple(RemoteObject(u, None) for u in urls), tuple(f"{base}/{n}" for n in names))
 
 
+_holds: dict[str, list[int]] = {}  # copy folder -> open lock files holding its shared lock
+
+
+def _lock_path(copy: Path) -> Path:
+    return copy.with_name(copy.name + ".lock")
+
+
+def _hold(copy: Path) -> None:
+    import fcntl
+
+    fd = os.open(_lock_path(copy), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _holds.setdefault(str(copy), []).append(fd)
+
+
+def _delete_unused(copy: Path) -> bool:
+    """Delete ``copy`` unless another ingest holds it (its shared lock); True when deleted."""
+    import fcntl
+
+    lock = _lock_path(copy)
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    try:
+        shutil.rmtree(copy, ignore_errors=True)
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
+    return not copy.exists()
+
+
+def release(*scans: "RemoteScan | None", ingested: bool, cache_dir: Path | None = None) -> None:
+    """The end of an ingest that fetched ``scans``: drop this ingest's hold on each copy and, when
+    ``ingested``, delete the copy (unless another ingest holds it). See the module docstring."""
+    root = _cache_root(cache_dir)
+    for scan in scans:
+        if scan is None:
+            continue
+        copy = root / scan.key()
+        fds = _holds.get(str(copy))
+        if fds:
+            os.close(fds.pop())
+            if not fds:
+                del _holds[str(copy)]
+        if ingested and copy.is_dir():
+            _delete_unused(copy)
+
+
 def _cache_root(cache_dir: Path | None) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -271,16 +382,23 @@ def fetch(scan: RemoteScan, cache_dir: Path | None = None) -> tuple[tuple[Path, 
         finally:
             shutil.rmtree(part, ignore_errors=True)
         _drop_older_versions(root, final)
+    _hold(final)  # until release(): no other ingest deletes the copy while this one reads it
+    if not final.is_dir():  # deleted by another ingest's release between the check and the hold
+        release(scan, ingested=False, cache_dir=cache_dir)
+        return fetch(scan, cache_dir)
     return tuple(final / s for s in scan.sources), local
 
 
 def _download(obj: RemoteObject, target: Path) -> None:
     try:
-        fs, path = fsspec.core.url_to_fs(obj.url)
+        fs, path = filesystem(obj.url)
         fs.get_file(path, str(target))
     except FileNotFoundError:
         raise ScanError(obj.url, "does not exist") from None
     except Exception as exc:
+        if is_transient(exc):
+            raise RemoteUnavailable(f"{obj.url}: the storage did not answer after {_tries()} "
+                                    f"({_one_line(exc)}); try again later") from None
         raise ScanError(obj.url, f"cannot be read ({_one_line(exc)})") from None
     got = target.stat().st_size
     if got != obj.size:
@@ -291,5 +409,5 @@ def _download(obj: RemoteObject, target: Path) -> None:
 def _drop_older_versions(root: Path, keep: Path) -> None:
     url_key = keep.name.split("-", 1)[0]
     for other in root.glob(f"{url_key}-*"):
-        if other != keep:
-            shutil.rmtree(other, ignore_errors=True)
+        if other != keep and other.is_dir():
+            _delete_unused(other)

@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.memory import return_large_buffers_to_the_system
 from tasks.errors import ScanError
 from tasks.export.ngff import write_root_multiscales
@@ -79,44 +79,59 @@ def sha256_file(path: Path, block: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _source_files(sources: tuple[Path, ...]) -> list[Path]:
-    files: list[Path] = []
+def _source_files(sources: tuple[Path, ...]) -> list[tuple[Path, str]]:
+    """Every file of ``sources`` in reading order, with its name relative to the scan: a file's own
+    name, ``folder/slice`` for the slices of a folder."""
+    files: list[tuple[Path, str]] = []
     for s in sources:
         if s.is_dir():
-            files.extend(sorted(p for p in s.iterdir() if p.is_file() and not p.name.startswith(".")))
+            files.extend((p, f"{s.name}/{p.name}") for p in sorted(s.iterdir())
+                         if p.is_file() and not p.name.startswith("."))
         elif s.exists():
-            files.append(s)
+            files.append((s, s.name))
     return files
 
 
-def _stat_files(files: list[Path]) -> list[dict[str, Any]]:
+def _stat_files(files: list[tuple[Path, str]], role: str) -> list[dict[str, Any]]:
     out = []
-    for f in files:
+    for f, name in files:
         st = f.stat()
-        out.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+        out.append({"role": role, "name": name, "path": str(f.resolve()), "size": st.st_size,
+                    "mtime_ns": st.st_mtime_ns})
     return out
 
 
 # What describes a source file without reading it: local files have size and mtime_ns, remote
 # objects (path = their URL) size, etag and mtime as listed. An entry may carry "local", the
-# fetched copy of a remote object to hash; it is never recorded.
+# fetched copy of a remote object to hash; it is never recorded. "role" (image | labels) and "name"
+# (relative to the scan) with the sha256 are what the file IS; "path" only where it was.
 METADATA_KEYS = ("size", "mtime_ns", "etag", "mtime")
 
 
+def _listed_files(listed: remote.RemoteScan, role: str) -> list[dict[str, Any]]:
+    parent = listed.parent()
+    return [{"role": role, "name": o.url[len(parent) + 1:] if o.url.startswith(parent + "/") else o.url,
+             **o.record()} for o in listed.objects]
+
+
 def _scan_files(spec: ScanSpec) -> list[dict[str, Any]]:
-    """The entry of every file the scan (and its labels) is made of, from metadata only."""
-    parts = [(spec.sources, spec.remote)]
+    """The entry of every file the scan (and its labels) is made of, in reading order (channel
+    order counts), from metadata only."""
+    parts = [("image", spec.sources, spec.remote)]
     if spec.labels is not None:
-        parts.append((spec.labels.sources, spec.labels.remote))
+        parts.append(("labels", spec.labels.sources, spec.labels.remote))
     files: list[dict[str, Any]] = []
-    for sources, listed in parts:
-        files += [o.record() for o in listed.objects] if listed else _stat_files(_source_files(sources))
+    for role, sources, listed in parts:
+        files += _listed_files(listed, role) if listed else _stat_files(_source_files(sources), role)
     return files
 
 
 def _same_metadata(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """The metadata says these are the same bytes: the ETag (and size) when there is one (an
-    object's mtime moves when identical bytes are written again), else size and mtime."""
+    """The metadata says these are the same bytes: the same file or object (path or URL) with the
+    same ETag (and size) when there is one (an object's mtime moves when identical bytes are
+    written again), else the same size and mtime."""
+    if old.get("path") != new.get("path"):
+        return False
     if old.get("etag") or new.get("etag"):
         return (old.get("etag"), old.get("size")) == (new.get("etag"), new.get("size"))
     if new.get("mtime_ns") is None and new.get("mtime") is None:
@@ -124,68 +139,82 @@ def _same_metadata(old: dict[str, Any], new: dict[str, Any]) -> bool:
     return all(old.get(k) == new.get(k) for k in ("size", "mtime_ns", "mtime"))
 
 
+def _name(f: dict[str, Any]) -> str:
+    """The file's name relative to the scan (groups ingested before names were recorded: the
+    last part of its path)."""
+    return f.get("name") or str(f.get("path", "")).rstrip("/").rpartition("/")[2]
+
+
 def _recorded(f: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in f.items() if k != "local"}
 
 
 def _options_digest(spec: ScanSpec, kind: str, chunks: tuple[int, ...]) -> str:
-    options = {
-        "format_version": FORMAT_VERSION,
-        "reader": kind,
-        "chunks": list(chunks),
-        "spacing": spec.spacing,
-        "unit": spec.unit,
-        "channel_names": spec.channel_names,
-        "labels": None if spec.labels is None else {
-            "sources": [str(p) for p in spec.labels.sources],
-            "mapping": {str(k): v for k, v in sorted(spec.labels.mapping.items())},
-            "classes": list(spec.labels.classes),
-        },
-    }
+    labels = None if spec.labels is None else {
+        "mapping": {str(k): v for k, v in sorted(spec.labels.mapping.items())},
+        "classes": list(spec.labels.classes)}
+    return identity.ingest_options(format_version=FORMAT_VERSION, reader=kind, chunks=list(chunks),
+                                   spacing=spec.spacing, unit=spec.unit, channel_names=spec.channel_names,
+                                   labels=labels)
+
+
+def _legacy_options_digest(spec: ScanSpec, kind: str, chunks: tuple[int, ...]) -> str:
+    """The options digest of groups ingested before label files were compared by content: it named
+    the label files by path. Such a group matching it has the options of today's digest."""
+    options = {"format_version": FORMAT_VERSION, "reader": kind, "chunks": list(chunks), "spacing": spec.spacing,
+               "unit": spec.unit, "channel_names": spec.channel_names,
+               "labels": None if spec.labels is None else {
+                   "sources": [str(p) for p in spec.labels.sources],
+                   "mapping": {str(k): v for k, v in sorted(spec.labels.mapping.items())},
+                   "classes": list(spec.labels.classes)}}
     return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
-def _unchanged(record: dict[str, Any] | None, files: list[dict[str, Any]], options: str,
+def _unchanged(record: dict[str, Any] | None, files: list[dict[str, Any]], options: tuple[str, ...],
                read: bool = True) -> bool:
-    """True when a complete group was made from these very bytes with these options.
+    """True when a complete group was made from these very bytes, in this order, with these
+    options (any of ``options``: today's digest, or the legacy one of the same options), by code
+    whose output for this scan has not changed since (``identity.outdated``).
 
-    Same metadata (see :func:`_same_metadata`): unchanged without reading. Otherwise the bytes
-    decide (a copied or touched file with the same content is still the same scan), unless
-    ``read`` is False (a remote object not fetched yet): then it counts as changed.
+    The files are compared position by position (channel order matters) by role, name relative
+    to the scan and sha256 -- not by path: the same bytes under another checkout or mount are the
+    same scan. The same path with the same metadata (see :func:`_same_metadata`) spares the
+    hashing. Otherwise the bytes decide, unless ``read`` is False (a remote object not fetched
+    yet): then it counts as changed.
     """
     if not record or not record.get(storage.COMPLETE_KEY):
         return False
     done = record[storage.COMPLETE_KEY]
-    if done.get("options_digest") != options:
+    if done.get("options_digest") not in options or identity.outdated("ingest", record):
         return False
-    old = {f["path"]: f for f in record.get("source", {}).get("files", [])}
-    if set(old) != {f["path"] for f in files}:
+    old = record.get("source", {}).get("files", [])
+    if len(old) != len(files):
         return False
-    for f in files:
-        o = old[f["path"]]
+    for o, f in zip(old, files):
+        if (o.get("role", f["role"]), _name(o)) != (f["role"], f["name"]):
+            return False
         if not _same_metadata(o, f):
             if not read or o["size"] != f["size"] or o.get("sha256") != sha256_file(Path(f.get("local", f["path"]))):
                 return False
     return True
 
 
-def _refresh_stats(store: str, record: dict[str, Any], files: list[dict[str, Any]]) -> None:
-    """After ``_unchanged`` said yes: store the files' current metadata (their sha256 kept), so a
-    touched-but-identical file is hashed once, not on every run. Caller holds the lock."""
-    old = {f["path"]: f for f in record.get("source", {}).get("files", [])}
-
-    def current(f: dict[str, Any]) -> dict[str, Any]:
-        return {k: f[k] for k in METADATA_KEYS if k in f}
-
-    if all(all(old[f["path"]].get(k) == v for k, v in current(f).items()) for f in files):
+def _refresh_stats(store: str, record: dict[str, Any], files: list[dict[str, Any]], options: str) -> None:
+    """After ``_unchanged`` said yes: store the files' current location and metadata (their sha256
+    kept) and today's options digest, so a moved or touched-but-identical file is hashed once, not
+    on every run. Caller holds the lock."""
+    old = record.get("source", {}).get("files", [])
+    new = [{**o, "role": f["role"], "name": f["name"], "path": f["path"],
+            **{k: f[k] for k in METADATA_KEYS if k in f}} for o, f in zip(old, files)]
+    done = record.get(storage.COMPLETE_KEY) or {}
+    if new == old and done.get("options_digest") == options:
         return
     group = storage.open_group(store, mode="r+")
     attrs = dict(group.attrs.get(storage.ATTRS_KEY, {}))
-    source = dict(attrs.get("source", {}))
-    source["files"] = [{**old[f["path"]], **current(f)} for f in files]
-    attrs["source"] = source
+    attrs["source"] = {**attrs.get("source", {}), "files": new}
+    attrs[storage.COMPLETE_KEY] = {**attrs[storage.COMPLETE_KEY], "options_digest": options}
     group.attrs[storage.ATTRS_KEY] = attrs
-    log.info("%s: sources touched but unchanged (same ETag or sha256); stored their new metadata", store)
+    log.info("%s: sources moved or touched but unchanged (same ETag or sha256); stored their new metadata", store)
 
 
 def chunks_for(spec: ScanSpec, spatial_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -520,11 +549,17 @@ def ingest_scan(
             shape = _unchanged_remote(spec, store, stats_files)
             if shape is not None:
                 return IngestResult(spec.scan_id, store, "unchanged", shape, time.perf_counter() - t0)
-        local, urls = _fetch(spec, stats_files)
+        ingested = False
         try:
-            return _ingest_local(spec, local, store, stats_files, force, progress, t0)
-        except ScanError as err:
-            raise _named_by_url(err, urls) from None
+            local, urls = _fetch(spec, stats_files)
+            try:
+                result = _ingest_local(spec, local, store, stats_files, force, progress, t0)
+            except ScanError as err:
+                raise _named_by_url(err, urls) from None
+            ingested = True
+            return result
+        finally:  # the local copies go once ingested; a failure keeps them for the retry (remote.py)
+            remote.release(spec.remote, spec.labels.remote if spec.labels is not None else None, ingested=ingested)
     return _ingest_local(spec, spec, store, stats_files, force, progress, t0)
 
 
@@ -537,9 +572,11 @@ def _unchanged_remote(spec: ScanSpec, store: str, stats_files: list[dict[str, An
         shape = (record or {}).get("shape")
         if not kind or not shape:
             return None
-        options = _options_digest(spec, kind, chunks_for(spec, tuple(shape[1:])))
-        if _unchanged(record, stats_files, options, read=False) and storage.is_complete(store):
-            _refresh_stats(store, record, stats_files)
+        chunks = chunks_for(spec, tuple(shape[1:]))
+        options = _options_digest(spec, kind, chunks)
+        accepted = (options, _legacy_options_digest(spec, kind, chunks))
+        if _unchanged(record, stats_files, accepted, read=False) and storage.is_complete(store):
+            _refresh_stats(store, record, stats_files, options)
             return tuple(shape)
     return None
 
@@ -589,8 +626,9 @@ def _ingest_local(spec: ScanSpec, local: ScanSpec, store: str, stats_files: list
         with storage.store_lock(store, purpose="ingest"):
             record = storage.read_record(store)
             # the mark's promise is checked too: a mark above missing arrays is not "unchanged"
-            if not force and _unchanged(record, stats_files, options) and storage.is_complete(store):
-                _refresh_stats(store, record, stats_files)
+            accepted = (options, _legacy_options_digest(spec, kind, chunks))
+            if not force and _unchanged(record, stats_files, accepted) and storage.is_complete(store):
+                _refresh_stats(store, record, stats_files, options)
                 return IngestResult(spec.scan_id, store, "unchanged", tuple(reader.shape), time.perf_counter() - t0)
             if storage.exists(store):
                 if not storage.looks_like_group(store):
@@ -681,6 +719,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         channel_names = spatial["band_names"]
     record = {
         "format_version": FORMAT_VERSION,
+        **identity.stamp("ingest"),
         "kind": "scan",
         "scan_id": spec.scan_id,
         "dataset": spec.dataset,

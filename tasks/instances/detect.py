@@ -28,9 +28,7 @@ tiles not yet run still touch (about one row of chunks along the first axis), on
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.engine.infer import EngineConfig, resolve_tile
 from tasks.engine.plan import TilePlan, plan_tiles
 from tasks.engine.tiles import ChunkCache, read_tile
@@ -98,10 +96,7 @@ def detector_network(model) -> Any:
 
 
 def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...], score_threshold: float) -> str:
-    payload = {"model": model_identity, "mode": "instances", "tile": list(tile), "score_threshold": score_threshold,
-               "config": {k: v for k, v in config.result_fields().items()
-                          if k in ("overlap", "pad", "placement", "tile")}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
+    return identity.detector_digest(model_identity, config.result_fields(), list(tile), score_threshold)
 
 
 def _nodata(record: dict) -> float | None:
@@ -253,10 +248,10 @@ def infer_instances(store: str, model, config: EngineConfig = EngineConfig(), *,
     pred_url = inst_store.prediction_url(store)
     with storage.store_lock(store, purpose="infer"):
         record = storage.read_record(pred_url)
-        if record is not None and record.get("digest") == digest and storage.is_complete(pred_url) \
-                and inst_store.instances_complete(store, digest):
+        current = record is not None and record.get("digest") == digest and not identity.outdated("detect", record)
+        if current and storage.is_complete(pred_url) and inst_store.instances_complete(store, digest):
             return InstanceResult(store, "unchanged", seconds=time.perf_counter() - t0)
-        resumed = record is not None and record.get("digest") == digest and storage.exists(f"{pred_url}/{CACHE}")
+        resumed = current and storage.exists(f"{pred_url}/{CACHE}")
         if record is not None and not resumed:
             log.info("%s: replacing a prediction made with another model or parameters", pred_url)
         _recreate(store, plan, model, config, digest, score_threshold, keep_cache=resumed)
@@ -293,7 +288,7 @@ def _recreate(store, plan, model, config, digest, score_threshold, keep_cache: b
         "kind": "prediction", "mode": "instances", "digest": digest, "classes": classes, "model": model.identity,
         "calibrator": "none", "params": {"tile": list(plan.tile), "overlap": config.overlap, "pad": config.pad,
                                          "placement": config.placement, "score_threshold": score_threshold},
-        "tilewise_version": tilewise_version()}
+        "tilewise_version": tilewise_version(), **identity.stamp("detect")}
     inst_store.create_instances(store, plan.shape, plan.chunks, source="detector", digest_value=digest,
                                 params={"model": model.identity, "score_threshold": score_threshold,
                                         "tile": list(plan.tile), "overlap": config.overlap})

@@ -14,7 +14,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.errors import ScanError
 from tasks.instances import store as inst_store
 
@@ -85,9 +85,9 @@ def _instances(store: str, t0: float, *, compute: bool, method: str, classes: li
         params.update({"membrane_class": membrane, "seed_threshold": float(seed_threshold)})
         if median > 1:  # only then: digests of instances made without it stay what they were
             params["median"] = int(median)
-    done = record.get(storage.COMPLETE_KEY) or {}
-    digest = inst_store.digest({"prediction": record.get("digest"), "completed_at": done.get("at"), **params})
-    if inst_store.instances_complete(store, digest):
+    digest = identity.instances_digest(record, params)
+    if inst_store.instances_complete(store, digest) and not identity.outdated(
+            "instances", inst_store.read_instances_record(store)):
         count = inst_store.read_instances_record(store)[storage.COMPLETE_KEY].get("count")
         return {"status": "unchanged", "method": method, "count": count, "seconds": time.perf_counter() - t0}
     if not compute:
@@ -96,6 +96,7 @@ def _instances(store: str, t0: float, *, compute: bool, method: str, classes: li
 
     out = inst_store.create_instances(store, labels.shape, labels.chunks, source=method, digest_value=digest,
                                       params=params)
+    inst_store.update_record(store, identity.stamp("instances"))
     if method == "components":
         from tasks.instances.components import label_components
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.errors import ScanError
 from tasks.metrics.semantic import ConfusionMatrix, json_float, semantic_report
 from tasks.metrics.surface import DEFAULT_MAX_VOXELS, DEFAULT_TOLERANCE, choose_level, surface_scores
@@ -65,6 +65,8 @@ class EvaluationReport:
     prediction_digest: str | None = None
     instances: dict | None = None  # AP / F1 / PQ of prediction/instances (tasks/metrics/instance_eval.py)
     instances_digest: str | None = None  # the instances' digest when they were scored
+    settings: dict | None = None  # the catalog settings it read (tasks.identity.scoring_settings)
+    code_version: int = 1  # of the evaluate step (tasks.identity); 1 for reports from before it was recorded
     seconds: float = 0.0
     evaluated_at: str = ""
     # Not JSON: what the reports draw (reliability bins, strided mid-planes and their level).
@@ -277,6 +279,9 @@ def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, bou
     else:
         raise ScanError(store, "has no reference labels (labels/reference); pass --labels PATH")
 
+    settings = identity.scoring_settings(entry)
+    if boundary_class is not None:
+        settings["boundary_class"] = boundary_class
     boundary_class = boundary_class or (entry.labels.boundary_class if entry is not None and entry.labels else None)
     boundary = None
     if boundary_class is not None:
@@ -369,7 +374,8 @@ def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, bou
         semantic=semantic_report(confusion.matrix, names), calibration=calibration, surface=surface,
         isbi=jsonable(isbi.result()) if isbi is not None else None, model=pred_record.get("model"),
         calibrator=pred_record.get("calibrator"), prediction_digest=pred_record.get("digest"),
-        instances=instances, instances_digest=instances_digest, seconds=time.perf_counter() - t0, evaluated_at=datetime.now(timezone.utc).isoformat(),
+        instances=instances, instances_digest=instances_digest, settings=settings,
+        code_version=identity.code_version("evaluate"), seconds=time.perf_counter() - t0, evaluated_at=datetime.now(timezone.utc).isoformat(),
         extras={"bins": bins, "overlay_level": overlay_level, "overlay_factors": of,
                 "planes": {w: [p.data for p in ps] for w, ps in planes.items()}},
     )

@@ -22,6 +22,16 @@ class CrfUnavailable(RuntimeError):
     """pydensecrf2 is not installed (pip install 'tilewise[crf]')."""
 
 
+def require_crf() -> None:
+    """:class:`CrfUnavailable` unless pydensecrf2 imports: callers check before inference, so a
+    missing extra is said before hours of tiles rather than after them."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+        import pydensecrf.utils  # noqa: F401
+    except ImportError:
+        raise CrfUnavailable("the dense CRF needs pydensecrf2: pip install 'tilewise[crf]'") from None
+
+
 @dataclass(frozen=True)
 class CrfParams:
     iterations: int = 5
@@ -45,11 +55,10 @@ def dense_crf(probabilities: np.ndarray, image: np.ndarray, params: CrfParams = 
     """Refined probabilities (K, *spatial) float32 of ``probabilities`` (K, *spatial), summing to 1
     over K, given the normalised ``image`` (C, *spatial). K == 1 is a foreground probability (the
     background is 1 - p); its refined foreground probability comes back as (1, *spatial)."""
-    try:
-        import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import create_pairwise_bilateral, create_pairwise_gaussian
-    except ImportError:
-        raise CrfUnavailable("the dense CRF needs pydensecrf2: pip install 'tilewise[crf]'") from None
+    require_crf()
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import create_pairwise_bilateral, create_pairwise_gaussian
+
     single = probabilities.shape[0] == 1
     probs = np.concatenate([1 - probabilities, probabilities]) if single else probabilities
     probs = np.asarray(probs, np.float32)

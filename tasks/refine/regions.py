@@ -19,15 +19,13 @@ anything else replaces the output.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 
-from tasks import storage
+from tasks import identity, storage
 from tasks.errors import ScanError
 from tasks.refine.crf import CrfParams, CrfUnavailable, dense_crf
 
@@ -75,18 +73,19 @@ def refine_prediction(store: str, params: CrfParams = CrfParams(), threshold: fl
         raise ScanError(store, "has no complete prediction to refine: run infer first")
     if record.get("mode") == "instances" or "probabilities" not in storage.open_group(pred_url, mode="r"):
         raise ScanError(store, "the prediction has no probabilities (an instance model's): nothing for the CRF")
-    digest = hashlib.sha256(json.dumps({"prediction": record.get("digest"), "params": params.record(),
-                                        "threshold": threshold}, sort_keys=True).encode()).hexdigest()
+    digest = identity.crf_digest(record.get("digest"), params.record(), threshold)
     url = crf_url(store)
     own = storage.read_record(url)
-    if own and own.get("digest") == digest and storage.is_complete(url):
+    if own and (own.get("digest") != digest or identity.outdated("crf", own)):
+        own = None  # made from another prediction, with other parameters or by older code
+    if own and storage.is_complete(url):
         return RefineResult(store, "unchanged", 0, time.perf_counter() - t0)
     probs_in = zarr.open_array(f"{pred_url}/probabilities", mode="r")
     image = storage.open_group(store, mode="r")["image/0"]
     spatial = tuple(probs_in.shape[1:])
     chunks = tuple(probs_in.chunks[1:])
     grid = tuple(-(-n // c) for n, c in zip(spatial, chunks))
-    resumed = bool(own and own.get("digest") == digest and storage.arrays_match(
+    resumed = bool(own and storage.arrays_match(
         url, {"probabilities": list(probs_in.shape), "labels": list(spatial), "done": list(grid)}))
     if not resumed:
         storage.remove(url)
@@ -97,7 +96,8 @@ def refine_prediction(store: str, params: CrfParams = CrfParams(), threshold: fl
                            fill_value=0)
         group.create_array("done", shape=grid, dtype="uint8", chunks=grid, fill_value=0)
         group.attrs[storage.ATTRS_KEY] = {"kind": "crf", "digest": digest, "params": params.record(),
-                                          "threshold": threshold, "source": record.get("digest")}
+                                          "threshold": threshold, "source": record.get("digest"),
+                                          **identity.stamp("crf")}
     group = storage.open_group(url, mode="r+")
     done = group["done"][...]
     tile = record.get("params", {}).get("tile") or []
