@@ -50,7 +50,7 @@ from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
 from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box
 from tasks.errors import ScanError
-from tasks.export.ngff import remove_prediction, write_prediction_labels_ngff
+from tasks.export.ngff import remove_label_image, remove_prediction, write_prediction_labels_ngff
 from tasks.ingest.to_zarr import COMPRESSOR
 from tasks.version import tilewise_version
 
@@ -229,6 +229,9 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
     if reusable:
         resumed = True
         classes = list(record["classes"])
+        if expect_digest is None:  # the driver: an unfinished prediction is never shown as the mask
+            for name in ("instances", "prediction"):
+                remove_label_image(store, name)
     else:
         if expect_digest is not None:
             raise _fail(store, "the driver's prediction output is missing or changed under this worker; "
