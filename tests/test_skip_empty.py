@@ -226,3 +226,63 @@ def test_cli_and_catalog_take_the_setting(tmp_path):
     _, planned, run, _ = expected(array, array[0] == 0, (8, 16, 16), Pointwise(1, 3))
     assert f"{run} tiles, {planned - run} empty tiles skipped" in ok.output
     assert storage.read_record(f"{store}/prediction")["skip_empty"]["source"] == "background"
+
+
+GDAL_FLOAT32_NODATA = float(np.finfo(np.float32).min)  # -3.4028235e38, GDAL's and ESRI's usual float32 nodata
+
+
+def interior_swath(rng) -> np.ndarray:
+    """A float32 raster of GDAL's nodata with data only in chunks touching no border (chunks 64x64)."""
+    array = np.full((1, 256, 256), GDAL_FLOAT32_NODATA, np.float32)
+    array[0, 90:160, 80:170] = rng.random((70, 90), dtype=np.float32) + 0.5
+    return array
+
+
+def test_cli_float32_gdal_nodata_with_data_in_interior_chunks_runs_the_tiles_over_the_data(tmp_path):
+    # The pyramid once summed float32 in float32: nodata became -inf at every level above 0, the skip
+    # rule took -inf for data, never read the interior chunks at level 0 and planned 0 tiles.
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    array = interior_swath(np.random.default_rng(5))
+    src = tmp_path / "swath.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=256, height=256, count=1, dtype="float32",
+                       nodata=GDAL_FLOAT32_NODATA) as dst:
+        dst.write(array)
+    store = str(tmp_path / "swath.zarr")
+    model = tmp_path / "pw.pt"
+    torch.jit.script(Pointwise(1, 2)).save(str(model))
+    runner = CliRunner()
+    ingested = runner.invoke(app, ["ingest", str(src), "--store", store, "--modality", "satellite", "--chunks", "64,64"])
+    assert ingested.exit_code == 0, ingested.output
+    ran = runner.invoke(app, ["infer", "--store", store, "--model", str(model), "--tile", "64,64",
+                              "--placement", "monai", "--dtype", "float32"])
+    assert ran.exit_code == 0, ran.output
+    _, planned, must_run, want = expected(array, array[0] == GDAL_FLOAT32_NODATA, (64, 64), Pointwise(1, 2))
+    assert must_run > 0 and f"({must_run} tiles" in ran.output
+    probs = predicted(store)
+    assert probs[1, 90:160, 80:170].min() > 0  # not all background
+    assert np.abs(probs - want).max() <= 1e-6
+    assert storage.read_record(f"{store}/prediction")["skip_empty"]["source"] == "nodata"
+
+
+def test_a_store_ingested_with_float32_pyramid_sums_is_still_read_right(tmp_path):
+    # Stores ingested before the pyramid summed in float64 hold -inf where nodata blocks overflowed:
+    # the skip rule must not take that for data (nor anything else that is not finite).
+    array = interior_swath(np.random.default_rng(6))
+    store = geotiff_scan(tmp_path, array, GDAL_FLOAT32_NODATA, (64, 64))
+    group = zarr.open_group(store, mode="r+")
+    level = array
+    for name in ("1", "2"):  # what the float32 sums wrote: 2x2 block sums in float32, in that order, / 4
+        with np.errstate(over="ignore"):
+            level = (level[:, ::2, ::2] + level[:, ::2, 1::2] + level[:, 1::2, ::2] + level[:, 1::2, 1::2]) / np.float32(4)
+        assert group[f"image/{name}"].shape == level.shape
+        group[f"image/{name}"][...] = level
+    assert np.isneginf(level).mean() > 0.9
+    net = Pointwise(1, 2)
+    _, planned, must_run, want = expected(array, array[0] == GDAL_FLOAT32_NODATA, (64, 64), net)
+    result = infer_scan(store, LoadedModel(net, CARD, "pw"),
+                        EngineConfig(tile=(64, 64), placement="monai", output_dtype="float32"))
+    assert result.tiles == must_run > 0 and result.tiles_skipped == planned - must_run
+    assert np.abs(predicted(store) - want).max() <= 1e-6
