@@ -59,20 +59,20 @@ class EmptyRule:
         "unknown", never "empty": level 0 decides.
 
         A channel proves it when its coarse value is finite and differs from the empty value ``v``
-        by more than ``margin``. Why that is sound: take a block whose level-0 voxels all equal
-        ``v`` (finite; the one case to rule out) and follow it up the pyramid. Integers: every level
-        is the rounded mean of values all equal to ``v``, exactly ``v`` (margin 0). Floats: each level
-        sums at most 8 values of the level above (factors 1 or 2 per axis) one after another, divides
-        by the count (a power of two, exact) and casts to the store's dtype. With ``u`` the unit
-        roundoff of the store's dtype (no larger than the accumulator's, float32 or float64 by
-        ingest version), that is at most n = 9 roundings of relative size <= u per level (7
-        additions, a division that is exact but for underflow, a cast). The values summed all have
-        the sign of ``v`` and lie within a relative e of it, so the sum's error is relative to the sum
-        and e grows to at most (1 + u)^(9 L) - 1 <= 2 * 9 L * u after L levels (the bound
-        (1 + u)^n - 1 <= n u / (1 - n u) <= 2 n u for n u <= 1/2). Gradual underflow adds an absolute
-        error under the dtype's smallest normal number per rounding. Hence
-        ``margin = 18 L u |v| + 9 L * smallest_normal``, and the store's float32 pyramids of older
-        ingests (float32 sums: relative error, or overflow to -inf) are covered as well as float64 sums.
+        by more than ``margin``. Why that is sound: take a block whose level-0 voxels are all empty
+        (all equal ``v``; for floats ``v`` rounded to the image's dtype, as ``empty`` compares in it)
+        and follow it up the pyramid. Integers: every level is the rounded mean of values all equal
+        to ``v``, exactly ``v`` (margin 0). Floats: each level sums at most 8 values of the level
+        above (factors 1 or 2 per axis) one after another, divides by the count (a power of two,
+        exact) and casts to the image's dtype. With ``u`` the unit roundoff of the image's dtype
+        (the accumulator, float32 or float64 depending on the ingest version, is at least as
+        precise), that is at most 9 roundings of relative size <= u per level (7 additions, a
+        division exact but for underflow, a cast). The values summed all have the sign of ``v`` and
+        lie within a relative e of it, so the sum's error is relative to the sum, and e grows to at
+        most (1 + u)^n - 1 with n = 9 L after L levels; (1 + u)^n - 1 <= n u / (1 - n u) <= 2 n u
+        while n u <= 1/2. Gradual underflow adds an absolute error under the dtype's smallest
+        normal number per rounding. Hence ``margin = 2 n u |v| + n * smallest_normal``, which holds
+        for the float32 sums of older ingests too (or they overflowed: see below).
 
         Not finite is "unknown" whatever it is: ±inf is an overflowed sum (old float32 stores at the
         dtype's extremes; float64 ones still), or an infinite ``v`` itself; NaN, when ``v`` is not NaN,
@@ -81,28 +81,28 @@ class EmptyRule:
         sum, so its block holds no NaN at all."""
         out = np.zeros(coarse.shape[1:], dtype=bool)
         for channel, value in zip(coarse, self.values):
-            channel = channel.astype(np.float64)
             finite = np.isfinite(channel)
             if math.isnan(value):
                 out |= finite
                 continue
+            if np.issubdtype(coarse.dtype, np.floating):
+                with np.errstate(over="ignore"):
+                    value = float(coarse.dtype.type(value))  # the empty voxels' value in the image's dtype
             margin = _rounding_margin(coarse.dtype, levels, value)
             with np.errstate(invalid="ignore"):
-                out |= finite & (np.abs(channel - value) > margin)
+                out |= finite & (np.abs(channel.astype(np.float64) - value) > margin)
         return out
 
 
 def _rounding_margin(dtype: np.dtype, levels: int, value: float) -> float:
-    """How far a pyramid voxel ``levels`` halvings down may be from ``value`` when its whole block is
-    ``value`` (derived in ``EmptyRule.proves_data``); inf when the bound does not apply."""
+    """How far a pyramid voxel ``levels`` halvings down may be from ``value`` (in ``dtype``) when its
+    whole block is ``value`` (derived in ``EmptyRule.proves_data``); inf when the bound does not apply."""
     if not np.issubdtype(dtype, np.floating):
         return 0.0
-    if not math.isfinite(value):
-        return math.inf
     info = np.finfo(dtype)
     n = 9 * levels
     u = float(info.eps) / 2
-    if n * u > 0.5:
+    if not math.isfinite(value) or n * u > 0.5:
         return math.inf
     return 2 * n * u * abs(value) + n * float(info.smallest_normal)
 
