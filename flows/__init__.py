@@ -6,6 +6,7 @@ against the embedded SQLite server otherwise). Variables the user set win.
 """
 
 import os as _os
+import sys as _sys
 
 from tasks.settings import tilewise_home as _home
 
@@ -26,3 +27,18 @@ _os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"
 _os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 _os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
+
+
+class _CurrentStderr:
+    """``sys.stderr`` as it is at each write. Prefect's console handlers keep the stream they are given
+    when Prefect is first imported; given ``sys.stderr`` itself they keep one that may be swapped and
+    closed (Click's CliRunner gives every in-process command its own stderr), and logging then prints
+    "--- Logging error ---" tracebacks into a later command's output."""
+
+    def __getattr__(self, name):
+        return getattr(_sys.stderr, name)
+
+
+STDERR = _CurrentStderr()
+for _handler in ("CONSOLE", "DEBUG"):  # Prefect's logging.yml handlers that write to sys.stderr
+    _os.environ.setdefault(f"PREFECT_LOGGING_HANDLERS_{_handler}_STREAM", "ext://flows.STDERR")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -20,12 +19,6 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
-# Click's CliRunner swaps sys.stderr for each in-process invocation and closes it afterwards; a
-# logging handler created during one invocation (Prefect's console handler binds the stream it saw)
-# then writes to a closed file in a later one, and logging prints "--- Logging error ---" with a
-# traceback into that later command's captured output. A real CLI runs once per process and never
-# meets this; in the test process, let logging drop such records instead of printing about them.
-logging.raiseExceptions = False
 
 
 @pytest.fixture(scope="session")

@@ -225,7 +225,6 @@ def test_overlay_draws_both_contours(tmp_path):
 
 
 def test_em_stack_isbi_scores(tmp_path):
-    pytest.importorskip("tasks.metrics.isbi")
     sections = np.zeros((2, 32, 32), np.uint8)  # 0 interior, 1 membrane: a grid of walls
     sections[:, ::8, :] = 1
     sections[:, :, ::8] = 1

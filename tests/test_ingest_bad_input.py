@@ -25,7 +25,6 @@ SAMPLES = REPO / "data_catalog/samples"
 FLAIR = SAMPLES / "mri/brats2015/brats_2013_pat0003_1/Flair_subtrMeanDivStd.nii.gz"
 EM = SAMPLES / "em/isbi2012_train"
 CHIP = SAMPLES / "satellite/spacenet1_rio/images/3band_013022223130_Public_img53.tif"
-CLI_EXISTS = (REPO / "flows/cli.py").exists()
 
 
 def _truncate_copy(src: Path, dst: Path, fraction: float = 0.5) -> Path:
@@ -293,8 +292,6 @@ def test_bundled_catalog_is_valid():
 # the CLI
 # --------------------------------------------------------------------------------------------
 
-needs_cli = pytest.mark.skipif(not CLI_EXISTS, reason="flows/cli.py does not exist yet")
-
 CLI_CASES = [
     case_missing_path, case_empty_folder, case_text_named_nii_gz, case_truncated_nii_gz,
     case_zero_length_axis, case_slices_of_different_shapes, case_not_a_tiff_tiff_reader,
@@ -306,7 +303,6 @@ def _error_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-@needs_cli
 @pytest.mark.parametrize("make_case", CLI_CASES, ids=[c.__name__.removeprefix("case_") for c in CLI_CASES])
 def test_cli_ingest_bad_input(tmp_path, make_case):
     from typer.testing import CliRunner
@@ -326,7 +322,6 @@ def test_cli_ingest_bad_input(tmp_path, make_case):
     assert not store.exists()
 
 
-@needs_cli
 def test_cli_ingest_bad_input_in_a_real_process(tmp_path):
     spec, path, _ = case_truncated_nii_gz(tmp_path)
     store = tmp_path / "scan.zarr"
@@ -342,7 +337,6 @@ def test_cli_ingest_bad_input_in_a_real_process(tmp_path):
     assert not store.exists()
 
 
-@needs_cli
 def test_cli_catalog_validate_reports_file_field_reason(tmp_path):
     from typer.testing import CliRunner
 

@@ -290,3 +290,24 @@ def test_slabwise_equals_whole():
                     s, n = int(cell.sum()), cell.size
                     expected[c, z, y, x] = (2 * s + n) // (2 * n)  # floor(s / n + 1/2)
     _same(whole, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_a_block_of_the_dtypes_extreme_keeps_its_value(dtype):
+    # The GDAL/ESRI nodata of float32 rasters is -3.4028235e38 (the most negative float32): the mean
+    # of a block of it is that value (a float32 sum of two of them would overflow to -inf).
+    low, high = np.finfo(dtype).min, np.finfo(dtype).max
+    block = np.array([[low, low, high, high], [low, low, high, high]], dtype=dtype)  # (Y=2, X=4)
+    _same(downsample_mean(block, (2, 2)), np.array([[low, high]], dtype=dtype))
+    cube = np.full((1, 2, 2, 2), low, dtype=dtype)
+    _same(downsample_mean(cube, (2, 2, 2)), np.full((1, 1, 1, 1), low, dtype=dtype))
+    # any factor (the general path): three of them
+    _same(downsample_mean(np.full(3, high, dtype=dtype), (3,)), np.array([high], dtype=dtype))
+
+
+def test_float32_mean_is_rounded_once():
+    # (1 + 2**-24 + 2**-24 + 0) / 4 = 0.25 + 2**-25, a float32 (0.25's spacing is 2**-25). Summed in
+    # float32 one after the other, each 1 + 2**-24 rounds back to 1 (a tie, to even) and gives 0.25.
+    tiny = np.float32(2.0**-24)
+    block = np.array([[1.0, tiny], [tiny, 0.0]], dtype=np.float32)
+    _same(downsample_mean(block, (2, 2)), np.array([[0.25 + 2.0**-25]], dtype=np.float32))

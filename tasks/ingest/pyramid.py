@@ -67,10 +67,14 @@ def plan_pyramid(
     return PyramidPlan(shapes=shapes, factors=factors, spacings=spacings)
 
 
-_ACCUMULATOR = {  # dtype -> sum dtype wide enough for 8 values (a 2x2x2 block)
+# dtype -> sum dtype wide enough for 8 values (a 2x2x2 block). Floats narrower than 64 bits sum in
+# float64: in their own width, 2x2 blocks of float32's nodata -3.4028235e38 overflow to -inf (and an
+# empty-tile test reading the pyramid would take -inf for data); in float64 the sum of up to 8 of
+# them is exact, so a block of one value averages to exactly that value, and the mean is rounded once.
+_ACCUMULATOR = {
     np.dtype(np.uint8): np.uint16, np.dtype(np.int8): np.int16, np.dtype(np.uint16): np.uint32,
     np.dtype(np.int16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.int32): np.int64,
-    np.dtype(np.float16): np.float32, np.dtype(np.float32): np.float32, np.dtype(np.float64): np.float64,
+    np.dtype(np.float16): np.float64, np.dtype(np.float32): np.float64, np.dtype(np.float64): np.float64,
 }
 
 
@@ -105,6 +109,8 @@ def downsample_mean(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     Leading axes (channels) are left alone. A short trailing block is averaged over the pixels it
     has. Integer inputs are rounded half up and returned in their own dtype, exactly, 64-bit ones
     included; bool gives the majority (ties True); NaN in float inputs propagates to its block.
+    Floats are summed in float64 and rounded to their dtype once: a float16/float32 block of one
+    value gives exactly that value, the dtype's extremes included (no overflow to infinity).
     """
     lead = block.ndim - len(factors)
     spatial = block.shape[lead:]
@@ -140,7 +146,7 @@ def _general_mean(block: np.ndarray, factors: tuple[int, ...], counts) -> np.nda
     counts = np.asarray(counts, dtype=np.int64)
     view = block.reshape(shape)
     if np.issubdtype(block.dtype, np.floating):
-        acc = np.float64 if block.dtype == np.float64 else np.float32
+        acc = np.float64  # as in _ACCUMULATOR: no overflow for float16/float32, one rounding
         return (view.sum(axis=axes, dtype=acc) / counts.astype(acc)).astype(block.dtype, copy=False)
     if block.dtype == np.bool_:
         return view.sum(axis=axes, dtype=np.int64) * 2 >= counts
