@@ -50,8 +50,8 @@ class Change:
     applies: Callable[[dict[str, Any]], bool] = lambda record: True
 
 
-def _float_image(record: dict[str, Any]) -> bool:
-    return str(record.get("dtype", "")).startswith("float")
+def _float16_or_32_image(record: dict[str, Any]) -> bool:
+    return str(record.get("dtype", "")) in ("float16", "float32")
 
 
 def _skipped_empty_tiles(record: dict[str, Any]) -> bool:
@@ -60,8 +60,8 @@ def _skipped_empty_tiles(record: dict[str, Any]) -> bool:
 
 HISTORY: dict[str, tuple[Change, ...]] = {
     "ingest": (
-        Change(2, "pyramid levels of float scans are block means summed in float64: float32's extreme "
-                  "nodata (-3.4e38) no longer overflows to -inf (issue 18)", _float_image),
+        Change(2, "pyramid levels of float16/float32 scans are block means summed in float64: float32's "
+                  "extreme nodata (-3.4e38) no longer overflows to -inf (issue 18)", _float16_or_32_image),
     ),
     "infer": (
         Change(2, "the empty-tile rule takes a coarse pyramid value as proof of data only when it is finite "
