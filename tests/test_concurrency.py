@@ -29,6 +29,7 @@ from rasterio.transform import from_origin
 from tasks import storage
 from tasks.engine.infer import EngineConfig, infer_scan
 from tasks.engine.model_io import load_model
+from tests.gates import env as gate_env, start_paused
 from tests.test_engine import conv_net, make_scan, predicted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,30 +60,14 @@ print(result.status, flush=True)
 '''
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "TILEWISE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT), **extra}
-    env.pop("TILEWISE_LOCK_WAIT", None)
-    env.update(extra)
-    return env
-
-
 def _holder(tmp_path: Path, kind: str, store: str, source: str) -> tuple[subprocess.Popen, Path]:
     """Start a holder and return once it is paused inside the lock, mid-write."""
-    gate = tmp_path / f"gate-{kind}"
-    gate.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(gate), kind, store, source], cwd=ROOT,
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not (gate / "paused").exists():
-        assert proc.poll() is None, f"the holder ended early: {proc.communicate()}"
-        assert time.monotonic() < deadline, "the holder never reached its gate"
-        time.sleep(0.02)
-    return proc, gate
+    return start_paused(tmp_path, HOLDER, kind, kind, store, source, timeout=120)
 
 
 def _cli(tmp_path: Path, *args: str, wait: bool = True, **env: str):
     cmd = [sys.executable, "-m", "flows.cli", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path, **env), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=gate_env(tmp_path, **env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc

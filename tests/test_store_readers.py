@@ -9,11 +9,9 @@ lock, mid-read or mid-write, for as long as the test needs, without any timing.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,8 @@ from tasks import storage
 from tasks.engine.infer import EngineConfig, infer_scan
 from tasks.engine.model_io import load_model
 from tasks.errors import ScanError
-from tests.test_concurrency import _assert_busy, _cli, _env
+from tests.gates import env as _env, start_paused
+from tests.test_concurrency import _assert_busy, _cli
 from tests.test_engine import conv_net, make_scan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,16 +95,7 @@ print(r.status)
 
 def _start(tmp_path: Path, kind: str, store: str, arg: str, name: str | None = None) -> tuple[subprocess.Popen, Path]:
     """Start a holder and return once it is paused at its gate."""
-    gate = tmp_path / f"gate-{name or kind}"
-    gate.mkdir()
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(gate), kind, store, arg], cwd=ROOT,
-                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not (gate / "paused").exists():
-        assert proc.poll() is None, f"the holder ended early: {proc.communicate()}"
-        assert time.monotonic() < deadline, "the holder never reached its gate"
-        time.sleep(0.02)
-    return proc, gate
+    return start_paused(tmp_path, HOLDER, name or kind, kind, store, arg)
 
 
 def _release(proc: subprocess.Popen, gate: Path) -> str:
