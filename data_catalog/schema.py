@@ -171,6 +171,9 @@ class LabelSource(_Strict):
     stuff_classes: list[str] | None = Field(
         default=None, description="amorphous classes (roads, water, membrane): with instance_classes (the "
                                   "'things') they make the panoptic output and PQ")
+    regions: dict[str, list[str]] | None = Field(
+        default=None, description="named unions of classes scored as one (BraTS: whole_tumour, tumour_core, "
+                                  "enhancing_tumour); evaluate reports each region's Dice and IoU")
 
     @field_validator("path")
     @classmethod
@@ -193,6 +196,13 @@ class LabelSource(_Strict):
         unknown = [c for c in self.stuff_classes or [] if c not in self.classes]
         if unknown:
             raise ValueError(f"stuff_classes {unknown} are not in 'classes'")
+        for region, members in (self.regions or {}).items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", region):
+                raise ValueError(f"region name {region!r}: letters, digits, _ . - only (it names a metric)")
+            unknown = [c for c in members if c not in self.classes]
+            if unknown or not members:
+                raise ValueError(f"region {region!r}: {unknown or 'no classes'} " +
+                                 ("are not in 'classes'" if unknown else "(list at least one class)"))
         both = sorted(set(self.stuff_classes or []) & set(self.instance_classes or []))
         if both:
             raise ValueError(f"{both} cannot be both a thing (instance_classes) and stuff (stuff_classes)")

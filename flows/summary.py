@@ -15,8 +15,13 @@ KEY_METRICS = (("mean_dice", "Dice"), ("isbi_v_rand", "V_rand"), ("mean_iou", "I
 
 
 def key_metric(metrics: dict) -> str:
-    """The headline numbers of an evaluation: mean Dice, V_rand for EM (ISBI 2012), instance F1."""
-    shown = [f"{label} {metrics[k]:.3f}" for k, label in KEY_METRICS[:2] if k in metrics]
+    """The headline numbers of an evaluation: the first region's Dice where the catalog names regions
+    (BraTS: whole tumour), else mean Dice; V_rand for EM (ISBI 2012), instance F1."""
+    region = next((k for k in metrics if k.startswith("region_dice_")), None)
+    if region is not None:
+        shown = [f"{region.removeprefix('region_dice_')} Dice {metrics[region]:.3f}"]
+    else:
+        shown = [f"{label} {metrics[k]:.3f}" for k, label in KEY_METRICS[:2] if k in metrics]
     if not shown and "mean_iou" in metrics:
         shown = [f"IoU {metrics['mean_iou']:.3f}"]
     if "instances_f1" in metrics:  # objects: F1 at IoU 0.5 (tasks/metrics/instance_eval.py)

@@ -171,14 +171,16 @@ def crf_digest(prediction: str | None, params: dict[str, Any], threshold: float)
 
 def scoring_settings(entry) -> dict[str, Any]:
     """The catalog settings an evaluation reads (a ``CatalogEntry``, a ``LoadedEntry`` or None):
-    class names, the boundary class (ISBI scores), the instance and stuff classes (AP, PQ)."""
+    class names, the boundary class (ISBI scores), the instance and stuff classes (AP, PQ), the
+    regions (unions of classes; only when set, so evaluations from before regions existed stay)."""
     entry = getattr(entry, "entry", entry)
     labels = getattr(entry, "labels", None)
     if labels is None:
         return {}
     return {"classes": list(labels.classes), "boundary_class": labels.boundary_class,
             "instance_classes": list(labels.instance_classes) if labels.instance_classes else None,
-            "stuff_classes": list(labels.stuff_classes) if labels.stuff_classes else None}
+            "stuff_classes": list(labels.stuff_classes) if labels.stuff_classes else None,
+            **({"regions": {k: list(v) for k, v in labels.regions.items()}} if labels.regions else {})}
 
 
 def evaluation_current(prediction: dict[str, Any], reference: str, settings: dict[str, Any]) -> bool:

@@ -293,3 +293,22 @@ def test_evaluate_flow_over_a_dataset(prefect_server, tmp_path, monkeypatch):
     assert outcomes["c"].status == "failed" and "contains NaN" in outcomes["c"].message
     assert state.is_failed() and "synthetic/c" in state.message
     assert "evaluation" in zarr.open_group(scan_store("synthetic", "a", str(root)) + "/prediction").attrs["tilewise"]
+
+
+def test_catalog_regions_are_scored_as_unions_of_classes(tmp_path):
+    """``labels.regions`` (BraTS' whole tumour, tumour core): each region's Dice is the Dice of the
+    voxels whose class is in it, counted here from the two volumes."""
+    ref = reference_volume()
+    pred = shifted(ref)
+    store = make_store(tmp_path, ref)
+    write_prediction(store, pred)
+    entry = CatalogEntry(name="synthetic", modality="mri", scans={"path": "x"},
+                         labels={"path": "y", "mapping": {0: 0, 1: 1, 2: 2}, "classes": CLASSES,
+                                 "regions": {"tumour": ["core", "rim"], "inner": ["core"]}})
+    report = evaluate_scan(store, entry=entry)
+    for name, members in (("tumour", [1, 2]), ("inner", [1])):
+        t, p = np.isin(ref, members), np.isin(pred, members)
+        dice = 2 * (t & p).sum() / (t.sum() + p.sum())
+        assert report.semantic["regions"][name]["dice"] == pytest.approx(dice)
+        assert report.flat_metrics()[f"region_dice_{name}"] == pytest.approx(dice)
+    assert report.settings["regions"] == {"tumour": ["core", "rim"], "inner": ["core"]}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tasks.metrics.instances import coco_ap, f1_at_iou, instance_scores
-from tasks.metrics.semantic import ConfusionMatrix, fcn_scores, per_class_scores, semantic_report
+from tasks.metrics.semantic import ConfusionMatrix, fcn_scores, per_class_scores, region_scores, semantic_report
 from tasks.metrics.surface import choose_level, strided_read, surface_scores
 
 
@@ -180,3 +180,25 @@ def test_instance_conventions():
     half = np.zeros_like(ref)
     half[2:10, 2:6] = 1  # 32 of the cell's 64 pixels
     assert f1_at_iou([[ref == 1]], [[half == 1]])["tp"] == 1
+
+
+def test_region_scores_equal_scikit_learn_on_the_binarised_labels():
+    """BraTS regions (unions of classes) from the confusion matrix equal Dice (F1) and IoU (Jaccard)
+    of the labels binarised by membership, computed by scikit-learn."""
+    from sklearn.metrics import f1_score, jaccard_score
+
+    rng = np.random.default_rng(4)
+    truth, pred = rng.integers(0, 5, (2, 20, 30, 30))
+    pred = np.where(rng.random(pred.shape) < 0.6, truth, pred)  # mostly right, as a model is
+    cm = ConfusionMatrix(5)
+    cm.update(truth, pred)
+    regions = {"whole": [1, 2, 3, 4], "core": [1, 3, 4], "enhancing": [4], "absent": []}
+    got = region_scores(cm.matrix, regions)
+    for name, members in regions.items():
+        t, p = np.isin(truth, members).ravel(), np.isin(pred, members).ravel()
+        if not t.any() and not p.any():
+            assert got[name]["dice"] is None and got[name]["iou"] is None
+            continue
+        assert got[name]["dice"] == pytest.approx(f1_score(t, p))
+        assert got[name]["iou"] == pytest.approx(jaccard_score(t, p))
+        assert (got[name]["reference_pixels"], got[name]["predicted_pixels"]) == (t.sum(), p.sum())

@@ -39,7 +39,7 @@ import numpy as np
 
 from tasks import identity, storage
 from tasks.errors import ScanError
-from tasks.metrics.semantic import ConfusionMatrix, json_float, semantic_report
+from tasks.metrics.semantic import ConfusionMatrix, json_float, region_scores, semantic_report
 from tasks.metrics.surface import DEFAULT_MAX_VOXELS, DEFAULT_TOLERANCE, choose_level, surface_scores
 
 OVERLAY_MAX_PIXELS = 1024
@@ -81,6 +81,8 @@ class EvaluationReport:
         flat: dict[str, Any] = {k: v for k, v in self.semantic.items() if not isinstance(v, (dict, list, str))}
         for name, per in self.semantic["per_class"].items():
             flat[f"dice_{name}"], flat[f"iou_{name}"] = per["dice"], per["iou"]
+        for name, per in self.semantic.get("regions", {}).items():
+            flat[f"region_dice_{name}"], flat[f"region_iou_{name}"] = per["dice"], per["iou"]
         for name, per in (self.surface or {}).get("per_class", {}).items():
             flat[f"hd95_{name}"], flat[f"surface_dice_{name}"] = per["hd95"], per["surface_dice"]
         for key in ("ece", "brier", "nll"):
@@ -371,7 +373,7 @@ def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, bou
         store=store, scan_id=record.get("scan_id") or Path(store).name.removesuffix(".zarr"),
         dataset=record.get("dataset") or (entry.name if entry is not None else None), modality=modality,
         classes=names, reference=reference_name, pixels=confusion.pixels,
-        semantic=semantic_report(confusion.matrix, names), calibration=calibration, surface=surface,
+        semantic=_semantic(confusion.matrix, names, entry), calibration=calibration, surface=surface,
         isbi=jsonable(isbi.result()) if isbi is not None else None, model=pred_record.get("model"),
         calibrator=pred_record.get("calibrator"), prediction_digest=pred_record.get("digest"),
         instances=instances, instances_digest=instances_digest, settings=settings,
@@ -381,6 +383,16 @@ def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, bou
     )
     if write:
         write_evaluation(pred_url, report)
+    return report
+
+
+def _semantic(matrix: np.ndarray, names: list[str], entry) -> dict:
+    """The FCN table and per-class scores, and the catalog's ``labels.regions`` (unions of classes)."""
+    report = semantic_report(matrix, names)
+    regions = entry.labels.regions if entry is not None and entry.labels is not None else None
+    if regions:
+        report["regions"] = region_scores(matrix, {name: [names.index(c) for c in members if c in names]
+                                                   for name, members in regions.items()})
     return report
 
 

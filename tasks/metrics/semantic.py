@@ -143,6 +143,25 @@ def semantic_report(matrix: np.ndarray, class_names: list[str]) -> dict:
     }
 
 
+def region_scores(matrix: np.ndarray, regions: dict[str, list[int]]) -> dict:
+    """Dice and IoU of unions of classes (BraTS' whole tumour, tumour core, enhancing tumour: the
+    challenge scores these regions, not the single labels). A region is the set of voxels whose
+    class is in it; its counts come from the confusion matrix (rows: reference, columns: predicted)
+    without another pass. Undefined (no voxel of the region on either side) is ``None``."""
+    m = np.asarray(matrix, dtype=np.float64)
+    out = {}
+    for name, members in regions.items():
+        inside = np.zeros(m.shape[0], dtype=bool)
+        inside[list(members)] = True
+        both = m[np.ix_(inside, inside)].sum()
+        reference, predicted = m[inside].sum(), m[:, inside].sum()
+        union = reference + predicted - both
+        out[name] = {"dice": json_float(2 * both / (reference + predicted)) if reference + predicted else None,
+                     "iou": json_float(both / union) if union else None,
+                     "reference_pixels": int(reference), "predicted_pixels": int(predicted)}
+    return out
+
+
 def json_float(value: float) -> float | None:
     """NaN and +-inf are not JSON: they become ``None`` (each metric's docstring says what null means)."""
     value = float(value)
