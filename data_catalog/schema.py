@@ -317,7 +317,11 @@ class Instances(_Strict):
     classes: list[str] | None = None
     min_size: int = Field(default=16, ge=1)
     membrane_class: str | None = None
-    median: int = Field(default=0, ge=0)  # watershed: median-filter the membrane probability (size) first
+    # watershed: seeds where the membrane probability is below seed_threshold; the map median-filtered
+    # (size) first. Unset: the values tuned on the model version's validation sections (tasks/instances/
+    # tuning.py), else 0.3 and no filter.
+    seed_threshold: float | None = Field(default=None, gt=0, lt=1)
+    median: int | None = Field(default=None, ge=0)
 
 
 class Export(_Strict):

@@ -119,7 +119,8 @@ def _ensure_model(loaded: LoadedEntry, catalog: str, store_root: str | None, opt
         return None, [ScanOutcome(entry.name, "*", "train", "failed", message=str(report))]
     version = resolve_version(alias)
     row = ScanOutcome(entry.name, "*", "train", "trained", message=f"{report.registered}: {report.decision}; "
-                      f"calibration: {report.calibration}", seconds=report.seconds, model=version or "")
+                      f"calibration: {report.calibration}" + (f"; watershed: {report.watershed}" if report.watershed
+                                                               else ""), seconds=report.seconds, model=version or "")
     if version is None:  # trained, but the alias went to another version's challenger...
         return None, [row, ScanOutcome(entry.name, "*", "infer", "failed",
                                        message=f"trained {report.registered} but {alias} does not resolve")]

@@ -425,6 +425,8 @@ def train(
     out.print(f"{report.decision}; MLflow run {report.run_id}")
     _print_artifacts(report.run_id)
     out.print(f"calibration: {report.calibration}")
+    if report.watershed:
+        out.print(f"watershed: {report.watershed}")
     if report.initialised_from:
         out.print(f"init-from: {report.initialised_from}")
 

@@ -24,6 +24,7 @@ from data_catalog.schema import CatalogEntry
 from flows.outcomes import ScanOutcome, final_state
 from tasks import identity, storage
 from tasks.ingest import discover_scans
+from tasks.instances.tuning import watershed_values
 from tasks.settings import scan_store
 
 
@@ -34,7 +35,8 @@ class InstanceSettings:
     min_size: int
     membrane_class: str | None
     stuff_classes: list[str] | None
-    median: int = 0  # watershed: median filter of the membrane probability first
+    median: int | None = 0  # watershed: median filter of the membrane probability first (None: tuned)
+    seed_threshold: float | None = 0.3  # watershed: seeds below it (None: the model version's tuned value)
 
 
 def instance_settings(entry: CatalogEntry, method: str | None = None, min_size: int | None = None
@@ -52,7 +54,7 @@ def instance_settings(entry: CatalogEntry, method: str | None = None, min_size: 
         min_size=min_size or (inst.min_size if inst else 16),
         membrane_class=(inst.membrane_class if inst else None) or (labels.boundary_class if labels else None),
         stuff_classes=labels.stuff_classes if labels else None,
-        median=inst.median if inst else 0)
+        median=inst.median if inst else None, seed_threshold=inst.seed_threshold if inst else None)
 
 
 def made_by_detector(store: str) -> bool:
@@ -80,9 +82,11 @@ def instances_scan_task(store: str, entry: CatalogEntry, settings: InstanceSetti
         if force:
             with storage.store_lock(store, purpose="instances"):
                 inst_store.clear_instances(store)
+        model = str((storage.read_record(f"{store}/prediction") or {}).get("model", ""))
+        seed_threshold, median = watershed_values(settings.seed_threshold, settings.median, model)
         outcome = dict(instances_from_prediction(
             store, method=settings.method, classes=settings.classes, min_size=settings.min_size,
-            membrane_class=settings.membrane_class, median=settings.median))
+            membrane_class=settings.membrane_class, seed_threshold=seed_threshold, median=median))
     record = inst_store.read_instances_record(store) or {}
     classes = list((storage.read_record(f"{store}/prediction") or {}).get("classes") or [])
     if outcome.get("method") == "detector":  # every class of an instance model but background

@@ -1,8 +1,9 @@
-"""A model version's calibrator and validation split in MLflow, beside its weights.
+"""A model version's calibrator, validation split and tuned post-processing in MLflow, beside its weights.
 
 In the run that logged the version:
     tilewise/calibrator.json        the calibrator (tasks.calibration.calibrator.Calibrator as JSON)
     tilewise/validation.json        the validation regions the model did not train on (training writes it)
+    tilewise/watershed.json         EM: the watershed settings tuned on those regions (tasks/instances/tuning.py)
     calibration/reliability.png     the reliability diagram, before and after
     metrics calibration_{ece,brier,nll}_{before,after}
 On the model version, tags ``calibrator.method``, ``calibrator.fitted_on``, ``calibrator.sha256``,
@@ -58,6 +59,22 @@ def _read_artifact(uri: str, name: str) -> dict | None:
             return json.loads(Path(path).read_text())
         except ValueError as exc:
             raise RegistryError(f"{uri}: unreadable {ARTIFACT_DIR}/{name} ({exc})") from None
+
+
+def store_tuning(uri: str, name: str, record: dict, tags: dict) -> str:
+    """Log a post-processing setting tuned on the version's validation split (``tilewise/<name>``),
+    tag the version with ``<stem>.<key>``; returns ``models:/NAME/VERSION``."""
+    c, version, run_id = _version(uri)
+    c.log_text(run_id, json.dumps(record, indent=1), f"{ARTIFACT_DIR}/{name}")
+    stem = Path(name).stem
+    for key, value in tags.items():
+        c.set_model_version_tag(version.name, version.version, f"{stem}.{key}", str(value)[:5000])
+    return f"models:/{version.name}/{version.version}"
+
+
+def load_tuning(uri: str, name: str) -> dict | None:
+    """What :func:`store_tuning` stored as ``name``, or None."""
+    return _read_artifact(uri, name)
 
 
 def load_calibrator_dict(uri: str) -> dict | None:

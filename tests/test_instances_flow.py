@@ -150,3 +150,28 @@ def test_the_catalogs_scoring_and_instance_settings_recompute_what_reads_them(em
         assert set(nightly().values()) == {"unchanged"}
     finally:
         yaml.write_text(original)
+
+
+def test_watershed_tuned_with_the_version_is_what_the_nightly_uses(em_inst):
+    """Training tunes the watershed on the version's validation sections and stores it with the
+    version; the nightly's instances use those values unless the catalog sets its own."""
+    from data_catalog import find_entry
+    from flows.nightly import nightly_flow
+    from tasks.instances import store as inst_store
+    from tasks.instances.tuning import tune_model, tuned_settings
+
+    yaml = Path(em_inst["catalog"], f"{NAME}.yaml")
+    original = yaml.read_text()
+    uri = storage.read_record(f"{_store('a')}/prediction")["model"]
+    tuning = tune_model(find_entry(NAME, Path(em_inst["catalog"])), uri)
+    assert tuned_settings(uri) == {"seed_threshold": tuning.seed_threshold, "median": tuning.median}
+    try:
+        assert nightly_flow(catalog=em_inst["catalog"], return_state=True).is_completed()
+        params = inst_store.read_instances_record(_store("a"))["params"]
+        assert params["seed_threshold"] == tuning.seed_threshold and params.get("median", 0) == tuning.median
+        yaml.write_text(original.replace("min_size: 8,", "min_size: 8, seed_threshold: 0.45, median: 0,"))
+        assert nightly_flow(catalog=em_inst["catalog"], return_state=True).is_completed()
+        params = inst_store.read_instances_record(_store("a"))["params"]
+        assert params["seed_threshold"] == 0.45 and "median" not in params
+    finally:
+        yaml.write_text(original)

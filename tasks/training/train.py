@@ -61,6 +61,7 @@ class TrainReport:
     last_train_loss: float
     calibration: str = "not run"  # the calibrator fitted after registration, or why there is none
     initialised_from: str = ""  # --init-from: what was loaded and what was initialised
+    watershed: str = ""  # EM: the watershed settings tuned on the validation sections, or why not
 
 
 def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | None, max_minutes: float | None,
@@ -224,11 +225,29 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
                                                   tags=parent)
     calibration = _calibrate(loaded, f"models:/{promotion.name}/{promotion.version}", store_root, seed,
                              config.architecture)
+    watershed = _tune_watershed(loaded, f"models:/{promotion.name}/{promotion.version}", store_root)
     return TrainReport(entry.name, config.architecture, run.info.run_id, outcome.metric_name, outcome.best_metric,
                        len(outcome.history), outcome.stopped, outcome.seconds, f"{promotion.name}/{promotion.version}",
                        promotion.alias, promotion.decision, outcome.history[0]["train_loss"],
                        outcome.history[-1]["train_loss"], calibration,
-                       init_report.summary() if init_report else "")
+                       init_report.summary() if init_report else "", watershed)
+
+
+def _tune_watershed(loaded: LoadedEntry, uri: str, store_root: str | None) -> str:
+    """EM datasets whose instances are a watershed: tune its seed threshold and median on the new
+    version's validation sections (tasks/instances/tuning.py) and store them with it."""
+    inst = loaded.entry.instances
+    if inst is None or inst.method != "watershed":
+        return ""
+    from tasks.instances.tuning import tune_model
+
+    try:
+        t = tune_model(loaded, uri, store_root)
+    except (ValueError, OSError) as exc:
+        log.warning("%s: watershed not tuned: %s", uri, exc)
+        return f"not tuned: {exc}"
+    return (f"seed threshold {t.seed_threshold}, median {t.median}: adapted Rand error {t.adapted_rand_error:.4f} "
+            f"(default {t.default_error:.4f}) on {t.sections} validation sections")
 
 
 def _calibrate(loaded: LoadedEntry, uri: str, store_root: str | None, seed: int, architecture: str = "unet") -> str:
