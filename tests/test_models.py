@@ -246,11 +246,14 @@ def test_maskrcnn_semantic_shape_with_a_real_detector():
               classes=["bg", "a", "b"], spatial_dims=3),
     ModelCard(architecture="unet", architecture_args={"channels": [4, 8], "num_res_units": 1}, in_channels=1,
               classes=["bg", "a"], spatial_dims=2),
+    ModelCard(architecture="unet", architecture_args={"levels": 4, "base_channels": 4, "num_res_units": 1,
+                                                      "deep_supervision": True}, in_channels=2,
+              classes=["bg", "a", "b"], spatial_dims=3),
     ModelCard(architecture="deeplab", architecture_args={"aspp_channels": 16}, in_channels=13,
               classes=["bg", "a"], spatial_dims=2),
     ModelCard(architecture="maskrcnn", architecture_args=dict(SMALL_RCNN), in_channels=1,
               classes=["bg", "cell"], spatial_dims=2),
-], ids=["unet3d", "unet2d-channels", "deeplab-13band", "maskrcnn"])
+], ids=["unet3d", "unet2d-channels", "unet3d-deep-supervision", "deeplab-13band", "maskrcnn"])
 def test_build_from_card_rebuilds_the_same_architecture(card):
     original = build(card.architecture, card.spatial_dims, card.in_channels, len(card.classes),
                      **card.architecture_args)
@@ -319,3 +322,10 @@ def test_normalization_3d_and_none():
     np.testing.assert_allclose(out[0, 0, 0], [[-2, -1, 0], [1, 2, 3]])
     same = _batch()
     np.testing.assert_array_equal(Normalization().apply(same), _batch())
+
+
+def test_deeply_supervised_unet_gives_heads_in_training_and_one_output_in_eval():
+    net = build("unet", 3, 2, 3, levels=4, base_channels=4, num_res_units=1, deep_supervision=True)
+    x = torch.randn(1, 2, 16, 16, 16)
+    assert tuple(net.train()(x).shape) == (1, 3, 3, 16, 16, 16)  # main + 2 heads, full resolution
+    assert tuple(net.eval()(x).shape) == (1, 3, 16, 16, 16)

@@ -210,7 +210,7 @@ def train_semantic(config: TrainConfig, sampler: PatchSampler, validation, array
     """Train a U-Net or DeepLab (``network``: an initialised one, e.g. from ``--init-from``; else a
     fresh one) and validate it on whole regions (a :class:`~tasks.training.validation.WholeRegionValidation`)."""
     import torch
-    from monai.losses import DiceCELoss
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
     from monai.utils import set_determinism
 
     from models.zoo import build
@@ -227,7 +227,13 @@ def train_semantic(config: TrainConfig, sampler: PatchSampler, validation, array
     network.to(device)
     amp = config.amp and device.type == "cuda"
     weight = torch.tensor(config.class_weights, dtype=torch.float32, device=device) if config.class_weights else None
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+    dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+    deep = DeepSupervisionLoss(dice_ce)  # a deeply supervised U-Net's heads, weighted 1, 1/2, 1/4 (nnU-Net)
+
+    def loss_fn(out, y):
+        if out.ndim == y.ndim + 1:  # (B, 1 + heads, K, *spatial): every head at full resolution
+            return deep(list(torch.unbind(out, dim=1)), y)
+        return dice_ce(out, y)
     optimiser = torch.optim.AdamW(network.parameters(), lr=config.lr, weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, poly_schedule(config))
     augment = _augment(config)
