@@ -33,6 +33,20 @@ err = Console(stderr=True)
 CatalogOpt = typer.Option(None, "--catalog", help="catalog folder or file (default: the bundled sample catalog)")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from tasks.version import tilewise_version
+
+        print(f"tilewise {tilewise_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the installed version and exit")) -> None:
+    pass  # the app's help is Typer's (above); this only adds --version
+
+
 def _catalog_dir(path: Optional[Path]) -> Path:
     from data_catalog import DEFAULT_CATALOG_DIR
 

@@ -91,3 +91,12 @@ def test_the_run_summary_prints_paths_whole():
                                                        output="/data/exports[final]/scan.tif")]))
     text = console.export_text()
     assert "scan[raw]" in text and "/data/exports[final]/scan.tif" in text
+
+
+def test_version_is_the_installed_distributions():
+    import subprocess
+    import sys
+    from importlib.metadata import version
+
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"tilewise {version('tilewise')}"
