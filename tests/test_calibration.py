@@ -413,18 +413,23 @@ def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
         cal = load_calibrator(uri)
         assert cal.method == "cubic" and version.tags["calibrator.sha256"] == cal.sha256
         assert (np.diff(cal.params["coefficients"]) >= 0).all()
-        # the validation scan is the one the split recorded, and the model never trained on it
+        # the validation regions are the ones the split recorded (three chips: a slab of rows of
+        # each), which the model never trained on
         scan_ids = [r["scan_id"] for r in cal.fitted_on["regions"]]
-        assert len(scan_ids) == 1 and cal.fitted_on["regions_from"] == "recorded at training"
-        # versions trained before the split was recorded: the same split, recomputed with the run's seed
+        assert len(scan_ids) == 3 and cal.fitted_on["regions_from"] == "recorded at training"
+        assert all(r["box"][0][1] - r["box"][0][0] == 102 for r in cal.fitted_on["regions"])  # round(406 / 4)
         from models import calibrator_store
         from tasks.calibration.model_version import validation_regions
 
         recorded, how = validation_regions(uri, loaded)
-        assert how == "recorded at training"
+        assert how == "recorded at training" and [r.box for r in recorded] == [
+            tuple(slice(a, b) for a, b in r["box"]) for r in cal.fitted_on["regions"]]
+        # versions trained before the split was recorded held out whole scans (one of three, chosen
+        # by the run's seed): that split is recomputed for them, not today's
         monkeypatch.setattr(calibrator_store, "load_validation", lambda uri: None)
         recomputed, how = validation_regions(uri, loaded)
-        assert how == "recomputed with the run's seed 0" and recomputed == recorded
+        assert how == "recomputed with the run's seed 0" and len(recomputed) == 1
+        assert recomputed[0].box == (slice(0, 406), slice(0, 438))
         model = load_model(uri)
         assert model.calibrator is not None
         store = scan_store("spacenet_rio", scan_ids[0])

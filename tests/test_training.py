@@ -287,22 +287,40 @@ def test_split_by_scan(sample_root):
     assert len(chips) == 3
     seen_val = set()
     for seed in range(6):
-        train, val = split_regions(chips, seed=seed)
+        train, val = split_regions(chips, seed=seed, by="scan")
         assert len(val) == 1 and len(train) == 2  # max(1, round(3 * 0.25)) = 1
         assert {r.store for r in train}.isdisjoint({r.store for r in val})
         assert {r.store for r in train + val} == set(stores["spacenet_rio"])
         for r in train + val:  # whole scans
             assert r.box == (slice(0, 406), slice(0, 438))
         seen_val.add(val[0].store)
-        assert _covers(split_regions(chips, seed=seed)[1]) == _covers(val)  # deterministic
+        assert _covers(split_regions(chips, seed=seed, by="scan")[1]) == _covers(val)  # deterministic
     assert len(seen_val) > 1  # the seed decides
 
     with pytest.raises(TrainingError, match="training split is empty"):
-        split_regions(chips, val_fraction=1.0)
+        split_regions(chips, val_fraction=1.0, by="scan")
 
+
+def test_few_scans_each_give_the_slab_with_the_most_foreground(sample_root):
+    """Below four scans every scan gives validation voxels: a quarter of its slices, where its
+    labels hold the most foreground, found here by brute force over every window."""
+    _, stores = sample_root
     brats = [open_training_scan(s, 5) for s in stores["brats2015_mri"]]
+    assert len(brats) == 2
     train, val = split_regions(brats)
-    assert len(train) == len(val) == 1 and train[0].store != val[0].store
+    assert len(val) == 2 and {r.store for r in val} == {s.store for s in brats}
+    for scan in brats:
+        labels = np.asarray(scan.labels[...])
+        depth, width = labels.shape[0], int(round(labels.shape[0] * 0.25))
+        counts = [np.count_nonzero(labels[a:a + width]) for a in range(depth - width + 1)]
+        best = max(a for a, c in enumerate(counts) if c == max(counts))
+        mine = [r for r in val if r.store == scan.store]
+        assert [r.box[0] for r in mine] == [slice(best, best + width)]
+        # training takes the rest of the scan, disjoint from validation, together the whole scan
+        pieces = sorted((r.box[0].start, r.box[0].stop) for r in train if r.store == scan.store)
+        covered = sorted(pieces + [(best, best + width)])
+        assert covered[0][0] == 0 and covered[-1][1] == depth
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
 
 
 def test_split_single_stack_by_slices(em_store):

@@ -45,7 +45,7 @@ def validation_regions(uri: str, loaded, store_root: str | None = None) -> tuple
     classes = len(entry.labels.classes)
     scans = [open_training_scan(scan_store(entry.name, s.scan_id, store_root), classes)
              for s in discover_scans(loaded)]
-    return split_regions(scans, seed=seed)[1], f"recomputed with the run's seed {seed}"
+    return split_regions(scans, seed=seed, by="scan")[1], f"recomputed with the run's seed {seed}"
 
 
 def validation_record(regions: list[Region], dataset: str, seed: int) -> dict:

@@ -64,31 +64,60 @@ def in_memory(scans: list[ScanArrays], budget_bytes: int = 2 << 30) -> list[Scan
     return [ScanArrays(s.store, np.asarray(s.image[...]), np.asarray(s.labels[...])) for s in scans]
 
 
-def split_regions(scans: list[ScanArrays], val_fraction: float = 0.25, seed: int = 0
+SCANS_FOR_SCAN_SPLIT = 4  # from this many scans, whole scans are held out; below, a slab of each scan
+
+
+def split_regions(scans: list[ScanArrays], val_fraction: float = 0.25, seed: int = 0, by: str = "auto"
                   ) -> tuple[list[Region], list[Region]]:
-    """Validation split by scan; with a single scan, by a range of slices (Z, or rows for a raster)
-    at its end, so no validation pixel was ever seen in training."""
+    """The validation split; no validation pixel is ever sampled for training.
+
+    ``by="auto"``: with at least :data:`SCANS_FOR_SCAN_SPLIT` scans, ``val_fraction`` of the scans
+    (at least one, chosen by ``seed``) are held out whole, so validation sees scans unlike the
+    training ones. With fewer (BraTS' few subjects, a handful of chips) one held-out scan would be
+    a noisy champion signal -- whichever subject it is decides -- and would take a large share of
+    the training data, so every scan gives a slab of ``val_fraction`` of its first axis (Z, or
+    rows of a raster) instead: the slab with the most foreground (ties: the last), so validation
+    scores the structures training must learn; the rest of the scan trains. A single scan: its
+    last slab, as before. ``by="scan"``: whole scans from two scans on (how versions trained
+    before slabs were recorded split, recomputed for calibrating them)."""
     if not scans:
         raise TrainingError("no labelled scans to train on")
     full = [Region(s.store, tuple(slice(0, n) for n in s.labels.shape)) for s in scans]
-    if len(scans) >= 2:
+    if len(scans) >= (2 if by == "scan" else SCANS_FOR_SCAN_SPLIT):
         order = np.random.default_rng(seed).permutation(len(scans))
         n_val = max(1, int(round(len(scans) * val_fraction)))
         val = [full[i] for i in sorted(order[:n_val])]
         train = [full[i] for i in sorted(order[n_val:])]
     else:
-        region = full[0]
-        depth = region.shape[0]
-        n_val = max(1, int(round(depth * val_fraction))) if val_fraction > 0 else 0
-        if depth < 2 or n_val < 1 or depth - n_val < 1:
-            raise TrainingError(f"{region.store}: a single scan of {depth} slices cannot be split into "
-                                "training and validation")
-        cut = depth - n_val
-        train = [Region(region.store, (slice(0, cut),) + region.box[1:])]
-        val = [Region(region.store, (slice(cut, depth),) + region.box[1:])]
+        train, val = [], []
+        for scan, region in zip(scans, full):
+            depth = region.shape[0]
+            n_val = max(1, int(round(depth * val_fraction))) if val_fraction > 0 else 0
+            if depth < 2 or n_val < 1 or depth - n_val < 1:
+                single = "a single scan" if len(scans) == 1 else "a scan"
+                raise TrainingError(f"{region.store}: {single} of {depth} slices cannot be split into "
+                                    "training and validation")
+            start = depth - n_val if len(scans) == 1 else _most_foreground(scan.labels, n_val)
+            rest = region.box[1:]
+            val.append(Region(region.store, (slice(start, start + n_val),) + rest))
+            train += [Region(region.store, (slice(a, b),) + rest) for a, b in ((0, start), (start + n_val, depth))
+                      if b > a]
     if not train:
         raise TrainingError("the training split is empty: add labelled scans or lower the validation fraction")
     return train, val
+
+
+def _most_foreground(labels, width: int) -> int:
+    """The start of the window of ``width`` indices along the first axis holding the most voxels of
+    a class > 0 (ties: the last); read one chunk row at a time."""
+    depth = labels.shape[0]
+    step = (getattr(labels, "chunks", None) or (depth,))[0]
+    per_index = np.zeros(depth, np.int64)
+    for a in range(0, depth, step):
+        block = np.asarray(labels[a:a + step])
+        per_index[a:a + len(block)] = np.count_nonzero(block.reshape(len(block), -1), axis=1)
+    windows = np.convolve(per_index, np.ones(width, np.int64), mode="valid")
+    return int(len(windows) - 1 - np.argmax(windows[::-1]))
 
 
 class PatchSampler:
