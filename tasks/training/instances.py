@@ -45,6 +45,9 @@ class Recipe:
     clip: float = 10.0
 
 
+RECIPE = Recipe()
+
+
 def anchor_sizes(instances: list[dict], levels: int = FPN_LEVELS) -> list[int]:
     """One anchor size per FPN level, doubling, the smallest the power of two at or below the 5th
     percentile of the objects' sqrt(box area) in pixels, so the smallest objects get anchors and
@@ -182,16 +185,18 @@ def detections_f1(predictions: list[dict], truths: list[dict], score_threshold: 
 
 def train_maskrcnn(config: TrainConfig, sampler, val_patches: list, normalise,
                    on_epoch: Callable[[dict], None] | None = None, instance_classes: dict[int, int] | None = None,
-                   network=None, frozen: list | None = None, recipe: Recipe = Recipe(),
+                   network=None, frozen: list | None = None, recipe: Recipe | None = None,
                    to_instances: Callable[[np.ndarray], dict] | None = None) -> TrainOutcome:
     """``to_instances`` turns a label patch into instances (default: connected components of the
-    ``instance_classes``; a synthetic set with touching objects passes its own, from object ids)."""
+    ``instance_classes``; a synthetic set with touching objects passes its own, from object ids).
+    ``recipe``: :data:`RECIPE` unless given."""
     import torch
     from monai.utils import set_determinism
 
     from models.zoo import build
     from tasks.engine.runner import pick_device
 
+    recipe = recipe or RECIPE
     instance_classes = instance_classes or {k: k for k in range(1, len(config.classes))}
     to_instances = to_instances or (lambda label: instances_from_labels(label, instance_classes))
     detector_classes = 1 + len(set(instance_classes.values()))
