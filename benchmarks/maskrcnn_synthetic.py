@@ -171,7 +171,7 @@ def run(minutes: float, size: int, count: int, axes: tuple[float, float], n_trai
                              to_instances=instances_from_ids)
     seconds = time.perf_counter() - t0
     return {"minutes": round(seconds / 60, 2), "iterations": sampler.drawn // batch,
-            "epochs": len(history), "best_epoch": outcome.best_epoch, "val_ap50": round(outcome.best_metric, 4),
+            "epochs": len(outcome.history), "best_epoch": outcome.best_epoch, "val_ap50": round(outcome.best_metric, 4),
             **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in score(outcome.network, test).items()},
             "args": args, "recipe": dataclasses.asdict(Recipe(**recipe))}
 

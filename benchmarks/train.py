@@ -563,13 +563,15 @@ def main() -> None:
                 from tasks.training.instances import DETECTOR_ARGS
 
                 change = json.loads(args.maskrcnn_args or "{}")
-                maskrcnn_variant({**DETECTOR_ARGS, **change} if change else None, json.loads(args.maskrcnn_recipe or "{}"))
+                maskrcnn_variant({**DETECTOR_ARGS, **change} if change else None,
+                                 json.loads(args.maskrcnn_recipe or "{}"))
             if case == "maskrcnn-init":
                 row = maskrcnn_from_deeplab(args.shared, args.minutes, args.epochs)
             else:
                 row = run_case("maskrcnn", args.shared, args.minutes, args.epochs)
                 row["case"] = case
-            row["variant"] = {"args": args.maskrcnn_args, "recipe": args.maskrcnn_recipe} if case == "maskrcnn" else case
+            row["variant"] = ({"args": args.maskrcnn_args, "recipe": args.maskrcnn_recipe} if case == "maskrcnn"
+                              else case)
         elif case == "unet-sat":
             row = run_case("deeplab", args.shared, args.minutes, args.epochs, architecture="unet", tta=args.tta,
                            crf=args.crf)

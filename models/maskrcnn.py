@@ -121,8 +121,10 @@ def build_maskrcnn(in_channels: int, out_channels: int, *, backbone: str = "mobi
     if anchors is not None:
         kwargs["rpn_anchor_generator"] = anchors
     channels = body.out_channels  # torchvision's heads, at the widths asked for (its defaults: 1024, 256)
-    kwargs.update(box_head=TwoMLPHead(channels * 7 * 7, box_head), box_predictor=FastRCNNPredictor(box_head, out_channels),
-                  mask_head=MaskRCNNHeads(channels, [mask_head] * 4, 1, norm_layer=group_norm if norm == "group" else None),
+    kwargs.update(box_head=TwoMLPHead(channels * 7 * 7, box_head),
+                  box_predictor=FastRCNNPredictor(box_head, out_channels),
+                  mask_head=MaskRCNNHeads(channels, [mask_head] * 4, 1,
+                                          norm_layer=group_norm if norm == "group" else None),
                   mask_predictor=MaskRCNNPredictor(mask_head, mask_head, out_channels))
     network = MaskRCNN(body, num_classes=None, **kwargs)
     if keep_scale:

@@ -78,12 +78,52 @@ def test_a_deeplab_encoder_initialises_the_detector_backbone():
     ours = detector.state_dict()
     torch.testing.assert_close(ours["backbone.body.conv1.weight"], deeplab.stem[0].weight)
     torch.testing.assert_close(ours["backbone.body.layer3.1.conv2.weight"], deeplab.layer3[1].conv2.weight)
-    torch.testing.assert_close(ours["backbone.body.layer4.0.downsample.0.weight"], deeplab.layer4[0].downsample[0].weight)
+    torch.testing.assert_close(ours["backbone.body.layer4.0.downsample.0.weight"],
+                               deeplab.layer4[0].downsample[0].weight)
     # every convolution of the ResNet (1 stem + 4 stages x 2 blocks x 2 + 3 downsamples = 20) and the
     # norms' weight and bias (1 + 16 + 3 = 20 norms): 60 tensors; nothing of the FPN or the heads
     assert len(report.loaded) == 60
     assert all(name.startswith("backbone.body.") for name in report.loaded)
     assert "backbone.fpn.inner_blocks.0.0.weight" in report.initialised
+
+
+def test_a_registered_deeplab_may_start_a_maskrcnn(tmp_path, monkeypatch):
+    """``--init-from models:/...`` of a DeepLab for a Mask R-CNN training: allowed (the same data's
+    semantic champion), its encoder renamed; the detector keeps its own arguments, not the DeepLab's.
+    Another pair (a DeepLab for a U-Net) is still an architecture mismatch."""
+    import mlflow
+    import mlflow.models
+
+    from models import registry
+    from models.card import ModelCard
+    from tasks.training.data import TrainingError
+    from tasks.training.init_from import apply_initial_weights, read_initial_weights
+
+    monkeypatch.setenv("TILEWISE_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements",  # speed only: no pip subprocess
+                        lambda model_uri, flavor, fallback=None, **kw: list(fallback or []))
+    original_uri = mlflow.get_tracking_uri()
+    try:
+        torch.manual_seed(0)
+        deeplab = build("deeplab", 2, 3, 2, aspp_channels=16)
+        card = ModelCard(architecture="deeplab", architecture_args={"aspp_channels": 16}, in_channels=3,
+                         classes=["background", "building"], spatial_dims=2, tile=[64, 64])
+        with mlflow.start_run(experiment_id=registry.experiment_id("rio")) as run:
+            info = registry.log_model(deeplab, card, np.zeros((1, 3, 64, 64), np.float32))
+            registry.register_and_promote("rio-deeplab", info.model_uri, run.info.run_id, "val_dice", 0.5)
+        parent = read_initial_weights("models:/rio-deeplab@champion", "maskrcnn")
+        assert parent.architecture == "deeplab" and parent.architecture_args is None
+        detector = build("maskrcnn", 2, 3, 2, **DETECTOR_ARGS)
+        report = apply_initial_weights(detector, parent)
+        assert len(report.loaded) == 60
+        torch.testing.assert_close(detector.backbone.body.layer2[0].conv1.weight, deeplab.layer2[0].conv1.weight)
+        with pytest.raises(TrainingError, match="a deeplab model; this training builds a unet"):
+            read_initial_weights("models:/rio-deeplab/1", "unet")
+    finally:
+        monkeypatch.undo()
+        mlflow.set_tracking_uri(original_uri)
 
 
 def test_a_few_dozen_iterations_find_touching_ellipses():

@@ -10,8 +10,8 @@ Tensors whose name and shape match the new network are loaded; the others -- a h
 classes, a first layer with other input channels -- keep their fresh initialisation and are
 listed. A registered DeepLab may start a Mask R-CNN (ResNet-FPN backbone) of the same data: its
 ResNet encoder is renamed onto the detector's backbone (:func:`deeplab_encoder_as_backbone`), the
-detector keeps its own architecture arguments. Everything is checked before any epoch runs. ``--freeze encoder`` names the encoder of each
-architecture (:func:`encoder_modules`).
+detector keeps its own architecture arguments. Everything is checked before any epoch runs.
+``--freeze encoder`` names the encoder of each architecture (:func:`encoder_modules`).
 """
 
 from __future__ import annotations

@@ -155,8 +155,8 @@ def detector_augment(config: TrainConfig, kind: str = "strong"):
     Photometric (``strong``): per-band contrast and brightness jitter on the normalised image, a
     global one, and Gaussian noise -- what differs between scenes and sensors. ``basic``: the
     semantic networks' augmentation (tasks/training/loop.py), elastic deformation included."""
-    from monai.transforms import (Compose, RandAdjustContrastd, RandFlipd, RandGaussianNoised, RandRotate90d,
-                                  RandScaleIntensityd, RandShiftIntensityd)
+    from monai.transforms import (Compose, RandFlipd, RandGaussianNoised, RandRotate90d, RandScaleIntensityd,
+                                  RandShiftIntensityd)
 
     if kind == "basic":
         from tasks.training.loop import _augment
