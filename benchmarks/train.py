@@ -14,12 +14,17 @@ the engine, and the metric is computed against their labels:
 - Satellite DeepLab v3+ (``deeplab``) and U-Net (``unet-sat``): building IoU on SpaceNet Rio chips
   56-57, trained on chips 50-55; ``transfer``: DeepLab pre-trained on the Las Vegas road chip
   (``--pretrain-minutes``), then fine-tuned on Rio with ``--init-from`` and ``--freeze encoder``.
-- Satellite Mask R-CNN: COCO mask AP50 of building instances on chips 56-57.
+- Satellite Mask R-CNN (``maskrcnn``): F1 at IoU 0.5 of building objects on chips 56-57, through
+  ``tilewise infer`` in instance mode (tiles merged; ``instance_scores``); the ``deeplab`` case also
+  scores connected components of its prediction as objects, the same way. ``maskrcnn-old`` trains
+  the detector as it was before issue 19; ``maskrcnn-init`` trains a DeepLab, then a Mask R-CNN
+  ``--init-from`` it; ``--maskrcnn-args`` / ``--maskrcnn-recipe`` (JSON) change one part of the
+  recipe (tasks/training/instances.py) for an ablation.
 
 ``--tta`` scores with mirroring test-time augmentation, ``--crf`` also scores the dense-CRF output.
 
-    python benchmarks/train.py [--minutes 20] [--only em,mri,deeplab,unet-sat,transfer,maskrcnn]
-        [--tta] [--crf] [--pretrain-minutes 5] [--shared ../shared/data]
+    python benchmarks/train.py [--minutes 20] [--only em,mri,deeplab,unet-sat,transfer,maskrcnn,maskrcnn-old,
+        maskrcnn-init] [--maskrcnn-args JSON] [--maskrcnn-recipe JSON] [--tta] [--crf] [--pretrain-minutes 5] [--shared ../shared/data]
 
 Training throughput (``--throughput``): iterations and samples per second of the training step
 (sampling, augmentation, forward, backward, update) per architecture, before and after the
@@ -198,12 +203,12 @@ def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, cr
 
     from tasks.engine.infer import EngineConfig, infer_scan
     from tasks.engine.model_io import load_model
-    from tasks.training.instances import instances_from_labels, mask_ap50
 
     model = load_model(model_uri)
     tile = tuple(model.card.tile)
+    if case == "maskrcnn":
+        return instance_scores(case, stores, model)
     scores: dict[str, list] = {}
-    predictions, truths = [], []
     seconds = {"": 0.0, "_skip": 0.0}
     for store in stores:
         if case != "maskrcnn":
@@ -232,19 +237,6 @@ def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, cr
                 probs = zarr.open_array(f"{crf_url(store)}/probabilities")[:] if case == "em" else None
                 score(case, pred, truth, probs, scores, "_crf")
             continue
-        import torch
-
-        truth = zarr.open_array(f"{store}/labels/reference")[:]
-        image = np.asarray(zarr.open_array(f"{store}/image/0")[:], np.float32)
-        x = model.card.normalization.apply(image[None])[0]
-        detector = model.module.detector
-        with torch.inference_mode():
-            det = detector([torch.from_numpy(x)])[0]
-        predictions.append({"masks": (det["masks"][:, 0] >= 0.5).numpy(), "scores": det["scores"].numpy(),
-                            "labels": det["labels"].numpy()})
-        truths.append(instances_from_labels(truth, {1: 1}))
-    if case == "maskrcnn":
-        return {"building_ap50": mask_ap50(predictions, truths)}
     out = summarise(case, scores)
     if crf:
         out.update(summarise(case, scores, "_crf"))
@@ -256,7 +248,41 @@ def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, cr
 
 TARGETS = {"em": ("adapted_rand_error", "<=", 0.10), "mri": ("whole_tumour_dice", ">=", 0.90),
            "mri-a": ("whole_tumour_dice", ">=", 0.90), "mri-b": ("whole_tumour_dice", ">=", 0.90),
-           "deeplab": ("building_iou", ">=", 0.65), "maskrcnn": ("building_ap50", ">=", None)}
+           "deeplab": ("building_iou", ">=", 0.65), "maskrcnn": ("building_f1_iou50", ">=", 0.5)}
+
+
+def instance_scores(case: str, stores: list[str], model) -> dict:
+    """Buildings as objects on the held-out chips, as the nightly makes them: Mask R-CNN through
+    ``tilewise infer`` in instance mode (256² tiles, overlap 0.5, merged; tasks/instances/detect.py),
+    a semantic model through the engine then connected components (min 16 px, the catalog's
+    ``instances`` rule). Scored (tasks/metrics/instance_eval.py) against the connected components of
+    the reference masks (min 16 px; touching buildings are one reference object): F1 at IoU 0.5
+    pooled over the chips, and per chip F1 and AP50."""
+    from tasks import storage
+    from tasks.engine.infer import EngineConfig, infer_scan
+    from tasks.instances.detect import infer_instances
+    from tasks.instances.from_semantic import instances_from_prediction
+    from tasks.metrics.instance_eval import evaluate_instances
+
+    config = EngineConfig(tile=tuple(model.card.tile), overlap=0.5)
+    tp = n_ref = n_pred = 0
+    per_chip = {}
+    for store in stores:
+        if case == "maskrcnn":
+            infer_instances(store, model, config)
+        else:
+            infer_scan(store, model, config)
+            instances_from_prediction(store, method="components", classes=["building"], min_size=16)
+        reference = storage.open_group(store, mode="r")["labels/reference"]
+        s = evaluate_instances(store, reference, things=[1], names=["background", "building"], min_size=16)
+        tp, n_ref, n_pred = tp + s["tp"], n_ref + s["reference_instances"], n_pred + s["predicted_instances"]
+        per_chip[Path(store).name.removesuffix(".zarr")] = {
+            "f1": None if s["f1"] != s["f1"] else round(s["f1"], 4),
+            "ap50": None if s["ap50"] != s["ap50"] else round(s["ap50"], 4),
+            "reference": s["reference_instances"], "predicted": s["predicted_instances"]}
+    prefix = "building" if case == "maskrcnn" else "components"
+    return {f"{prefix}_f1_iou50": 2 * tp / (n_ref + n_pred) if n_ref + n_pred else 0.0,
+            f"{prefix}_per_chip": per_chip}
 
 
 def ingest_datasets(catalog: Path, names: list[str]) -> dict[str, list[str]]:
@@ -321,11 +347,66 @@ def run_case(case: str, shared: Path, minutes: float, epochs: int, *, architectu
     train_minutes = (time.perf_counter() - t0) / 60
     metrics = held_out(case, stores[test_name], f"models:/{report.registered.split('/')[0]}@champion", tta, crf,
                        skip)
+    if case == "deeplab" and arch == "deeplab":  # the same chips as objects: connected components
+        metrics.update(semantic_instances(stores[test_name], report.registered))
     return {"case": case, "architecture": arch, "train_minutes": round(train_minutes, 1), "epochs": report.epochs,
             "stopped": report.stopped, report.metric_name: round(report.metric, 4),
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}, **extra,
             "init": report.initialised_from.split(";")[0] if init_from else "scratch", "freeze": freeze or "none",
             "tta": tta, "train_scans": len(stores[train_name]), "test_scans": len(stores[test_name])}
+
+
+def semantic_instances(stores: list[str], registered: str) -> dict:
+    from tasks.engine.model_io import load_model
+
+    return instance_scores("deeplab", stores, load_model(f"models:/{registered.split('/')[0]}@champion"))
+
+
+MASKRCNN_OLD = {"args": {}, "recipe": {"optimiser": "sgd", "lr": 0.01, "warmup": 1, "augment": "basic"}}
+
+
+def maskrcnn_variant(args: dict | None, recipe: dict) -> None:
+    """Train this process's Mask R-CNNs with other detector arguments (None: the recipe's) or
+    optimisation settings: one part of the recipe changed at a time (``--maskrcnn-args``,
+    ``--maskrcnn-recipe``; ``maskrcnn-old``: everything as before issue 19)."""
+    import dataclasses
+
+    import tasks.training.instances as instances
+    import tasks.training.train as train
+
+    if args is not None:
+        train.ARCHITECTURE_ARGS[("maskrcnn", 2)] = args
+    instances.RECIPE = dataclasses.replace(instances.RECIPE, **recipe)
+
+
+def maskrcnn_from_deeplab(shared: Path, minutes: float, epochs: int) -> dict:
+    """A DeepLab trained on the Rio training chips (``minutes``), scored on the held-out chips
+    (building IoU, and connected components as objects), then a Mask R-CNN trained as long with
+    ``--init-from`` that DeepLab (its ResNet encoder as the detector's backbone), scored likewise."""
+    from data_catalog import find_entry
+    from tasks.training.train import train_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="tilewise-bench-maskrcnn-init-"))
+    os.environ["TILEWISE_HOME"] = str(work / "home")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    catalog, train_name, test_name, _ = prepare("maskrcnn", shared, work)
+    stores = ingest_datasets(catalog, [train_name, test_name])
+    t0 = time.perf_counter()
+    parent = train_dataset(find_entry(train_name, catalog), architecture="deeplab", epochs=epochs, max_minutes=minutes)
+    deeplab_minutes = (time.perf_counter() - t0) / 60
+    parent_scores = held_out("deeplab", stores[test_name], f"models:/{parent.registered}")
+    parent_scores.update(semantic_instances(stores[test_name], parent.registered))
+    t0 = time.perf_counter()
+    report = train_dataset(find_entry(train_name, catalog), architecture="maskrcnn", epochs=epochs, max_minutes=minutes,
+                           init_from=f"models:/{parent.registered}")
+    train_minutes = (time.perf_counter() - t0) / 60
+    metrics = held_out("maskrcnn", stores[test_name], f"models:/{report.registered.split('/')[0]}@champion")
+    return {"case": "maskrcnn-init", "architecture": "maskrcnn", "train_minutes": round(train_minutes, 1),
+            "epochs": report.epochs, "stopped": report.stopped, report.metric_name: round(report.metric, 4),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+            "init": report.initialised_from.split(";")[0], "deeplab_minutes": round(deeplab_minutes, 1),
+            "deeplab": {k: round(v, 4) if isinstance(v, float) else v for k, v in parent_scores.items()},
+            "train_scans": len(stores[train_name]), "test_scans": len(stores[test_name])}
 
 
 OLD_ARGS = {("unet", 2): {"base_channels": 32}, ("unet", 3): {"base_channels": 16, "num_res_units": 2},
@@ -466,6 +547,8 @@ def main() -> None:
                         help="cases; 'unet-sat' trains a U-Net on the satellite case, 'transfer' a DeepLab "
                              "pre-trained on Las Vegas roads then fine-tuned on Rio (encoder frozen 3 epochs)")
     parser.add_argument("--pretrain-minutes", type=float, default=5.0, help="transfer: pre-training budget")
+    parser.add_argument("--maskrcnn-args", help="JSON: Mask R-CNN detector arguments to change (an ablation)")
+    parser.add_argument("--maskrcnn-recipe", help="JSON: Mask R-CNN Recipe fields to change (an ablation)")
     parser.add_argument("--tta", action="store_true", help="mirroring TTA when scoring held-out 2D scans")
     parser.add_argument("--crf", action="store_true", help="also score the dense-CRF-refined prediction")
     parser.add_argument("--skip-empty", default=None, help="also score with this empty-voxel rule (corner, auto, "
@@ -498,6 +581,23 @@ def main() -> None:
             row = run_case("deeplab", args.shared, args.minutes, args.epochs, tta=args.tta, crf=args.crf,
                            pretrain_minutes=args.pretrain_minutes, freeze="encoder")
             row["case"] = "transfer"
+        elif case in ("maskrcnn-old", "maskrcnn-init") or case == "maskrcnn" and (args.maskrcnn_args or
+                                                                                     args.maskrcnn_recipe):
+            if case == "maskrcnn-old":
+                maskrcnn_variant(MASKRCNN_OLD["args"], MASKRCNN_OLD["recipe"])
+            else:
+                from tasks.training.instances import DETECTOR_ARGS
+
+                change = json.loads(args.maskrcnn_args or "{}")
+                maskrcnn_variant({**DETECTOR_ARGS, **change} if change else None,
+                                 json.loads(args.maskrcnn_recipe or "{}"))
+            if case == "maskrcnn-init":
+                row = maskrcnn_from_deeplab(args.shared, args.minutes, args.epochs)
+            else:
+                row = run_case("maskrcnn", args.shared, args.minutes, args.epochs)
+                row["case"] = case
+            row["variant"] = ({"args": args.maskrcnn_args, "recipe": args.maskrcnn_recipe} if case == "maskrcnn"
+                              else case)
         elif case == "unet-sat":
             row = run_case("deeplab", args.shared, args.minutes, args.epochs, architecture="unet", tta=args.tta,
                            crf=args.crf)
@@ -515,7 +615,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     print("\ncase      metric                 value   target  met   train min  epochs  stopped")
     for row in rows:
-        name, op, target = TARGETS[{"transfer": "deeplab", "unet-sat": "deeplab"}.get(row["case"], row["case"])]
+        name, op, target = TARGETS[{"transfer": "deeplab", "unet-sat": "deeplab", "maskrcnn-old": "maskrcnn",
+                                    "maskrcnn-init": "maskrcnn"}.get(row["case"], row["case"])]
         value = row[name]
         met = "-" if target is None else ("yes" if (value <= target if op == "<=" else value >= target) else "no")
         print(f"{row['case']:<9} {name:<22} {value:<7.4f} {op if target else ''}{target or '':<6} {met:<5} "

@@ -8,8 +8,10 @@ than tensors to load is refused, never executed.
 
 Tensors whose name and shape match the new network are loaded; the others -- a head with other
 classes, a first layer with other input channels -- keep their fresh initialisation and are
-listed. Everything is checked before any epoch runs. ``--freeze encoder`` names the encoder of each
-architecture (:func:`encoder_modules`).
+listed. A registered DeepLab may start a Mask R-CNN (ResNet-FPN backbone) of the same data: its
+ResNet encoder is renamed onto the detector's backbone (:func:`deeplab_encoder_as_backbone`), the
+detector keeps its own architecture arguments. Everything is checked before any epoch runs.
+``--freeze encoder`` names the encoder of each architecture (:func:`encoder_modules`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ def read_initial_weights(source: str, architecture: str) -> InitialWeights:
             card, state, identity, _ = registered_weights(source)
         except RegistryError as exc:
             raise TrainingError(f"--init-from {source}: {exc}") from None
+        if (card.architecture, architecture) == ("deeplab", "maskrcnn"):
+            # a semantic champion of the same data: its ResNet encoder becomes the detector's backbone
+            return InitialWeights(source, identity, deeplab_encoder_as_backbone(state), card.architecture, None)
         if card.architecture != architecture:
             raise TrainingError(f"--init-from {source}: a {card.architecture} model; this training builds a "
                                 f"{architecture} (architecture mismatch)")
@@ -96,6 +101,22 @@ def read_initial_weights(source: str, architecture: str) -> InitialWeights:
         except Exception as exc:
             raise TrainingError(f"{source}: not a PyTorch weights file ({_first_line(exc)})") from None
     return InitialWeights(source, str(path.resolve()), _state_dict(state, source), sha256=digest)
+
+
+def deeplab_encoder_as_backbone(state: Mapping) -> dict:
+    """A DeepLab's ResNet encoder (``stem.0`` = conv1, ``stem.1`` = bn1, ``layer1``-``layer4``;
+    models/deeplab.py) under the names of a ResNet-FPN Mask R-CNN's backbone body
+    (``backbone.body.conv1`` ...; models/maskrcnn.py). Its ASPP and decoder have no counterpart and
+    are left out. The tensors keep their shapes; the DeepLab's last stages are dilated where the
+    detector's stride, so the filters are a starting point, not the same function."""
+    names = {"stem.0.": "backbone.body.conv1.", "stem.1.": "backbone.body.bn1.",
+             **{f"layer{i}.": f"backbone.body.layer{i}." for i in range(1, 5)}}
+    out = {}
+    for key, tensor in state.items():
+        for old, new in names.items():
+            if key.startswith(old):
+                out[new + key[len(old):]] = tensor
+    return out
 
 
 def _first_line(exc: BaseException) -> str:

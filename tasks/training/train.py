@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from tasks.training.data import (PatchSampler, ScanArrays, TrainingError, channe
                                  open_training_scan, split_regions)
 from tasks.training.init_from import (FREEZABLE, InitialWeights, apply_initial_weights, encoder_modules,
                                       read_initial_weights)
+from tasks.training.instances import DETECTOR_ARGS
 from tasks.training.loop import TrainConfig, TrainOutcome, train_semantic
 from tasks.training.validation import WholeRegionValidation, within_budget
 
@@ -27,7 +28,8 @@ DEFAULT_TILE = {2: (256, 256), 3: (64, 64, 64)}
 # 3D is 1.45x faster than two; DeepLab's ASPP at 64 channels 1.47x faster than 128.
 ARCHITECTURE_ARGS = {("unet", 2): {"base_channels": 16},
                      ("unet", 3): {"base_channels": 16, "num_res_units": 1},
-                     ("deeplab", 2): {"aspp_channels": 64}}
+                     ("deeplab", 2): {"aspp_channels": 64},
+                     ("maskrcnn", 2): DETECTOR_ARGS}  # + anchors sized on the training objects (plan_training)
 VALIDATION_OVERLAP = 0.25  # whole-region validation: the engine's tiling, fewer tiles than infer's 0.5
 
 
@@ -120,6 +122,12 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
     arrays = {s.store: s for s in in_memory(scans)}
     train_sampler = PatchSampler(train_regions, arrays, patch, seed=seed, pad=entry.tiling.pad)
     val_sampler = PatchSampler(val_regions, arrays, patch, seed=seed + 1, pad=entry.tiling.pad)
+    if architecture == "maskrcnn" and args.get("backbone") in ("resnet18", "resnet34") and "anchor_sizes" not in args:
+        from tasks.training.instances import training_anchor_sizes
+
+        names = entry.labels.instance_classes or list(classes[1:])
+        sizes = training_anchor_sizes(config, train_sampler, [classes.index(n) for n in names])
+        config = replace(config, architecture_args={**args, "anchor_sizes": sizes})
     validation = WholeRegionValidation(within_budget(val_regions, patch), patch,
                                        2 if model_dims == 2 and spatial == 3 else None,
                                        overlap=VALIDATION_OVERLAP, batch=config.batch)
