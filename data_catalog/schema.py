@@ -376,6 +376,13 @@ class Training(_Strict):
 
     epochs: int = Field(default=30, ge=1)
     max_minutes: float = Field(default=20.0, gt=0)
+    # How tiles are normalised (the card records it; the engine applies the same): ``zscore`` with
+    # the training patches' mean and std, ``scan_percentile`` with each scan's own 1st / 99th
+    # percentiles; ``auto``: scan_percentile for satellite semantic models (scenes differ in
+    # brightness and colour balance), zscore otherwise.
+    normalization: Literal["auto", "zscore", "scan_percentile"] = "auto"
+    # Photometric augmentation (per-band brightness, contrast, gamma); ``auto``: on for satellite
+    photometric: Literal["auto", "on", "off"] = "auto"
 
 
 class CatalogEntry(_Strict):
