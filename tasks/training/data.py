@@ -141,7 +141,7 @@ class PatchSampler:
         pad = [(0, p - (b.stop - b.start)) for p, b in zip(self.patch, box)]
         if any(hi for _, hi in pad):  # region smaller than the patch: pad exactly as the engine does
             if self.pad == "constant":  # the engine pads the raw scan with 0: its normalised value here
-                fill = getattr(arrays.image, "fill", np.zeros(image.shape[0], np.float32))
+                fill = arrays.image.fill if isinstance(arrays.image, NormalisedImage) else np.zeros(image.shape[0])
                 image = np.stack([np.pad(c, pad, mode="constant", constant_values=f) for c, f in zip(image, fill)])
                 labels = np.pad(labels, pad, mode="constant")
             else:  # mirrored per axis (numpy's reflect); an axis of size 1 repeats, as read_tile does
