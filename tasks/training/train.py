@@ -141,9 +141,8 @@ def _per_scan_normalization(entry, architecture: str) -> Normalization | None:
 
 
 def _photometric(entry, architecture: str) -> bool:
-    """The catalog's ``training.photometric``; ``auto``: on for satellite semantic models."""
-    setting = entry.training.photometric
-    return setting == "on" or (setting == "auto" and entry.modality == "satellite" and architecture != "maskrcnn")
+    """The catalog's ``training.photometric`` (off unless asked for: see data_catalog/schema.py)."""
+    return entry.training.photometric == "on"
 
 
 def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epochs: int | None = None,
