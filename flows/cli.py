@@ -586,8 +586,8 @@ def _report_run(kind: str, state) -> None:
         _fail(f"{kind} flow failed: {outcomes}")
     out.print(summary.rich_table(f"tilewise {summary.run_name(kind)}", outcomes))
     for r in summary.drifted(summary.scan_rows(outcomes)):
-        out.print(f"[yellow]drift warning: {escape(r['dataset'] + '/' + r['scan'])}: {escape(r['drift']['message'])}[/]",
-                  highlight=False)
+        where = escape(f"{r['dataset']}/{r['scan']}")
+        out.print(f"[yellow]drift warning: {where}: {escape(r['drift']['message'])}[/]", highlight=False)
     for o in outcomes:
         if o.status == "skipped" and o.scan_id == "*":
             out.print(f"[yellow]{escape(f'{o.dataset}: {o.step} skipped: {o.message}')}[/]", highlight=False)

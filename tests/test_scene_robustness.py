@@ -18,7 +18,7 @@ from models.card import ModelCard, Normalization
 from tasks import storage
 from tasks.engine.infer import EngineConfig, infer_scan
 from tasks.engine.model_io import LoadedModel
-from tasks.engine.scan_stats import for_scan, scan_percentiles
+from tasks.engine.scan_stats import scan_percentiles
 from tasks.ingest import ScanSpec, ingest_scan
 from tasks.ingest.discover import LabelSpec
 
@@ -66,7 +66,8 @@ def test_scan_percentile_needs_the_scans_statistics_and_resolves_to_minmax():
     flat = PERCENTILE.for_scan([7.0], [7.0])
     np.testing.assert_allclose(flat.apply(np.full((1, 1, 2, 2), 7.0, np.float32)), 0.0)
     # the card round-trips (what the registry stores)
-    assert ModelCard.model_validate_json(ModelCard(normalization=PERCENTILE).model_dump_json()).normalization == PERCENTILE
+    stored = ModelCard(normalization=PERCENTILE).model_dump_json()
+    assert ModelCard.model_validate_json(stored).normalization == PERCENTILE
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -304,5 +305,6 @@ def test_train_refuses_to_promote_a_model_that_paints_a_validation_scan_one_clas
     # the card records what each validation scan held and what the model predicted there
     card = registry.registered_weights("models:/chips-deeplab/1")[0]
     (scan, fractions), = card.validation_foreground.items()
-    assert fractions["predicted"] == 1.0 and fractions["reference"] == pytest.approx((12 * 14 + 12 * 12) / 48 ** 2, abs=1e-6)
+    assert fractions["predicted"] == 1.0
+    assert fractions["reference"] == pytest.approx((12 * 14 + 12 * 12) / 48 ** 2, abs=1e-6)
     assert card.normalization.kind == "scan_percentile"
