@@ -390,6 +390,16 @@ class Training(_Strict):
 
     epochs: int = Field(default=30, ge=1)
     max_minutes: float = Field(default=20.0, gt=0)
+    # How tiles are normalised (the card records it; the engine applies the same): ``zscore`` with
+    # the training patches' mean and std, ``scan_percentile`` with each scan's own 1st / 99th
+    # percentiles; ``auto``: scan_percentile for satellite semantic models (scenes differ in
+    # brightness and colour balance), zscore otherwise.
+    normalization: Literal["auto", "zscore", "scan_percentile"] = "auto"
+    # Photometric augmentation (per-band gain, brightness, gamma: tasks/training/augment.py). Off by
+    # default: on SpaceNet Rio within a 10-minute budget it cost held-out IoU (0.45 -> 0.38 with z-score,
+    # 0.47 -> 0.33 with per-scan percentiles; benchmarks/train.py) while per-scan normalisation alone
+    # already makes the model indifferent to a scene's brightness.
+    photometric: Literal["on", "off"] = "off"
 
 
 class CatalogEntry(_Strict):

@@ -527,6 +527,8 @@ def evaluate(
                                                      boundary_class=boundary_class, log_mlflow=mlflow)
     except (ScanError, ConnectionError) as exc:  # ConnectionError: the registry is unreachable
         _fail(str(exc))
+    if report.drift is not None and report.drift["far"]:  # on stderr, also beside --json
+        err.print(f"[yellow]drift warning:[/] {report.scan_id}: {escape(report.drift['message'])}")
     if as_json:
         print(json.dumps(report.to_dict(), indent=1))
         return
@@ -599,6 +601,9 @@ def _report_run(kind: str, state) -> None:
     if not isinstance(outcomes, list):
         _fail(f"{kind} flow failed: {outcomes}")
     out.print(summary.rich_table(f"tilewise {summary.run_name(kind)}", outcomes))
+    for r in summary.drifted(summary.scan_rows(outcomes)):
+        where = escape(f"{r['dataset']}/{r['scan']}")
+        out.print(f"[yellow]drift warning: {where}: {escape(r['drift']['message'])}[/]", highlight=False)
     for o in outcomes:
         if o.status == "skipped" and o.scan_id == "*":
             out.print(f"[yellow]{escape(f'{o.dataset}: {o.step} skipped: {o.message}')}[/]", highlight=False)

@@ -1,7 +1,12 @@
 """What a nightly or backfill run says when it ends: one row per scan (steps, model version, key
 metric, outputs, seconds), as a Prefect markdown artifact, as an MLflow run per dataset (experiment
 ``tilewise/<dataset>``, run ``nightly <date>``, tag ``tilewise.kind``; the per-scan evaluate runs
-nested under it) and as the CLI's table."""
+nested under it) and as the CLI's table.
+
+Drift (tasks/metrics/drift.py): a scan whose prediction's foreground fraction is far outside what
+the model's validation scans held is listed under "Drift warnings", marked in the CLI table, and
+recorded on the MLflow run (tag ``tilewise.drift``, metrics ``<scan>.foreground_fraction`` and
+``<scan>.drift``, ``scans_drifted``), labels or not."""
 
 from __future__ import annotations
 
@@ -49,7 +54,25 @@ def scan_rows(outcomes: list[ScanOutcome]) -> list[dict]:
             row["outputs"].append(o.output)
         if o.failed or o.status == "skipped":
             row["errors"].append(f"{o.step}: {o.message}")
+        if o.step == "infer" and not o.failed and o.store:
+            row["drift"] = _drift(o.store)
     return list(rows.values())
+
+
+def _drift(store: str) -> dict | None:
+    """The prediction's drift record (None: no validation fractions with its model, or unreadable:
+    the summary never fails over it)."""
+    from tasks.metrics.drift import prediction_drift
+
+    try:
+        drift = prediction_drift(store)
+    except Exception:
+        return None
+    return drift.record() if drift is not None else None
+
+
+def drifted(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if (r.get("drift") or {}).get("far")]
 
 
 def markdown(title: str, outcomes: list[ScanOutcome]) -> str:
@@ -65,6 +88,9 @@ def markdown(title: str, outcomes: list[ScanOutcome]) -> str:
         cells = [r["dataset"], r["scan"], r["model"], *(r.get(s, "") for s in STEPS), r["metric"],
                  "<br>".join(r["outputs"]), f"{r['seconds']:.1f}"]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    if drifted(rows):
+        lines += ["", "## Drift warnings", ""]
+        lines += [f"- `{r['dataset']}/{r['scan']}`: {r['drift']['message']}" for r in drifted(rows)]
     if failed:
         lines += ["", "## Failures", ""]
         lines += [f"- `{o.dataset}/{o.scan_id}` ({o.step}): {o.message}" for o in outcomes if o.failed]
@@ -115,13 +141,18 @@ def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: 
         now = int(time.time() * 1000)
         counts = {"scans": len(rows), "scans_ok": sum(1 for r in rows if (r["dataset"], r["scan"]) not in failed),
                   "scans_failed": len(failed), "scans_changed": len(changed),
-                  "steps_unchanged": sum(1 for o in outcomes if o.status == "unchanged"), "seconds": seconds}
+                  "steps_unchanged": sum(1 for o in outcomes if o.status == "unchanged"), "seconds": seconds,
+                  "scans_drifted": len(drifted(rows))}
         metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
         for r in rows:
             for k, label in KEY_METRICS:
                 if k in r["metrics"]:
                     metrics.append(Metric(f"{r['scan']}.{k}"[:250], float(r["metrics"][k]), now, 0))
-        tags = [RunTag("tilewise.model", version or "none")]
+            if r.get("drift"):
+                metrics.append(Metric(f"{r['scan']}.foreground_fraction"[:250], float(r["drift"]["fraction"]), now, 0))
+                metrics.append(Metric(f"{r['scan']}.drift"[:250], float(r["drift"]["far"]), now, 0))
+        drift_tag = "; ".join(f"{r['scan']}: {r['drift']['message']}" for r in drifted(rows)) or "none"
+        tags = [RunTag("tilewise.model", version or "none"), RunTag("tilewise.drift", drift_tag[:5000])]
         c.log_batch(run_id, metrics=metrics[:900], tags=tags)
         c.log_dict(run_id, {"model": version, "scans": [{k: v for k, v in r.items()} for r in rows],
                             "steps": [{"dataset": o.dataset, "scan": o.scan_id, "step": o.step, "status": o.status,
@@ -148,6 +179,7 @@ def rich_table(title: str, outcomes: list[ScanOutcome]):
         table.add_column(column, overflow="fold")
     for r in rows:
         cells = [f"[{colours.get(r[s], 'green')}]{r[s]}[/]" if s in r else "-" for s in steps]
+        metric = r["metric"] + ("\n[yellow]drift: see below[/]" if (r.get("drift") or {}).get("far") else "")
         table.add_row(escape(r["dataset"]), escape(r["scan"]), escape(r["model"].removeprefix("models:/")), *cells,
-                      r["metric"], escape("\n".join(r["outputs"])), f"{r['seconds']:.1f}")  # names, not markup
+                      metric, escape("\n".join(r["outputs"])), f"{r['seconds']:.1f}")  # names, not markup
     return table

@@ -19,19 +19,43 @@ class Normalization(BaseModel):
     """Per-channel intensity normalisation applied to every tile before the model.
 
     ``none``; ``zscore``: (x - mean) / std with the card's values; ``minmax``: (x - low) / (high - low).
+
+    ``scan_percentile`` is per scan: ``low`` and ``high`` are each channel's ``percentiles`` of the
+    *scan being predicted* (of the training scan, in training), so a scene brighter or of another
+    colour balance than the training scenes reaches the network with the same range (SpaceNet Rio:
+    a chip brighter than every training chip was all "building" under the training set's z-score).
+    The card holds only the percentiles; :meth:`for_scan` makes the ``minmax`` normalisation of one
+    scan from its statistics (``tasks/engine/scan_stats.py`` computes them once per scan, the
+    same way for training and inference).
     """
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["none", "zscore", "minmax"] = "none"
+    kind: Literal["none", "zscore", "minmax", "scan_percentile"] = "none"
     mean: list[float] | None = None
     std: list[float] | None = None
     low: list[float] | None = None
     high: list[float] | None = None
+    percentiles: list[float] | None = None  # scan_percentile: [low, high], e.g. [1, 99]
+
+    @property
+    def per_scan(self) -> bool:
+        """True when the values come from each scan (they are not in the card)."""
+        return self.kind == "scan_percentile"
+
+    def for_scan(self, low: list[float], high: list[float]) -> "Normalization":
+        """The normalisation of one scan whose channels have ``low`` and ``high`` percentiles. A
+        channel with no spread (a constant scan: all nodata) keeps a unit range, so it maps to 0
+        instead of dividing by zero."""
+        high = [h if h > lo else lo + 1.0 for lo, h in zip(low, high)]
+        return Normalization(kind="minmax", low=[float(v) for v in low], high=[float(v) for v in high])
 
     def apply(self, batch: np.ndarray) -> np.ndarray:
         """``batch`` is (B, C, *spatial) float32; returns it normalised (in place where possible)."""
         if self.kind == "none":
             return batch
+        if self.per_scan:
+            raise ValueError("a per-scan normalisation (scan_percentile) needs the scan's statistics: apply "
+                             "Normalization.for_scan(...) of the scan (tasks.engine.scan_stats)")
         shape = (1, -1) + (1,) * (batch.ndim - 2)
         if self.kind == "zscore":
             mean = np.asarray(self.mean, np.float32).reshape(shape)
@@ -61,6 +85,9 @@ class ModelCard(BaseModel):
     modality: str | None = None
     dataset: str | None = None
     metric: dict[str, float] | None = None  # validation metric of this model: {"name": value}
+    # Foreground fraction (any class > 0) of each validation scan, {scan: {"reference": f, "predicted": f}}:
+    # what the model saw when it was chosen; a prediction far outside it is flagged (tasks/metrics/drift.py)
+    validation_foreground: dict[str, dict[str, float]] | None = None
 
 
 

@@ -213,12 +213,14 @@ class Promotion:
 
 def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, value: float,
                          higher_is_better: bool = True, protocol: str | None = None,
-                         tags: dict[str, str] | None = None) -> Promotion:
+                         tags: dict[str, str] | None = None, refuse: str | None = None) -> Promotion:
     """Register ``model_uri`` as a new version of ``name`` and apply the champion rule.
 
     ``protocol`` says how the metric was measured (e.g. "whole-regions"): a champion whose metric
     has another name or protocol is not comparable, and the new version replaces it. ``tags`` go on
-    the version too (e.g. its parent for a fine-tuned model)."""
+    the version too (e.g. its parent for a fine-tuned model). ``refuse``: why this version must not
+    become champion whatever its metric (training's end check: one class everywhere on a validation
+    scan); it is registered as challenger with that reason."""
     import mlflow
 
     c = client()
@@ -229,7 +231,9 @@ def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, va
     for key, val in own.items():
         c.set_model_version_tag(name, version, key, val)
     current = _alias_version(c, name, CHAMPION)
-    if current is None:
+    if refuse:
+        alias, decision = CHALLENGER, f"not promoted: {metric}={value:.4f} but it {refuse}"
+    elif current is None:
         alias, decision = CHAMPION, f"champion: first version of {name} ({metric}={value:.4f})"
     else:
         theirs = c.get_model_version(name, current).tags

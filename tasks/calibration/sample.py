@@ -114,10 +114,12 @@ def sample_validation(model, regions: list[Region], classes: list[str], *, tiles
             centre = _foreground_voxel(labels, region.box, size, rng) if j % 2 else None
             placed.append((i, _origin(region.box, size, rng, centre)))
     probs_parts, label_parts, tile_ids, keys = [], [], [], []
-    norm = model.card.normalization
+    from tasks.engine.scan_stats import for_scan
+
+    norms = [for_scan(region.store, model.card.normalization)[0] for region, _, _ in opened]  # as infer does
     for start in range(0, len(placed), batch):
         chunk = placed[start: start + batch]
-        x = norm.apply(np.stack([read_tile(opened[i][1], o, size, pad) for i, o in chunk]))
+        x = np.stack([norms[i].apply(read_tile(opened[i][1], o, size, pad)[None])[0] for i, o in chunk])
         logits = runner(x, where=" (calibration sample)")
         for t, ((i, o), tile_logits) in enumerate(zip(chunk, logits)):
             region, _, labels = opened[i]

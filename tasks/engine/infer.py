@@ -47,6 +47,7 @@ from tasks.engine.blend import BlendMode, chunk_weights, importance_map, labels_
 from tasks.engine.model_io import LoadedModel
 from tasks.engine.plan import Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
+from tasks.engine.scan_stats import for_scan as normalization_for_scan
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
 from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box
 from tasks.errors import ScanError
@@ -122,6 +123,7 @@ class Prepared:
     calibrator: Any = None  # tasks.calibration.calibrator.Calibrator, or None
     empty_rule: EmptyRule | None = None  # tiles whose input is all empty under it are not run
     region: tuple[tuple[int, int], ...] | None = None  # the box the tiles cover (non-empty voxels), None: all
+    normalization: Any = None  # models.card.Normalization of this scan (a per-scan one resolved); None: the card's
 
 
 def _fail(store: str, problem: str) -> ScanError:
@@ -154,10 +156,20 @@ def resolve_tile(config: EngineConfig, model: LoadedModel, spatial: tuple[int, .
     return tile, squeeze
 
 
+def _result_fields(config: EngineConfig, scan_normalization: dict | None) -> dict:
+    """The run's parameters that change the numbers; a per-scan normalisation's values (the scan's
+    percentiles) join them only when the card's normalisation is per scan, so older cards keep
+    their digests."""
+    fields = config.result_fields()
+    if scan_normalization is not None:
+        fields["scan_normalization"] = scan_normalization
+    return fields
+
+
 def _digest(model_identity: str, config: EngineConfig, tile: tuple[int, ...], calibrator: dict | str = "none",
-            empty_rule: EmptyRule | None = None) -> str:
-    return identity.prediction_digest(model_identity, config.result_fields(), list(tile), calibrator,
-                                      empty_rule.record() if empty_rule is not None else None)
+            empty_rule: EmptyRule | None = None, scan_normalization: dict | None = None) -> str:
+    return identity.prediction_digest(model_identity, _result_fields(config, scan_normalization), list(tile),
+                                      calibrator, empty_rule.record() if empty_rule is not None else None)
 
 
 def resolve_calibrator(model: LoadedModel, config: EngineConfig, calibrator: Any = None) -> tuple[Any, dict | str]:
@@ -209,8 +221,9 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
         empty_rule = resolve_rule(config.skip_empty, storage.read_record(store) or {}, channels, image)
     except ValueError as exc:
         raise _fail(store, str(exc)) from None
+    normalization, norm_record = normalization_for_scan(store, model.card.normalization)  # once per scan
     digest = _digest(model.identity, config, tile, {k: v for k, v in cal_record.items() if k != "uri"}
-                     if isinstance(cal_record, dict) else cal_record, empty_rule)
+                     if isinstance(cal_record, dict) else cal_record, empty_rule, norm_record)
 
     pred_url = _prediction(store)
     if expect_digest is not None and digest != expect_digest:
@@ -247,7 +260,7 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
         if not classes:  # ask the model: run one tile
             probe = runner or ModelRunner(model.module, device=config.device, squeeze_axis=squeeze)
             first = next(plan.tiles())
-            batch = model.card.normalization.apply(read_tile(image, first, tile, config.pad)[None])
+            batch = normalization.apply(read_tile(image, first, tile, config.pad)[None])
             try:
                 logits = probe(batch, where=f" (tile at {first})")
             except ModelOutputError as exc:
@@ -258,7 +271,7 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
             raise _fail(store, f"the calibrator is for {len(calibrator.classes)} classes, the model gives "
                                f"{len(classes)}")
         _create_output(pred_url, plan, len(classes), config, digest, classes, model.identity, cal_record,
-                       empty_rule)
+                       empty_rule, norm_record, model.card.validation_foreground)
 
     done = zarr.open_array(f"{pred_url}/done", mode="r")[...]
     todo = {idx for idx in np.ndindex(*plan.chunk_grid) if not done[idx]}
@@ -271,12 +284,13 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
         else:
             plan = plan_tiles(spatial, tile, config.overlap, chunks, config.placement, region)
     return Prepared(store, plan, config, squeeze, classes, digest, todo, resumed, model.identity, calibrator,
-                    empty_rule, region)
+                    empty_rule, region, normalization)
 
 
 def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineConfig, digest: str,
                    names: list[str], model_identity: str, calibrator: dict | str = "none",
-                   empty_rule: EmptyRule | None = None) -> None:
+                   empty_rule: EmptyRule | None = None, scan_normalization: dict | None = None,
+                   validation_foreground: dict | None = None) -> None:
     group = storage.open_group(pred_url, mode="w")
     axes = "zyx"[-plan.ndim:]
     group.create_array("probabilities", shape=(classes, *plan.shape), dtype=config.output_dtype,
@@ -287,8 +301,10 @@ def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineCo
     group.create_array("done", shape=plan.chunk_grid, dtype="uint8", chunks=(1,) * plan.ndim, fill_value=0)
     group.attrs[storage.ATTRS_KEY] = {
         "kind": "prediction", "digest": digest, "classes": names, "model": model_identity, "calibrator": calibrator,
-        "params": {**config.result_fields(), "tile": list(plan.tile)},
+        "params": {**_result_fields(config, scan_normalization), "tile": list(plan.tile)},
         "skip_empty": empty_rule.record() if empty_rule is not None else "off",
+        # what the model's validation scans held (its card): evaluate and the nightly flag drift from it
+        **({"validation_foreground": validation_foreground} if validation_foreground else {}),
         "tilewise_version": tilewise_version(), **identity.stamp("infer"),
     }
 
@@ -385,7 +401,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                            budget_bytes=config.memory_budget_mb << 20, pool=pool)
     writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator, weights, skipped,
                           len(prep.classes), pool)
-    norm = model.card.normalization
+    norm = prep.normalization if prep.normalization is not None else model.card.normalization
     calls_before = runner.calls
 
     def read(batch):

@@ -66,6 +66,9 @@ class EvaluationReport:
     instances: dict | None = None  # AP / F1 / PQ of prediction/instances (tasks/metrics/instance_eval.py)
     instances_digest: str | None = None  # the instances' digest when they were scored
     settings: dict | None = None  # the catalog settings it read (tasks.identity.scoring_settings)
+    # foreground fraction against the model's validation scans (tasks/metrics/drift.py); None when the
+    # prediction carries no validation fractions (models trained before they were recorded)
+    drift: dict | None = None
     code_version: int = 1  # of the evaluate step (tasks.identity); 1 for reports from before it was recorded
     seconds: float = 0.0
     evaluated_at: str = ""
@@ -92,6 +95,9 @@ class EvaluationReport:
                 flat[f"isbi_{key}"] = value
         for key in ("ap", "ap50", "ap75", "f1", "precision", "recall", "pq", "sq", "rq"):
             flat[f"instances_{key}"] = (self.instances or {}).get(key)
+        if self.drift is not None:  # 1 when the foreground fraction is far outside the validation's
+            flat["foreground_fraction"] = self.drift["fraction"]
+            flat["drift"] = float(self.drift["far"])
         return {_metric_name(k): float(v) for k, v in flat.items()
                 if isinstance(v, (int, float)) and v is not None and math.isfinite(v)}
 
@@ -369,6 +375,11 @@ def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, bou
     calibration = ({k2: json_float(v) if isinstance(v, float) else v for k2, v in bins.scores().items()}
                    if probs is not None else None)
     instances, instances_digest = _instance_scores(store, group, record, pred_record, entry, names, reference_name)
+    from tasks.metrics.drift import foreground_drift
+
+    predicted = confusion.matrix.sum(axis=0)  # per predicted class
+    drift = foreground_drift(float(predicted[1:].sum() / max(predicted.sum(), 1)),
+                             pred_record.get("validation_foreground"))
     report = EvaluationReport(
         store=store, scan_id=record.get("scan_id") or Path(store).name.removesuffix(".zarr"),
         dataset=record.get("dataset") or (entry.name if entry is not None else None), modality=modality,
@@ -377,6 +388,7 @@ def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, bou
         isbi=jsonable(isbi.result()) if isbi is not None else None, model=pred_record.get("model"),
         calibrator=pred_record.get("calibrator"), prediction_digest=pred_record.get("digest"),
         instances=instances, instances_digest=instances_digest, settings=settings,
+        drift=drift.record() if drift is not None else None,
         code_version=identity.code_version("evaluate"), seconds=time.perf_counter() - t0, evaluated_at=datetime.now(timezone.utc).isoformat(),
         extras={"bins": bins, "overlay_level": overlay_level, "overlay_factors": of,
                 "planes": {w: [p.data for p in ps] for w, ps in planes.items()}},

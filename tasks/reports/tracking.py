@@ -42,6 +42,8 @@ def log_evaluation(report: EvaluationReport, images: Sequence[str | Path] = (), 
         "tilewise.calibrator": str(calibrator) if calibrator else "none", "tilewise.reference": report.reference,
         "tilewise.prediction_digest": report.prediction_digest or "",
     }
+    if report.drift is not None:  # the user's cue: this scan looks unlike the model's validation scans
+        tags["tilewise.drift"] = report.drift["message"] if report.drift["far"] else "none"
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run = c.create_run(experiment_id(dataset), run_name=f"evaluate {report.scan_id}",

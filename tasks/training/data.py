@@ -169,8 +169,9 @@ class PatchSampler:
         labels = np.asarray(arrays.labels[box], dtype=np.int64)
         pad = [(0, p - (b.stop - b.start)) for p, b in zip(self.patch, box)]
         if any(hi for _, hi in pad):  # region smaller than the patch: pad exactly as the engine does
-            if self.pad == "constant":
-                image = np.pad(image, [(0, 0)] + pad, mode="constant")
+            if self.pad == "constant":  # the engine pads the raw scan with 0: its normalised value here
+                fill = arrays.image.fill if isinstance(arrays.image, NormalisedImage) else np.zeros(image.shape[0])
+                image = np.stack([np.pad(c, pad, mode="constant", constant_values=f) for c, f in zip(image, fill)])
                 labels = np.pad(labels, pad, mode="constant")
             else:  # mirrored per axis (numpy's reflect); an axis of size 1 repeats, as read_tile does
                 from tasks.engine.tiles import reflect_indices
@@ -206,3 +207,39 @@ def channel_statistics(sampler: PatchSampler, patches: int = 16) -> tuple[list[f
     mean = total / count
     std = np.sqrt(np.maximum(sq / count - mean ** 2, 1e-12))
     return [float(m) for m in mean], [float(s) for s in std]
+
+
+class NormalisedImage:
+    """A scan's image (C, *spatial), Zarr or in memory, read through that scan's normalisation: the
+    per-scan kind (``scan_percentile``) differs per scan, so it is applied where the scan is known
+    -- when a patch or a validation region is read -- and training, validation and calibration see
+    what the engine feeds the network for that scan. Reads take every channel."""
+
+    def __init__(self, image, normalization):
+        self.image = image
+        self.normalization = normalization  # models.card.Normalization of this scan (resolved)
+        self.shape, self.ndim, self.nbytes = image.shape, image.ndim, image.nbytes
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if key[0] != slice(None):
+            raise IndexError("a normalised image is read with all its channels (key[0] must be ':')")
+        block = np.asarray(self.image[key], dtype=np.float32)
+        return self.normalization.apply(block[None])[0]
+
+    @property
+    def fill(self) -> np.ndarray:
+        """Per channel, what a raw 0 (the engine's constant padding) becomes."""
+        zeros = np.zeros((1, self.shape[0]) + (1,) * (self.ndim - 1), np.float32)
+        return self.normalization.apply(zeros).reshape(-1)
+
+
+def per_scan_normalised(scans: list[ScanArrays], normalization) -> list[ScanArrays]:
+    """``scans`` whose images read normalised with each scan's own statistics (``normalization`` is
+    per scan: ``tasks.engine.scan_stats.for_scan`` resolves it from the scan's store, as the engine
+    does at inference)."""
+    from tasks.engine.scan_stats import for_scan
+
+    return [ScanArrays(s.store, NormalisedImage(s.image, for_scan(s.store, normalization)[0]), s.labels)
+            for s in scans]

@@ -47,6 +47,7 @@ class TrainConfig:
     freeze_epochs: int = 3
     device: str | None = None  # None: cuda when there is one, else cpu
     amp: bool = True  # bfloat16 autocast on a GPU (never on a CPU, where it is slower)
+    photometric: bool = False  # per-band gain, brightness, gamma (tasks/training/augment.py)
 
 
 @dataclass
@@ -77,6 +78,10 @@ def _augment(config: TrainConfig):
                                  padding_mode="reflection"))
     steps += [RandScaleIntensityd(["image"], factors=0.1, prob=0.3),
               RandShiftIntensityd(["image"], offsets=0.1, prob=0.3)]
+    if config.photometric:
+        from tasks.training.augment import photometric_steps
+
+        steps += photometric_steps()
     return Compose(steps)
 
 

@@ -13,7 +13,7 @@ from tasks import storage
 from tasks.ingest import discover_scans
 from tasks.settings import scan_store
 from tasks.training.data import (PatchSampler, ScanArrays, TrainingError, channel_statistics, in_memory,
-                                 open_training_scan, split_regions)
+                                 open_training_scan, per_scan_normalised, split_regions)
 from tasks.training.init_from import (FREEZABLE, InitialWeights, apply_initial_weights, encoder_modules,
                                       read_initial_weights)
 from tasks.training.instances import DETECTOR_ARGS
@@ -44,6 +44,7 @@ class TrainingPlan:
     arrays: dict[str, ScanArrays]
     scans: list[ScanArrays]
     initial: InitialWeights | None = None  # --init-from
+    normalization: Normalization | None = None  # per scan (applied by ``arrays``), else None: z-score
 
 
 @dataclass
@@ -118,8 +119,12 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
                          classes=classes, epochs=entry.training.epochs if epochs is None else epochs,
                          max_minutes=entry.training.max_minutes if max_minutes is None else max_minutes,
                          seed=seed, architecture_args=args, batch=2 if model_dims == 3 else 4,
-                         freeze=freeze)
-    arrays = {s.store: s for s in in_memory(scans)}
+                         freeze=freeze, photometric=_photometric(entry, architecture))
+    normalization = _per_scan_normalization(entry, architecture)
+    loaded_scans = in_memory(scans)
+    if normalization is not None:  # each scan's images read through its own statistics
+        loaded_scans = per_scan_normalised(loaded_scans, normalization)
+    arrays = {s.store: s for s in loaded_scans}
     train_sampler = PatchSampler(train_regions, arrays, patch, seed=seed, pad=entry.tiling.pad)
     val_sampler = PatchSampler(val_regions, arrays, patch, seed=seed + 1, pad=entry.tiling.pad)
     if architecture == "maskrcnn" and args.get("backbone") in ("resnet18", "resnet34") and "anchor_sizes" not in args:
@@ -131,7 +136,22 @@ def plan_training(loaded: LoadedEntry, architecture: str | None, epochs: int | N
     validation = WholeRegionValidation(within_budget(val_regions, patch), patch,
                                        2 if model_dims == 2 and spatial == 3 else None,
                                        overlap=VALIDATION_OVERLAP, batch=config.batch)
-    return TrainingPlan(config, train_sampler, val_sampler, validation, arrays, scans, initial)
+    return TrainingPlan(config, train_sampler, val_sampler, validation, arrays, scans, initial, normalization)
+
+
+def _per_scan_normalization(entry, architecture: str) -> Normalization | None:
+    """The catalog's ``training.normalization``; ``auto`` is per-scan percentiles for satellite
+    semantic models (scenes differ in brightness and colour balance: issue 19), z-score otherwise
+    (None). Mask R-CNN keeps z-score under ``auto``: its detector code applies the card per tile."""
+    kind = entry.training.normalization
+    if kind == "auto":
+        kind = "scan_percentile" if entry.modality == "satellite" and architecture != "maskrcnn" else "zscore"
+    return Normalization(kind="scan_percentile", percentiles=[1.0, 99.0]) if kind == "scan_percentile" else None
+
+
+def _photometric(entry, architecture: str) -> bool:
+    """The catalog's ``training.photometric`` (off unless asked for: see data_catalog/schema.py)."""
+    return entry.training.photometric == "on"
 
 
 def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epochs: int | None = None,
@@ -156,8 +176,17 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
     frozen = encoder_modules(config.architecture, network) if config.freeze else None
     if init_report:
         log.info("%s: %s", entry.name, init_report.summary())
-    mean, std = channel_statistics(train_sampler)
-    normalization = Normalization(kind="zscore", mean=mean, std=std)
+    if plan.normalization is not None:  # per scan: the arrays read normalised already
+        normalization = plan.normalization
+
+        def normalise(batch: np.ndarray) -> np.ndarray:
+            return batch.astype(np.float32, copy=False)
+    else:
+        mean, std = channel_statistics(train_sampler)
+        normalization = Normalization(kind="zscore", mean=mean, std=std)
+
+        def normalise(batch: np.ndarray) -> np.ndarray:
+            return normalization.apply(batch.astype(np.float32))
     attrs = storage.read_record(scans[0].store) or {}  # spacing, unit, channel names of the data
     tile = list(config.patch[1:] if len(config.patch) == config.spatial_dims + 1 else config.patch)
     instance_map = {config.classes.index(n): i + 1 for i, n in enumerate(names)}
@@ -169,9 +198,6 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
         spatial_dims=config.spatial_dims, tile=tile, normalization=normalization, spacing=attrs.get("spacing"),
         unit=attrs.get("unit"), modality=entry.modality, dataset=entry.name,
     )
-
-    def normalise(batch: np.ndarray) -> np.ndarray:
-        return normalization.apply(batch.astype(np.float32))
 
     val_patches = val_sampler.fixed(config.val_patches)
     metric_is_regions = config.architecture != "maskrcnn"  # Mask R-CNN: AP50 on fixed validation patches
@@ -221,6 +247,18 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
             outcome = train_semantic(config, train_sampler, plan.validation, plan.arrays, normalise, on_epoch,
                                      network=network, frozen=frozen)
         card = card.model_copy(update={"metric": {outcome.metric_name: outcome.best_metric}})
+        refused = None
+        if metric_is_regions:  # per validation scan: foreground fractions for the card, one class everywhere
+            from tasks.training.champion_check import degenerate_scans, foreground_fractions, scan_class_fractions
+
+            fractions = scan_class_fractions(outcome.network, plan.validation, plan.arrays, len(config.classes),
+                                             normalise)
+            card = card.model_copy(update={"validation_foreground": foreground_fractions(fractions)})
+            bad = degenerate_scans(fractions, list(config.classes))
+            if bad:
+                refused = f"predicts one class everywhere on validation scans ({'; '.join(bad)})"
+                log.warning("%s: not promoted: it %s", name, refused)
+                mlflow.set_tag("tilewise.degenerate", "; ".join(bad))
         mlflow.log_metric(f"best_{outcome.metric_name}", outcome.best_metric)
         mlflow.set_tag("tilewise.stopped", outcome.stopped)
         example = normalise(val_patches[0][0][None])
@@ -230,7 +268,7 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
         promotion = registry.register_and_promote(name, info.model_uri, run.info.run_id, outcome.metric_name,
                                                   outcome.best_metric,
                                                   protocol="whole-regions" if metric_is_regions else None,
-                                                  tags=parent)
+                                                  tags=parent, refuse=refused)
     calibration = _calibrate(loaded, f"models:/{promotion.name}/{promotion.version}", store_root, seed,
                              config.architecture)
     watershed = _tune_watershed(loaded, f"models:/{promotion.name}/{promotion.version}", store_root)
