@@ -25,6 +25,7 @@ _os.makedirs(_os.environ["PREFECT_HOME"], exist_ok=True)  # Prefect makes only t
 # The embedded server takes ~15 s to start on 2 busy cores; Prefect's default wait is 20 s.
 _os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 _os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+_os.environ.setdefault("DO_NOT_TRACK", "1")  # nor does the client report usage (Prefect 3.8 prints a notice otherwise)
 _os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 _os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
 

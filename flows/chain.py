@@ -33,7 +33,7 @@ from flows.export import export_path, export_scan_task
 from flows.infer import engine_config, infer_scan_task, model_uri, resolve_version
 from flows.instances import instance_settings, instances_scan_task, outcome_row
 from flows.ingest import ingest_scan_task
-from flows.outcomes import ScanOutcome
+from flows.outcomes import ScanOutcome, plan, report
 from models.zoo import is_instance_architecture
 from tasks import identity, storage
 from tasks.export import ExportOptions
@@ -149,13 +149,13 @@ def _ingest(entry: CatalogEntry, specs: list[ScanSpec], store_root: str | None, 
         store = stores[spec.scan_id]
         if future.state.is_completed():
             r = future.result()
-            rows.append(ScanOutcome(entry.name, spec.scan_id, "ingest", r.status, store, seconds=r.seconds,
-                                    output=store))
+            rows.append(report(ScanOutcome(entry.name, spec.scan_id, "ingest", r.status, store, seconds=r.seconds,
+                                    output=store)))
             ok.append(spec.scan_id)
         else:
             message = _error(future.state)
             logger.error("%s/%s: ingest failed: %s", entry.name, spec.scan_id, message)
-            rows.append(ScanOutcome(entry.name, spec.scan_id, "ingest", "failed", store, message))
+            rows.append(report(ScanOutcome(entry.name, spec.scan_id, "ingest", "failed", store, message)))
     return rows, ok
 
 
@@ -174,8 +174,8 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
         store = scan_store(name, scan_id, store_root)
         kept = None if options.force else _kept(store, version, entry)
         if kept:
-            rows.append(ScanOutcome(name, scan_id, "infer", "kept", store, model=kept, output=f"{store}/prediction",
-                                    message=f"predicted by {kept}; reprocess_on_new_champion is false"))
+            rows.append(report(ScanOutcome(name, scan_id, "infer", "kept", store, model=kept, output=f"{store}/prediction",
+                                    message=f"predicted by {kept}; reprocess_on_new_champion is false")))
             infers[scan_id] = None
         else:
             infers[scan_id] = infer_scan_task.submit(store, version, config, dask, options.force)
@@ -187,12 +187,12 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
             if not future.state.is_completed():
                 message = _error(future.state)
                 logger.error("%s/%s: infer failed: %s", name, scan_id, message)
-                rows.append(ScanOutcome(name, scan_id, "infer", "failed", store, message, model=version))
+                rows.append(report(ScanOutcome(name, scan_id, "infer", "failed", store, message, model=version)))
                 continue
             r = future.result()
             note = f"{r.model_calls} model calls over {r.tiles} tiles" if r.model_calls else "prediction up to date"
-            rows.append(ScanOutcome(name, scan_id, "infer", r.status, store, note, r.seconds, model=version,
-                                    output=f"{store}/prediction"))
+            rows.append(report(ScanOutcome(name, scan_id, "infer", r.status, store, note, r.seconds, model=version,
+                                    output=f"{store}/prediction")))
         instances = None
         if settings is not None or detector:
             instances = instances_scan_task.submit(store, entry, settings, parent_run_id, options.force)
@@ -220,45 +220,58 @@ def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: 
         if instances is not None:
             instances.wait()
             if instances.state.is_completed():
-                rows.append(outcome_row(name, scan_id, store, instances.result(), model=model))
+                rows.append(report(outcome_row(name, scan_id, store, instances.result(), model=model)))
             else:
-                rows.append(ScanOutcome(name, scan_id, "instances", "failed", store, _error(instances.state),
-                                        model=model))
+                rows.append(report(ScanOutcome(name, scan_id, "instances", "failed", store, _error(instances.state),
+                                        model=model)))
         if evaluation is None:
-            rows.append(ScanOutcome(name, scan_id, "evaluate", "skipped", store, "no labels in the catalog",
-                                    model=model))
+            rows.append(report(ScanOutcome(name, scan_id, "evaluate", "skipped", store, "no labels in the catalog",
+                                    model=model)))
         else:
             evaluation.wait()
             if evaluation.state.is_completed():
                 status, metrics, run_id = evaluation.result()
-                rows.append(ScanOutcome(name, scan_id, "evaluate", status, store,
+                rows.append(report(ScanOutcome(name, scan_id, "evaluate", status, store,
                                         f"MLflow run {run_id}" if run_id else "evaluation up to date",
-                                        time.perf_counter() - t0, model=model, metrics=metrics))
+                                        time.perf_counter() - t0, model=model, metrics=metrics)))
             else:
-                rows.append(ScanOutcome(name, scan_id, "evaluate", "failed", store, _error(evaluation.state),
-                                        model=model))
+                rows.append(report(ScanOutcome(name, scan_id, "evaluate", "failed", store, _error(evaluation.state),
+                                        model=model)))
         polygons = later_polygons.get(scan_id)
         if polygons is not None:
             polygons.wait()
             if polygons.state.is_completed():
                 r = polygons.result()
-                rows.append(ScanOutcome(name, scan_id, "export", r.status, store, "instance polygons",
-                                        seconds=r.seconds, model=model, output=r.out))
+                rows.append(report(ScanOutcome(name, scan_id, "export", r.status, store, "instance polygons",
+                                        seconds=r.seconds, model=model, output=r.out)))
             else:
-                rows.append(ScanOutcome(name, scan_id, "export", "failed", store,
-                                        f"instance polygons: {_error(polygons.state)}", model=model))
+                rows.append(report(ScanOutcome(name, scan_id, "export", "failed", store,
+                                        f"instance polygons: {_error(polygons.state)}", model=model)))
         if export is None:
-            rows.append(ScanOutcome(name, scan_id, "export", "skipped", store, "no export format in the catalog",
-                                    model=model))
+            rows.append(report(ScanOutcome(name, scan_id, "export", "skipped", store, "no export format in the catalog",
+                                    model=model)))
             continue
         export.wait()
         if export.state.is_completed():
             r = export.result()
-            rows.append(ScanOutcome(name, scan_id, "export", r.status, store, seconds=r.seconds, model=model,
-                                    output=r.out))
+            rows.append(report(ScanOutcome(name, scan_id, "export", r.status, store, seconds=r.seconds, model=model,
+                                    output=r.out)))
         else:
-            rows.append(ScanOutcome(name, scan_id, "export", "failed", store, _error(export.state), model=model))
+            rows.append(report(ScanOutcome(name, scan_id, "export", "failed", store, _error(export.state), model=model)))
     return rows
+
+
+def _steps(entry: CatalogEntry, options: ChainOptions) -> list[str]:
+    """The per-scan steps a run of ``entry`` goes through (what its progress counts)."""
+    steps = ["ingest"]
+    if options.infer and entry.model is not None:
+        steps.append("infer")
+        if instance_settings(entry) is not None or is_instance_architecture(entry.model.architecture):
+            steps.append("instances")
+        steps += ["evaluate", "export"]
+        if entry.export is not None and entry.export.instances:
+            steps.append("export")  # the instance polygons: a second export per scan
+    return steps
 
 
 def run_dataset(loaded: LoadedEntry, specs: list[ScanSpec], catalog: str, store_root: str | None,
@@ -272,17 +285,18 @@ def run_dataset(loaded: LoadedEntry, specs: list[ScanSpec], catalog: str, store_
     rows: list[ScanOutcome] = []
     version = None
     try:
+        plan(entry.name, len(specs), _steps(entry, options))
         ingest_rows, ok = _ingest(entry, specs, store_root, options, logger)
         rows += ingest_rows
         if entry.model is not None and (options.infer or options.train_missing):
             version, model_rows = _ensure_model(loaded, catalog, store_root, options, logger)
-            rows += model_rows
+            rows += [report(r) for r in model_rows]
         if options.infer and version is not None and ok:
             logger.info("%s: %d scans with %s", entry.name, len(ok), version)
             rows += _predict_evaluate_export(entry, ok, version, store_root, options, parent, logger)
     except Exception as exc:  # the registry or the store unreachable: this dataset fails, the next one runs
         logger.error("%s: %s: %s", entry.name, type(exc).__name__, exc)
-        rows.append(ScanOutcome(entry.name, "*", "run", "failed", message=f"{type(exc).__name__}: {exc}"))
+        rows.append(report(ScanOutcome(entry.name, "*", "run", "failed", message=f"{type(exc).__name__}: {exc}")))
     finally:
         summary.finish_mlflow_run(parent, rows, version, time.perf_counter() - started, logger)
     return rows

@@ -41,10 +41,16 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_VERBOSE = [False]
+
+
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="print the installed version and exit")) -> None:
-    pass  # the app's help is Typer's (above); this only adds --version
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="print the installed version and exit"),
+         verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="show every log line (INFO) and tracebacks on the console; they "
+                                           "always go to the home's logs/tilewise.log")) -> None:
+    _VERBOSE[0] = verbose  # applied by _announce_home, once the command knows it touches the home
 
 
 def _catalog_dir(path: Optional[Path]) -> Path:
@@ -59,6 +65,10 @@ def _announce_home() -> None:
 
     line = home_line()
     err.print(line, style="yellow" if line.endswith("yet)") else "dim", highlight=False, soft_wrap=True)
+    from flows.logs import configure
+    from tasks.settings import tilewise_home
+
+    configure(tilewise_home(), verbose=_VERBOSE[0])
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -592,32 +602,46 @@ def _check_datasets(catalog_dir: Path, names: list[str]) -> None:
         _fail(str(exc))
 
 
-def _report_run(kind: str, state) -> None:
-    """The run's table (a row per scan: steps, model version, key metric, outputs), the notes of
-    skipped steps, the failures (exit 1) or one line saying what was done."""
+def _report_run(kind: str, state, as_json: bool = False) -> None:
+    """A line per scan (what was done, the key metric, the output), the warnings worth acting on
+    (drift, skipped steps), then the failures (exit 1) or one line saying what was done, the log
+    file and how to browse the runs. ``as_json``: every row on stdout, the rest on stderr."""
     from flows import summary
+    from flows.logs import log_file
+    from models.registry import tracking_uri
+    from tasks.settings import tilewise_home
 
+    home = tilewise_home()
     outcomes = state.result(raise_on_failure=False)
     if not isinstance(outcomes, list):
         _fail(f"{kind} flow failed: {outcomes}")
-    out.print(summary.rich_table(f"tilewise {summary.run_name(kind)}", outcomes))
+    say = err if as_json else out
+    if as_json:
+        import json
+
+        print(json.dumps({"run": summary.run_name(kind), "scans": summary.scan_rows(outcomes)}, indent=1, default=str))
+    elif out.is_terminal:
+        out.print(summary.rich_table(f"tilewise {summary.run_name(kind)}", outcomes, out.width, str(home)))
+    else:  # a log: one plain line per scan, whole names
+        for line in summary.plain_lines(outcomes, str(home)):
+            out.print(line, highlight=False, markup=False)
     for r in summary.drifted(summary.scan_rows(outcomes)):
         where = escape(f"{r['dataset']}/{r['scan']}")
-        out.print(f"[yellow]drift warning: {where}: {escape(r['drift']['message'])}[/]", highlight=False)
+        say.print(f"[yellow]drift warning: {where}: {escape(r['drift']['message'])}[/]", highlight=False)
     for o in outcomes:
         if o.status == "skipped" and o.scan_id == "*":
-            out.print(f"[yellow]{escape(f'{o.dataset}: {o.step} skipped: {o.message}')}[/]", highlight=False)
+            say.print(f"[yellow]{escape(f'{o.dataset}: {o.step} skipped: {o.message}')}[/]", highlight=False)
+    say.print(f"log: {log_file(home)}", style="dim", highlight=False, soft_wrap=True)
     if state.is_failed():
         _fail(state.message or "some scans failed")
     scans = len({(o.dataset, o.scan_id) for o in outcomes if o.scan_id != "*"})
     worked = sum(1 for o in outcomes if o.did_work)
     if outcomes and not worked:
-        out.print(f"[green]{kind}: nothing new; {scans} scans up to date, every step unchanged[/]")
+        say.print(f"[green]{kind}: nothing new; {scans} scans up to date, every step unchanged[/]")
     else:
-        out.print(f"[green]{kind}: {scans} scans ok, {worked} steps did work, {len(outcomes)} steps[/]")
-    from models.registry import tracking_uri
-
-    out.print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}", highlight=False)
+        say.print(f"[green]{kind}: {scans} scans ok, {worked} steps did work, {len(outcomes)} steps[/]")
+    say.print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}", highlight=False,
+              soft_wrap=True)
 
 
 DaskOpt = typer.Option(None, "--dask", help="run inference on a Dask cluster: local[:N] or a scheduler address "
@@ -635,6 +659,8 @@ def run_nightly(
     train: bool = typer.Option(True, "--train/--no-train",
                                help="train once (catalog 'training' budget) where a dataset has no model yet"),
     dask: Optional[str] = DaskOpt,
+    as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout (every step of every scan) "
+                                                       "instead of the table"),
 ) -> None:
     """The nightly job: new or changed scans through ingest, infer (the champion, trained first when
     missing), evaluate (where labels exist) and export (the catalog's format)."""
@@ -643,9 +669,12 @@ def run_nightly(
     _check_datasets(catalog_dir, dataset or [])
     from flows.nightly import nightly_flow
 
-    state = nightly_flow(catalog=str(catalog_dir), datasets=dataset or None, force=force, infer=infer,
-                         train_missing=train, dask=dask, return_state=True)
-    _report_run("nightly", state)
+    from flows.progress import run_progress
+
+    with run_progress(err, live=not _VERBOSE[0]):
+        state = nightly_flow(catalog=str(catalog_dir), datasets=dataset or None, force=force, infer=infer,
+                             train_missing=train, dask=dask, return_state=True)
+    _report_run("nightly", state, as_json)
 
 
 @app.command()
@@ -656,6 +685,7 @@ def backfill(
     until: Optional[str] = typer.Option(None, "--until", help="last scan date, YYYY-MM-DD (inclusive)"),
     force: bool = typer.Option(False, "--force", help="recompute every step of the selected scans"),
     dask: Optional[str] = DaskOpt,
+    as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout instead of the table"),
 ) -> None:
     """The nightly chain over one dataset's scans dated in a range (the catalog's scans.date: file
     time by default, or a date in the path), or all of them. --force recomputes exactly those."""
@@ -672,9 +702,12 @@ def backfill(
         _fail(f"--since {start} is after --until {end}")
     from flows.backfill import backfill_flow
 
-    state = backfill_flow(dataset, catalog=str(catalog_dir), since=since, until=until, force=force, dask=dask,
-                          return_state=True)
-    _report_run("backfill", state)
+    from flows.progress import run_progress
+
+    with run_progress(err, live=not _VERBOSE[0]):
+        state = backfill_flow(dataset, catalog=str(catalog_dir), since=since, until=until, force=force, dask=dask,
+                              return_state=True)
+    _report_run("backfill", state, as_json)
 
 
 @app.command("serve")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import asdict, dataclass, field
 
 from prefect.artifacts import create_table_artifact
 from prefect.states import Completed, Failed, State
@@ -31,6 +32,27 @@ class ScanOutcome:
     @property
     def did_work(self) -> bool:
         return not self.failed and self.status not in NO_WORK
+
+
+PROGRESS_LOGGER = "flows.progress"
+_progress = logging.getLogger(PROGRESS_LOGGER)
+_progress.setLevel(logging.INFO)  # what a run's progress display counts, whatever the root's level
+
+
+def plan(dataset: str, scans: int, steps: list[str]) -> None:
+    """Say that ``dataset``'s run takes ``scans`` scans through ``steps`` (what progress counts up to):
+    an INFO record carrying ``tilewise_plan`` (flows/progress.py draws it; the log file keeps it)."""
+    _progress.info("%s: %d scans through %s", dataset, scans, ", ".join(steps),
+                   extra={"tilewise_plan": {"dataset": dataset, "scans": scans, "steps": list(steps)}})
+
+
+def report(outcome: ScanOutcome) -> ScanOutcome:
+    """Say that a step of a scan ended (an INFO record carrying ``tilewise_step``; a failure is also
+    logged as an error by the flow, which the console shows); returns ``outcome``."""
+    _progress.info("%s/%s: %s %s%s", outcome.dataset,
+                  outcome.scan_id, outcome.step, outcome.status, f": {outcome.message}" if outcome.failed else "",
+                  extra={"tilewise_step": {k: v for k, v in asdict(outcome).items() if k != "metrics"}})
+    return outcome
 
 
 def failure_message(outcomes: list[ScanOutcome]) -> str:

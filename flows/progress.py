@@ -90,3 +90,109 @@ def epoch_progress(console: Console) -> Iterator[Progress | None]:
         logger.removeHandler(handler)
         for console_handler in logging.getLogger().handlers:
             console_handler.removeFilter(_skip_epoch_records)
+
+
+STEP_ORDER = ("ingest", "train", "infer", "instances", "evaluate", "export")
+PLAIN_EVERY_SECONDS = 10.0
+
+
+class RunProgress(logging.Handler):
+    """One progress display for a nightly or backfill run, drawn from its records: ``tilewise_plan``
+    (a dataset's scans and steps: the totals), ``tilewise_step`` (a scan's step ended:
+    flows/outcomes.py) and ``tilewise_epoch`` (training). In a terminal a live bar per step (done of
+    total, failures, elapsed and remaining time) and one for the epochs of a training; otherwise
+    (a log file, CI) a plain line at most every :data:`PLAIN_EVERY_SECONDS` and when the run ends."""
+
+    def __init__(self, console: Console, live: bool = True) -> None:
+        super().__init__(level=logging.INFO)
+        self.console = console
+        self.totals: dict[str, int] = {}
+        self.done: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+        self.training: str = ""
+        self.progress: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+        self.last_plain = 0.0
+        if console.is_terminal and live:
+            from rich.progress import TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description:<10}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+                                     console=console, transient=False)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            plan, step, epoch = (getattr(record, k, None) for k in ("tilewise_plan", "tilewise_step", "tilewise_epoch"))
+            if isinstance(plan, dict):
+                for name in plan["steps"]:
+                    self.totals[name] = self.totals.get(name, 0) + int(plan["scans"])
+            elif isinstance(step, dict):
+                if step["scan_id"] == "*":  # a dataset-wide step (training, the model): not a scan's
+                    if step["step"] == "train" and self.progress is not None and "train" in self.tasks:
+                        self.progress.update(self.tasks["train"], status=f"{step['dataset']}: {step['status']}")
+                    if step["status"] == "failed":
+                        self.failed[step["step"]] = self.failed.get(step["step"], 0) + 1
+                    return
+                self.done[step["step"]] = self.done.get(step["step"], 0) + 1
+                if step["status"] == "failed":
+                    self.failed[step["step"]] = self.failed.get(step["step"], 0) + 1
+            elif isinstance(epoch, dict):
+                total = getattr(record, "tilewise_epochs", None)
+                metric = getattr(record, "tilewise_metric", "")
+                self.training = (f"{record.getMessage().split(' epoch ')[0]}: epoch {int(epoch['epoch']) + 1}"
+                                 f"/{total} · {describe_epoch(epoch, metric, getattr(record, 'tilewise_max_minutes', None))}")
+                if self.progress is not None:
+                    if "train" not in self.tasks:
+                        self.tasks["train"] = self.progress.add_task("train", total=total, status="")
+                    self.progress.update(self.tasks["train"], completed=int(epoch["epoch"]) + 1, total=total,
+                                         status=self.training)
+            else:
+                return
+            self._draw(record.created)
+        except Exception:  # a progress display must never break a run
+            self.handleError(record)
+
+    def _draw(self, now: float, final: bool = False) -> None:
+        if self.progress is not None:
+            for name in STEP_ORDER:
+                if name in self.totals:
+                    if name not in self.tasks:
+                        self.tasks[name] = self.progress.add_task(name, total=self.totals[name], status="")
+                    failed = self.failed.get(name, 0)
+                    self.progress.update(self.tasks[name], total=self.totals[name], completed=self.done.get(name, 0),
+                                         status=f"[red]{failed} failed[/]" if failed else "")
+            return
+        if not final and now - self.last_plain < PLAIN_EVERY_SECONDS:
+            return
+        self.last_plain = now
+        parts = [f"{name} {self.done.get(name, 0)}/{self.totals[name]}" for name in STEP_ORDER if name in self.totals]
+        if sum(self.failed.values()):
+            parts.append(f"{sum(self.failed.values())} failed")
+        if self.training and not final:
+            parts.append(self.training)
+        self.console.print("progress: " + " · ".join(parts), highlight=False, soft_wrap=True)
+
+    def finish(self) -> None:
+        if self.progress is None and self.totals:
+            self._draw(0.0, final=True)
+
+
+@contextmanager
+def run_progress(console: Console, live: bool = True) -> Iterator[RunProgress]:
+    """While inside, the run's step and epoch records drive a :class:`RunProgress` on ``console``
+    (``live``: bars in a terminal; False, as with ``-v`` whose log lines would tear live bars: plain
+    lines)."""
+    handler = RunProgress(console, live)
+    loggers = [logging.getLogger("flows.progress"), logging.getLogger(TRAINING_LOGGER)]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        if handler.progress is not None:
+            with handler.progress:
+                yield handler
+        else:
+            yield handler
+    finally:
+        handler.finish()
+        for logger in loggers:
+            logger.removeHandler(handler)

@@ -166,20 +166,89 @@ def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: 
             logger.warning("MLflow summary run %s not completed (%s: %s)", run_id, type(exc).__name__, exc)
 
 
-def rich_table(title: str, outcomes: list[ScanOutcome]):
-    """The CLI's table: a row per scan, a column per step, colour by status, nothing cut."""
+def short(text: str, width: int) -> str:
+    """``text`` cut in the middle to ``width`` characters ("3band_0130…_img53"): the ends of a scan
+    id are the parts that tell scans apart."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
+
+
+def scan_result(row: dict, compact: bool = False) -> str:
+    """What a run did to one scan, in a few words: the step that failed, ``unchanged``, the steps
+    that did work (``compact``: "all N steps" when every one did)."""
+    failed = [s for s in STEPS if row.get(s) == "failed"]
+    if failed:
+        return "failed: " + ", ".join(failed)
+    ran = [s for s in STEPS if row.get(s)]
+    worked = [s for s in ran if row[s] not in NO_WORK]
+    if not worked:
+        return "unchanged"
+    return f"all {len(worked)} steps" if compact and worked == ran and len(worked) > 2 else " ".join(worked)
+
+
+def _relative(path: str, home: str | None) -> str:
+    if home and path.startswith(home.rstrip("/") + "/"):
+        return path[len(home.rstrip("/")) + 1:]
+    return path
+
+
+def rich_table(title: str, outcomes: list[ScanOutcome], width: int = 100, home: str | None = None):
+    """What a terminal shows: per dataset a line (model version, exports folder), then one line per
+    scan -- its id (cut in the middle when long), what was done, the key metric, the files exported
+    (by their ending: the name is the scan id) -- within ``width`` columns. Details are behind
+    ``--json``, in the log file and in MLflow."""
+    from pathlib import PurePosixPath
+
+    from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
-    colours = {"failed": "red", "unchanged": "dim", "kept": "dim", "skipped": "yellow"}
     rows = scan_rows(outcomes)
-    steps = [s for s in STEPS if any(s in r for r in rows)]
-    table = Table(title=title)
-    for column in ("dataset", "scan", "model", *steps, "metric", "outputs", "seconds"):
-        table.add_column(column, overflow="fold")
-    for r in rows:
-        cells = [f"[{colours.get(r[s], 'green')}]{r[s]}[/]" if s in r else "-" for s in steps]
-        metric = r["metric"] + ("\n[yellow]drift: see below[/]" if (r.get("drift") or {}).get("far") else "")
-        table.add_row(escape(r["dataset"]), escape(r["scan"]), escape(r["model"].removeprefix("models:/")), *cells,
-                      metric, escape("\n".join(r["outputs"])), f"{r['seconds']:.1f}")  # names, not markup
-    return table
+    parts: list = [Text(title, style="bold")]
+    scan_width = max(12, min(34, width // 3))
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        model = next((r["model"] for r in mine if r["model"]), "").removeprefix("models:/")
+        outputs = [o for r in mine for o in r["outputs"]]
+        folder = str(PurePosixPath(_relative(outputs[0], home)).parent) + "/" if outputs else ""
+        trained = [r["train"] for r in mine if r["scan"] == "*" and r.get("train")]
+        header = " · ".join(x for x in (f"[bold]{escape(dataset)}[/]", escape(model),
+                                        f"train {trained[0]}" if trained else "", escape(folder)) if x)
+        line = Text.from_markup(header, overflow="ellipsis")
+        line.no_wrap = True
+        parts.append(line)
+        table = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
+        table.add_column(no_wrap=True, min_width=min(scan_width, 12), max_width=scan_width)
+        table.add_column(no_wrap=True, min_width=9, overflow="ellipsis")
+        table.add_column(no_wrap=True, min_width=8, overflow="ellipsis")
+        table.add_column(no_wrap=True, overflow="ellipsis")
+        for r in (r for r in mine if r["scan"] != "*"):
+            result = scan_result(r, compact=True)
+            colour = "red" if result.startswith("failed") else "dim" if result == "unchanged" else "green"
+            metric = r["metric"].split(", ")[0] + (" [yellow]drift[/]" if (r.get("drift") or {}).get("far") else "")
+            endings = [PurePosixPath(o).name.removeprefix(r["scan"]) or PurePosixPath(o).name for o in r["outputs"]]
+            table.add_row("  " + escape(short(r["scan"], scan_width - 2)), f"[{colour}]{escape(result)}[/]", metric,
+                          escape(" ".join(endings)))
+        parts.append(table)
+    return Group(*parts)
+
+
+def plain_lines(outcomes: list[ScanOutcome], home: str | None = None) -> list[str]:
+    """The same for a log file: one line per scan, whole names, tab-free."""
+    lines = []
+    for r in scan_rows(outcomes):
+        if r["scan"] == "*":
+            if r.get("train"):
+                lines.append(f"{r['dataset']}: train {r['train']}" + (f" ({r['model']})" if r["model"] else ""))
+            continue
+        parts = [f"{r['dataset']}/{r['scan']}: {scan_result(r)}"]
+        if r["model"]:
+            parts.append(r["model"])
+        if r["metric"]:
+            parts.append(r["metric"])
+        parts += [_relative(o, home) for o in r["outputs"]]
+        lines.append(" · ".join(parts))
+    return lines
