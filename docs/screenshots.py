@@ -10,7 +10,7 @@ home's database on a free 127.0.0.1 port and saves one PNG per page into ``--out
 home ``make run`` leaves, where the models are trained ones).
 ``tests/test_ui_screenshots.py`` runs the same code and checks what each page shows.
 
-Chromium: ``apt-get install -y chromium`` (Debian; ``make install`` does it when run as root).
+Chromium: ``apt-get install -y chromium`` (Debian; ``make test`` does it when run as root).
 """
 
 from __future__ import annotations
