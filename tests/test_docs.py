@@ -42,7 +42,8 @@ def blocks_and_prose(page: Path) -> tuple[list[Block], list[tuple[int, str]]]:
         i += 1
         while i < len(lines):
             close = FENCE.match(lines[i])
-            if close and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence) and not close.group(2).strip():
+            if (close and close.group(1)[0] == fence[0] and len(close.group(1)) >= len(fence)
+                    and not close.group(2).strip()):
                 break
             body.append(lines[i])
             i += 1
