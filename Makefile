@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install run test benchmark-ingest clean
+.PHONY: install chromium run test benchmark-ingest clean
 
 # Installs the pinned set (constraints.txt) into a local virtual environment, once per change of
 # pyproject.toml or constraints.txt.
@@ -19,7 +19,20 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/tilewise run nightly
 
-test: install
+# The screenshot test (tests/test_ui_screenshots.py) drives a headless Chromium: Debian's, installed
+# here when we are root; otherwise that test is skipped and says so.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the screenshot test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; \
+	  else \
+	    echo "chromium is missing and only root can install it (apt-get install -y chromium):" \
+	         "the screenshot test will be skipped"; \
+	  fi; }
+
+test: install chromium
 	$(BIN)/python -m pytest -q
 
 benchmark-ingest: install

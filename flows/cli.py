@@ -181,9 +181,11 @@ def ingest(
     from tasks.ingest.readers import guess_modality
     from tasks.ingest.remote import describe_sources, is_url, local_path
 
+    urls = [s for s in source if is_url(s)]
+    if urls:  # remote objects are downloaded into the home's cache; local sources touch only --store
+        _announce_home()
     if modality is not None and modality not in ("mri", "em", "satellite"):
         _fail(f"--modality must be mri, em or satellite, got {modality!r}")
-    urls = [s for s in source if is_url(s)]
     if urls and len(urls) != len(source):
         _fail("the sources of one scan are all local paths or all URLs, not both")
     try:
@@ -721,6 +723,7 @@ def serve(
     """
     from data_catalog import CatalogError, load_catalog
 
+    _announce_home()  # the served runs write stores, exports and MLflow runs there
     catalog_dir = _catalog_dir(catalog)
     try:
         load_catalog(catalog_dir)

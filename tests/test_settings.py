@@ -105,3 +105,27 @@ def test_state_touching_commands_print_the_home_first(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["export", "--store", str(tmp_path / "none.zarr"), "--format", "nifti"])
     assert result.exit_code == 1
     assert result.output.splitlines()[0] == f"home: {tmp_path / 'fresh'} (new: no models or stores yet)"
+
+
+def test_serve_and_remote_ingest_print_the_home_first_and_local_ingest_does_not(tmp_path, monkeypatch):
+    """serve's runs and a remote ingest's download cache use the home; a local ingest writes only --store."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from tasks.errors import ScanError
+    from tasks.ingest import remote
+
+    monkeypatch.setenv("TILEWISE_HOME", str(tmp_path / "fresh"))
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    first = f"home: {tmp_path / 'fresh'} (new: no models or stores yet)"
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 1 and result.output.splitlines()[0] == first, result.output
+
+    def unreachable(urls):
+        raise ScanError(urls[0], "endpoint unreachable")
+
+    monkeypatch.setattr(remote, "describe_sources", unreachable)
+    result = CliRunner().invoke(app, ["ingest", "s3://bucket/scan.tif", "--store", str(tmp_path / "s.zarr")])
+    assert result.exit_code == 1 and result.output.splitlines()[0] == first, result.output
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "missing.tif"), "--store", str(tmp_path / "s.zarr")])
+    assert result.exit_code == 1 and not result.output.startswith("home:"), result.output
