@@ -281,7 +281,7 @@ def run_dataset(loaded: LoadedEntry, specs: list[ScanSpec], catalog: str, store_
     logger = get_run_logger()
     entry = loaded.entry
     started = time.perf_counter()
-    parent = summary.start_mlflow_run(entry.name, options.kind, logger)
+    parent = summary.start_mlflow_run(entry.name, options.kind, logger, entry.description)
     rows: list[ScanOutcome] = []
     version = None
     try:

@@ -107,14 +107,15 @@ def run_name(kind: str, when: datetime | None = None) -> str:
     return f"{kind} {(when or datetime.now(timezone.utc)).strftime('%Y-%m-%d')}"
 
 
-def start_mlflow_run(dataset: str, kind: str, logger=None) -> str | None:
-    """An MLflow run for this dataset's part of the run (status RUNNING until finished); None, with
-    a warning, when MLflow cannot be reached (the scans still run)."""
+def start_mlflow_run(dataset: str, kind: str, logger=None, description: str | None = None) -> str | None:
+    """An MLflow run for this dataset's part of the run (status RUNNING until finished; deleted if
+    the run did nothing, see :func:`finish_mlflow_run`); None, with a warning, when MLflow cannot be
+    reached (the scans still run). ``description``: the catalog's, shown on the experiment."""
     try:
         from models.registry import client, experiment_id
 
         name = run_name(kind)
-        run = client().create_run(experiment_id(dataset), run_name=name,
+        run = client().create_run(experiment_id(dataset, description), run_name=name,
                                   tags={"mlflow.runName": name, "tilewise.kind": kind, "tilewise.dataset": dataset})
         return run.info.run_id
     except Exception as exc:
@@ -126,7 +127,9 @@ def start_mlflow_run(dataset: str, kind: str, logger=None) -> str | None:
 def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: str | None, seconds: float,
                       logger=None) -> None:
     """Per-scan status, metrics, outputs, model version and durations on the dataset's run; counts
-    as metrics (scans_ok, scans_failed, scans_changed, steps_unchanged, seconds)."""
+    as metrics (scans_ok, scans_failed, scans_changed, steps_unchanged, seconds). A run in which no
+    step did work and none failed is deleted: nightlies that found nothing new leave no run to wade
+    through (the log file and Prefect keep them)."""
     if run_id is None:
         return
     try:
@@ -135,6 +138,9 @@ def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: 
         from models.registry import client
 
         c = client()
+        if not any(o.did_work or o.failed for o in outcomes):
+            c.delete_run(run_id)
+            return
         rows = [r for r in scan_rows(outcomes) if r["scan"] != "*"]
         failed = {(o.dataset, o.scan_id) for o in outcomes if o.failed}
         changed = {(o.dataset, o.scan_id) for o in outcomes if o.did_work and o.scan_id != "*"}
@@ -176,8 +182,8 @@ def short(text: str, width: int) -> str:
 
 
 def scan_result(row: dict, compact: bool = False) -> str:
-    """What a run did to one scan, in a few words: the step that failed, ``unchanged``, the steps
-    that did work (``compact``: "all N steps" when every one did)."""
+    """What a run did to one scan, in a few words: the step that failed, ``unchanged``, what the
+    steps that did work did (``compact``: "all N steps" when every one did)."""
     failed = [s for s in STEPS if row.get(s) == "failed"]
     if failed:
         return "failed: " + ", ".join(failed)
@@ -185,7 +191,9 @@ def scan_result(row: dict, compact: bool = False) -> str:
     worked = [s for s in ran if row[s] not in NO_WORK]
     if not worked:
         return "unchanged"
-    return f"all {len(worked)} steps" if compact and worked == ran and len(worked) > 2 else " ".join(worked)
+    if compact and worked == ran and len(worked) > 2:
+        return f"all {len(worked)} steps"
+    return " ".join(row[s] for s in worked)  # their statuses: ingested, resumed, evaluated ...
 
 
 def _relative(path: str, home: str | None) -> str:

@@ -103,18 +103,24 @@ def artifact_root(uri: str | None = None) -> Path | None:
     return None
 
 
-def experiment_id(dataset: str) -> str:
-    """One experiment per dataset, created on first use, its artifacts under :func:`artifact_root`."""
+NOTE_TAG = "mlflow.note.content"  # what the MLflow UI shows as an experiment's description
+
+
+def experiment_id(dataset: str, description: str | None = None) -> str:
+    """One experiment per dataset, created on first use, its artifacts under :func:`artifact_root`.
+    ``description`` (the catalog's): the experiment's description in the UI, set or updated when given."""
     c = client()
     name = f"tilewise/{dataset}"
     existing = c.get_experiment_by_name(name)
     if existing is not None:
+        if description and existing.tags.get(NOTE_TAG) != description:
+            c.set_experiment_tag(existing.experiment_id, NOTE_TAG, description)
         return existing.experiment_id
     root = artifact_root()
     location = (root / dataset).as_uri() if root is not None else None
     # MLflow 3's UI files experiments without a kind under GenAI ("Evaluations"); ours are model training.
-    return c.create_experiment(name, artifact_location=location,
-                               tags={"mlflow.experimentKind": "custom_model_development"})
+    tags = {"mlflow.experimentKind": "custom_model_development", **({NOTE_TAG: description} if description else {})}
+    return c.create_experiment(name, artifact_location=location, tags=tags)
 
 
 def run_artifacts(run_id: str) -> str:

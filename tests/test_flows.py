@@ -123,6 +123,15 @@ def test_run_nightly_cli_on_bundled_catalog(prefect_server, tmp_path, monkeypatc
     assert result.exit_code == 0, result.output
     assert "nightly: 6 scans ok" in result.output
     assert result.output.count("run: tilewise train") == 3  # no model registered: infer says how to get one
+    # what a log of the run reads: progress lines and one line per scan, not Prefect's INFO chatter
+    # (that is in the home's log file), and the catalog's description is the experiment's
+    assert "progress: ingest 6/6" in result.output and "Beginning flow run" not in result.output
+    from models.registry import NOTE_TAG, client
+    from tasks.settings import tilewise_home
+
+    assert "Beginning flow run" in (tilewise_home() / "logs" / "tilewise.log").read_text()
+    experiment = client().get_experiment_by_name("tilewise/brats2015_mri")
+    assert experiment.tags[NOTE_TAG].startswith("Glioma MRI")
     stores = sorted((tmp_path / "stores").glob("*/*.zarr"))
     assert len(stores) == 6 and all(storage.is_complete(str(s)) for s in stores)
     mri = zarr.open_group(str(tmp_path / "stores/brats2015_mri/brats_2013_pat0003_1.zarr"))
@@ -130,5 +139,6 @@ def test_run_nightly_cli_on_bundled_catalog(prefect_server, tmp_path, monkeypatc
     assert mri.attrs["tilewise"]["channel_names"] == ["Flair_subtrMeanDivStd", "T1c_subtrMeanDivStd"]
     # --no-infer alone would still train the missing models; --no-train too: ingest only
     second = CliRunner().invoke(app, ["run", "nightly", "--no-infer", "--no-train"], env={"COLUMNS": "200"})
-    assert second.exit_code == 0 and second.output.count("│ unchanged") == 6, second.output
+    assert second.exit_code == 0, second.output
+    assert sum(line.endswith(": unchanged") for line in second.output.splitlines()) == 6, second.output
     assert "nightly: nothing new; 6 scans up to date" in second.output

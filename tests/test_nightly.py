@@ -205,6 +205,9 @@ def test_nightly_chain_then_a_second_run_does_no_work(em):
     second = nightly_flow(catalog=em["catalog"], return_state=True)
     assert second.is_completed(), second.message
     assert set(statuses(second.result()).values()) == {"unchanged"}
+    # a run that did nothing leaves no MLflow run behind: still the one nightly run
+    assert [r.info.run_id for r in c.search_runs([registry.experiment_id(NAME)], "tags.`tilewise.kind` = 'nightly'")] \
+        == [parent.info.run_id]
     assert {scan: fingerprint(scan) for scan in "abc"} == before  # nothing rewritten: no model call
 
 
