@@ -6,11 +6,12 @@ BIN     = $(VENV)/bin
 .PHONY: install chromium run test benchmark-ingest clean
 
 # Installs the pinned set (constraints.txt) into a local virtual environment, once per change of
-# pyproject.toml or constraints.txt.
+# pyproject.toml or constraints.txt. (PYTHONWARNINGS: setuptools warns that a folder named like a
+# package could shadow it during imports; ours are the package.)
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,crf]'
+	PYTHONWARNINGS=ignore::UserWarning $(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,crf]'
 	touch $@
 
 install: $(VENV)/.installed
