@@ -5,14 +5,15 @@
   full traceback. It is where "what happened last night" is read after the fact (Prefect's UI and
   the flow run logs hold the same lines for runs on a server).
 - The console (stderr) gets WARNING and above, one line each: a failure's traceback stays in the
-  file (the command's last line names the failure, the file has the rest); ``tilewise -v`` shows
-  INFO too, with tracebacks. Progress is drawn separately (flows/progress.py).
+  file, and Prefect's own lines about a failed task or flow run are left out (the run's summary
+  names every failure, the file has the rest); ``tilewise -v`` shows everything, INFO and
+  tracebacks included. Progress is drawn separately (flows/progress.py).
 
 :func:`configure` runs in the CLI before Prefect or MLflow is imported: Prefect then finds handlers
 of the user's on the root logger and leaves it alone (its API handler still sends flow and task
 run logs to its server), and MLflow's own loggers (which do not propagate) are set to the same
-console level through ``MLFLOW_LOGGING_LEVEL``. Warnings nobody here can act on are filtered at
-their source (:func:`quiet_known_warnings`).
+console level through ``MLFLOW_LOGGING_LEVEL``. Warnings nobody here can act on are dropped where
+they arise (MLflow's type-hint advice: models/registry.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
-import warnings
 from pathlib import Path
 
 from flows import STDERR
@@ -45,6 +45,16 @@ class OneLine(logging.Formatter):
         elif len(message) > 1:
             line += " " + " ".join(m.strip() for m in message[1:] if m.strip())
         return f"{record.levelname.lower()}: {line}" if record.levelno >= logging.WARNING else line
+
+
+# Prefect's own lines about a task or flow run that failed: the run's summary names every failure
+# (and the log file keeps these, with their tracebacks), so the console leaves them out.
+ENGINE_FAILURE_LINES = ("Task run failed with exception", "Finished in state Failed", "Finished in state Crashed",
+                        "Encountered exception during execution", "Crash detected")
+
+
+def _not_an_engine_failure(record: logging.LogRecord) -> bool:
+    return not (record.name.startswith("prefect.") and str(record.msg).startswith(ENGINE_FAILURE_LINES))
 
 
 def log_file(home: Path) -> Path:
@@ -82,12 +92,10 @@ def configure(home: Path, verbose: bool = False) -> Path:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     console.setLevel(level)
     console.setFormatter(logging.Formatter(CONSOLE_FORMAT) if verbose else OneLine())
-    quiet_known_warnings()
+    if verbose:
+        console.removeFilter(_not_an_engine_failure)
+    else:
+        console.addFilter(_not_an_engine_failure)
     return path
 
 
-def quiet_known_warnings() -> None:
-    """Warnings that tell a tilewise user nothing they can act on: MLflow's advice to type-hint a
-    pyfunc's ``predict`` (its type hints cannot describe the tensors tilewise's models take; the
-    logged model carries a tensor signature instead)."""
-    warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)

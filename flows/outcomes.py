@@ -56,11 +56,15 @@ def report(outcome: ScanOutcome) -> ScanOutcome:
 
 
 def failure_message(outcomes: list[ScanOutcome]) -> str:
+    """What failed, a line each: "2 of 6 scans failed, 1 dataset step failed:" then the steps."""
     failed = [o for o in outcomes if o.failed]
-    scans = {(o.dataset, o.scan_id) for o in outcomes}
-    bad = {(o.dataset, o.scan_id) for o in failed}
-    lines = [f"{len(bad)} of {len(scans)} scans failed:"]
-    lines += [f"  {o.dataset}/{o.scan_id} ({o.step}): {o.message}" for o in failed]
+    scans = {(o.dataset, o.scan_id) for o in outcomes if o.scan_id != "*"}
+    bad = {(o.dataset, o.scan_id) for o in failed if o.scan_id != "*"}
+    wide = [o for o in failed if o.scan_id == "*"]
+    head = ([f"{len(bad)} of {len(scans)} scans failed"] if bad else []) + (
+        [f"{len(wide)} dataset step{'s' if len(wide) > 1 else ''} failed"] if wide else [])
+    lines = [", ".join(head) + ":"]
+    lines += [f"  {o.dataset}{'' if o.scan_id == '*' else '/' + o.scan_id} ({o.step}): {o.message}" for o in failed]
     return "\n".join(lines)
 
 

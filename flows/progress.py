@@ -44,6 +44,10 @@ class EpochProgressHandler(logging.Handler):
         self.task: TaskID | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        start = getattr(record, "tilewise_training", None)
+        if isinstance(start, dict) and self.task is None:  # the bar from the start, 0 of N epochs
+            self.task = self.progress.add_task("training", total=start["epochs"], status="starting")
+            return
         row = getattr(record, "tilewise_epoch", None)
         if not isinstance(row, dict):
             return
@@ -123,6 +127,17 @@ class RunProgress(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             plan, step, epoch = (getattr(record, k, None) for k in ("tilewise_plan", "tilewise_step", "tilewise_epoch"))
+            start = getattr(record, "tilewise_training", None)
+            if isinstance(start, dict):
+                self.training = f"{start['name']}: starting, up to {start['epochs']} epochs or {start['max_minutes']:g} min"
+                if self.progress is not None:
+                    if "train" in self.tasks:
+                        self.progress.reset(self.tasks["train"], total=start["epochs"], status=self.training)
+                    else:
+                        self.tasks["train"] = self.progress.add_task("train", total=start["epochs"],
+                                                                     status=self.training)
+                self._draw(record.created)
+                return
             if isinstance(plan, dict):
                 for name in plan["steps"]:
                     self.totals[name] = self.totals.get(name, 0) + int(plan["scans"])

@@ -21,16 +21,22 @@ becomes ``champion`` only if its validation metric beats the current champion's;
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from models.card import LoadedModel, ModelCard
 from models.transient import is_transient
+
+log = logging.getLogger(__name__)
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 ARTIFACT_DIR = "tilewise"
@@ -196,10 +202,17 @@ def log_model(network, card: ModelCard, input_example) -> Any:
         weights, card_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / CARD_FILE
         save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(weights))
         card_file.write_text(card.model_dump_json(indent=2))
-        return mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=pyfunc_model.__file__, signature=signature, input_example=example,
-            artifacts={pyfunc_model.WEIGHTS_KEY: str(weights), pyfunc_model.CARD_KEY: str(card_file)},
-            pip_requirements=_requirements())
+        # MLflow advises type hints on the pyfunc's predict; they cannot describe these tensors (the
+        # signature above does), and its own filter re-enables the warning: caught and dropped here.
+        with warnings.catch_warnings(record=True) as caught:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME, python_model=pyfunc_model.__file__, signature=signature, input_example=example,
+                artifacts={pyfunc_model.WEIGHTS_KEY: str(weights), pyfunc_model.CARD_KEY: str(card_file)},
+                pip_requirements=_requirements())
+        for w in caught:
+            if "Add type hints to the `predict` method" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return info
 
 
 def _requirements() -> list[str]:
@@ -230,7 +243,12 @@ def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, va
     import mlflow
 
     c = client()
-    version = mlflow.register_model(model_uri, name).version
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):  # MLflow prints "Successfully registered ..." itself: to the log
+        version = mlflow.register_model(model_uri, name).version
+    for line in said.getvalue().splitlines():
+        if line.strip():
+            log.info("%s", line.strip())
     own = {"run_id": run_id, "metric_name": metric, "metric_value": repr(float(value)), **(tags or {})}
     if protocol:
         own["metric_protocol"] = protocol

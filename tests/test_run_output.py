@@ -56,6 +56,12 @@ def test_a_terminal_gets_one_bar_per_step_and_one_for_training_epochs():
     with run_progress(console) as handler:
         plan("brats", 2, ["ingest", "infer"])
         report(_outcome("a", "ingest", "ingested"))
+        logging.getLogger("tasks.training.train").info(  # the bar is there from the training's start
+            "brats-unet: training ...", extra={"tilewise_training": {"name": "brats-unet", "epochs": 30,
+                                                                     "max_minutes": 1.5}})
+        tasks = {t.description: t for t in handler.progress.tasks}
+        assert (tasks["train"].completed, tasks["train"].total) == (0, 30)
+        assert tasks["train"].fields["status"] == "brats-unet: starting, up to 30 epochs or 1.5 min"
         logging.getLogger("tasks.training.train").info(
             "brats-unet epoch 3/30: ...", extra={"tilewise_epoch": {"epoch": 2, "train_loss": 0.5, "val_dice": 0.7,
                                                                      "seconds": 30.0},
@@ -89,3 +95,25 @@ def test_a_log_file_keeps_info_and_tracebacks_the_console_only_warnings(tmp_path
         assert path == tmp_path / "home" / "logs" / "tilewise.log"
     finally:
         logs.configure(tmp_path / "home", verbose=True)  # leave the console as pytest's runs expect: INFO
+
+
+def test_prefects_own_failure_lines_stay_off_the_console_the_runs_summary_names_the_failure(tmp_path, capsys):
+    from flows import logs
+    from flows.outcomes import failure_message
+
+    logs.configure(tmp_path / "home")
+    try:
+        prefect = logging.getLogger("prefect.flow_runs")
+        prefect.error("Encountered exception during execution: TrainingError('deeplab is 2D')")
+        prefect.error("Finished in state Failed('Task run encountered an exception')")
+        prefect.error("brats: training failed: deeplab is 2D")  # the flow's own line stays
+        err = capsys.readouterr().err
+        assert err.splitlines() == ["error: brats: training failed: deeplab is 2D"]
+        assert "Encountered exception" in logs.log_file(tmp_path / "home").read_text()
+    finally:
+        logs.configure(tmp_path / "home", verbose=True)
+    outcomes = [ScanOutcome("brats", "a", "ingest", "ingested"), ScanOutcome("brats", "b", "ingest", "ingested"),
+                ScanOutcome("brats", "*", "train", "failed", message="deeplab is 2D"),
+                ScanOutcome("em", "x", "infer", "failed", message="no model")]
+    assert failure_message(outcomes).splitlines() == [
+        "1 of 3 scans failed, 1 dataset step failed:", "  brats (train): deeplab is 2D", "  em/x (infer): no model"]

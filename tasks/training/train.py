@@ -237,6 +237,10 @@ def train_dataset(loaded: LoadedEntry, *, architecture: str | None = None, epoch
                      extra={"tilewise_epoch": dict(row), "tilewise_epochs": config.epochs,
                             "tilewise_metric": metric_name, "tilewise_max_minutes": config.max_minutes})
 
+        # a progress display can show the training from its start, not from its first epoch's end
+        log.info("%s: training for up to %d epochs or %g min", name, config.epochs, config.max_minutes,
+                 extra={"tilewise_training": {"name": name, "epochs": config.epochs,
+                                              "max_minutes": config.max_minutes}})
         outcome: TrainOutcome
         if config.architecture == "maskrcnn":
             from tasks.training.instances import train_maskrcnn
