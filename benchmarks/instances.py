@@ -71,7 +71,7 @@ def run_case(arch: str, shared: Path, minutes: float, epochs: int) -> dict:
             r = instances_from_prediction(store, method="components", classes=["building"], min_size=16)
             extra = {}
         group = storage.open_group(store, mode="r")
-        scores = evaluate_instances(store, group["labels/reference"], things=[1], names=["background", "building"],
+        scores = evaluate_instances(store, storage.reference(group), things=[1], names=["background", "building"],
                                     min_size=16)
         tp, n_ref, n_pred = tp + scores["tp"], n_ref + scores["reference_instances"], n_pred + scores["predicted_instances"]
         per_chip[Path(store).name.removesuffix(".zarr")] = {

@@ -40,7 +40,7 @@ from tasks.export import ExportOptions
 from tasks.ingest import ScanSpec
 from tasks.settings import scan_store
 
-REFERENCE = "labels/reference"
+REFERENCE = storage.REFERENCE  # what evaluations record as the store's reference
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,37 @@ ARRAYS_KEY = "arrays"  # in the mark: {path inside the group: shape} of every ar
 LEGACY_PROMISES = {"scan": ("image/0",), "prediction": ("probabilities", "labels", "done")}
 
 
+REFERENCE = "labels/reference"  # the reference labels' name: what evaluations record and compare
+
+
+def reference(group: zarr.Group) -> zarr.Array | None:
+    """The reference labels' level-0 array (uint8 class indices on the image's level-0 grid) of the
+    scan ``group``, None when it has none. Every reader of the reference opens it here, in either
+    layout: ``labels/reference/0`` (an NGFF image-label, ingest since issue 20) or the plain array
+    ``labels/reference`` of stores ingested before (the next ingest migrates them,
+    tasks/ingest/reference.py)."""
+    try:
+        node = group[REFERENCE]
+    except KeyError:
+        return None
+    if isinstance(node, zarr.Array):
+        return node
+    try:
+        level0 = node["0"]
+    except KeyError:
+        return None
+    return level0 if isinstance(level0, zarr.Array) else None
+
+
+def reference_record(group: zarr.Group) -> dict[str, Any]:
+    """What ingest recorded about the reference (classes, mapping, source, class_voxels): the
+    tilewise attributes of ``labels/reference``, the label image's group or the old plain array."""
+    try:
+        return dict(group[REFERENCE].attrs.get(ATTRS_KEY, {}))
+    except KeyError:
+        return {}
+
+
 def chunk_boxes(shape: tuple[int, ...], chunks: tuple[int, ...]) -> Iterator[tuple[slice, ...]]:
     """Every chunk of an array of ``shape`` chunked by ``chunks``, as index boxes, raster order."""
     for corner in itertools.product(*(range(0, n, c) for n, c in zip(shape, chunks))):

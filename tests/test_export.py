@@ -122,8 +122,8 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     ingest_scan(ScanSpec("utm", "satellite", (root / "utm.tif",), chunks=(64, 64)), out["utm"])
 
     for name in ("brats", "em", "chip"):
-        ref = zarr.open_group(str(out[name]), mode="r")["labels/reference"]
-        write_prediction(out[name], ref[...], list(ref.attrs["tilewise"]["classes"]))
+        group = zarr.open_group(str(out[name]), mode="r")
+        write_prediction(out[name], storage.reference(group)[...], list(storage.reference_record(group)["classes"]))
     write_prediction(out["oblique"], oblique_ijk(shape_ijk).transpose(2, 1, 0), ["a", "b", "c", "d"])
     write_prediction(out["utm"], utm_labels(), ["background", "road", "building"])
     out["root"] = root
@@ -337,16 +337,16 @@ def test_ome_zarr_reader_at_the_root_finds_image_and_prediction_labels(stores):
     levels = sorted(group["image"].array_keys(), key=int)
     assert [tuple(d.shape) for d in image.data] == [group["image"][n].shape for n in levels]
     labels = [n for n in nodes if n.load(Label) is not None]
-    assert [n.metadata["name"] for n in labels] == ["prediction"]
-    data = labels[0].data
+    assert [n.metadata["name"] for n in labels] == ["reference", "prediction"]
+    data = labels[1].data
     assert len(data) == len(levels)
     np.testing.assert_array_equal(np.asarray(data[0]), np.asarray(nib.load(BRATS / "OTMultiClass.nii.gz").dataobj)
                                   .astype(np.uint8).transpose(2, 1, 0))
     for n in range(1, len(data)):
         np.testing.assert_array_equal(np.asarray(data[n]), _block_mode_reference(np.asarray(data[n - 1]), (2, 2, 2)))
-    assert labels[0].metadata["properties"][4]["class"] == "enhancing"
+    assert labels[1].metadata["properties"][4]["class"] == "enhancing"
     # training and evaluate still read the reference where they did
-    assert group["labels/reference"].shape == group["image/0"].shape[1:]
+    assert storage.reference(group).shape == group["image/0"].shape[1:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +437,7 @@ def test_export_flow_uses_the_catalog_format_and_skips_unpredicted_scans(prefect
     root = tmp_path / "stores"
     store = root / "spacenet_rio" / f"{specs[0].scan_id}.zarr"
     ingest_scan(specs[0], store)
-    ref = zarr.open_group(str(store), mode="r")["labels/reference"][...]
+    ref = storage.reference(zarr.open_group(str(store), mode="r"))[...]
     write_prediction(store, ref, ["background", "building"])
     state = export_flow("spacenet_rio", catalog=str(catalog), store_root=str(root), out_dir=str(tmp_path / "out"),
                         return_state=True)

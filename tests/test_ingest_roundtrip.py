@@ -222,7 +222,7 @@ def test_mri_labels_are_mapped_label_file(ingested, subject):
     raw = np.asarray(nib.load(str(MRI / subject / "OTMultiClass.nii.gz")).dataobj)
     assert set(np.unique(raw).tolist()) <= {0, 1, 2, 3, 4}
     expected = np.transpose(raw, (2, 1, 0)).astype(np.uint8)  # mapping is the identity 0..4
-    labels = group(store)["labels"]["reference"]
+    labels = storage.reference(group(store))
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels[...], expected)
     rec = record(store)
@@ -296,7 +296,7 @@ def test_em_labels_membrane_mapping(ingested):
     raw = em_stack(EM / "label")
     assert set(np.unique(raw).tolist()) == {0, 255}
     expected = np.where(raw == 255, 0, 1).astype(np.uint8)  # 255 interior -> 0, 0 membrane -> 1
-    labels = group(store)["labels"]["reference"][...]
+    labels = storage.reference(group(store))[...]
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, expected)
     assert record(store)["labels"]["class_voxels"] == [int((raw == 255).sum()), int((raw == 0).sum())]
@@ -360,7 +360,7 @@ def test_geotiff_level0_all_bands_and_mask(ingested, chip):
     np.testing.assert_array_equal(got, expected)
     mask = rasterio_read(SAT / "masks" / f"{chip}.tif")[0]
     assert set(np.unique(mask).tolist()) <= {0, 255}
-    labels = group(store)["labels"]["reference"][...]
+    labels = storage.reference(group(store))[...]
     np.testing.assert_array_equal(labels, (mask == 255).astype(np.uint8))
 
 
@@ -521,7 +521,7 @@ def test_reingest_after_a_slice_is_added(tmp_path):
     assert got.shape == (1, 9, 512, 512)
     np.testing.assert_array_equal(got[0, :8], em_stack(EM / "image"))
     assert (got[0, 8] == 42).all()
-    assert (group(store)["labels"]["reference"][8] == 0).all()
+    assert (storage.reference(group(store))[8] == 0).all()
 
 
 def test_reingest_changed_label_gives_new_labels(tmp_path):
@@ -535,7 +535,7 @@ def test_reingest_changed_label_gives_new_labels(tmp_path):
     bump_mtime(target)
     assert ingest_scan(spec, store).status == "ingested"
     expected = np.where(em_stack(spec.labels.sources[0]) == 255, 0, 1).astype(np.uint8)
-    np.testing.assert_array_equal(group(store)["labels"]["reference"][...], expected)
+    np.testing.assert_array_equal(storage.reference(group(store))[...], expected)
     assert (expected[0, :16, :16] == 1).all()
 
 
@@ -620,7 +620,7 @@ def _assert_mri_correct(store: Path) -> None:
     for n, ref in enumerate(ref_pyramid(expected, [(2, 2, 2)] * (len(image_levels(store)) - 1))):
         assert_level_equal(level(store, n), ref)
     labels = np.transpose(np.asarray(nib.load(str(subject / "OTMultiClass.nii.gz")).dataobj), (2, 1, 0))
-    np.testing.assert_array_equal(group(store)["labels"]["reference"][...], labels.astype(np.uint8))
+    np.testing.assert_array_equal(storage.reference(group(store))[...], labels.astype(np.uint8))
 
 
 @pytest.mark.parametrize("crash_at", [2, 6], ids=["image-slab-2", "label-slab-2"])

@@ -56,7 +56,8 @@ def satellite_entry(tmp_path: Path, s3, labels: bool = False) -> object:
 
 
 def level0(store: Path, name: str = "image/0") -> np.ndarray:
-    return np.asarray(zarr.open_group(str(store), mode="r")[name][:])
+    group = zarr.open_group(str(store), mode="r")
+    return np.asarray((storage.reference(group) if name == storage.REFERENCE else group[name])[:])
 
 
 def assert_unchanged_without_a_get(s3, loaded, store_of) -> None:

@@ -363,7 +363,7 @@ class Recording:
 
 def _in_memory(store: str, reads: list | None = None) -> ScanArrays:
     group = zarr.open_group(store, mode="r")
-    image, labels = group["image/0"][:], group["labels/reference"][:]
+    image, labels = group["image/0"][:], storage.reference(group)[:]
     if reads is not None:
         return ScanArrays(store, Recording(image, reads, 1), Recording(labels, reads, 0))
     return ScanArrays(store, image, labels)

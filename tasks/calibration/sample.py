@@ -96,9 +96,9 @@ def sample_validation(model, regions: list[Region], classes: list[str], *, tiles
     opened = []
     for region in regions:
         group = storage.open_group(region.store, mode="r")
-        if "labels" not in group or "reference" not in group["labels"]:
+        image, labels = group["image/0"], storage.reference(group)
+        if labels is None:
             raise CalibrationError("has no labels/reference to calibrate against", region.store)
-        image, labels = group["image/0"], group["labels/reference"]
         population += class_counts(labels, region.box, k)
         opened.append((region, image, labels))
     spatial = tuple(opened[0][1].shape[1:])

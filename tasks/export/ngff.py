@@ -1,17 +1,17 @@
 """The scan group as OME-NGFF 0.5 from its root, with the prediction as an NGFF label image.
 
-Layout (README "Zarr layout"); nothing that existed moves:
+Layout (README "Zarr layout"):
 
     SCAN.zarr/               attrs["ome"]["multiscales"]: the image's metadata, datasets "image/0", "image/1"...
       image/                 unchanged (keeps its own multiscales: readers opened at image/ still work)
-      labels/                attrs["ome"]["labels"] = ["prediction"]
+      labels/                attrs["ome"]["labels"] = ["reference", "prediction", "instances"]
+        reference/           NGFF "image-label" of the reference labels, written by ingest (tasks/ingest/reference.py)
         prediction/          NGFF "image-label": 0/ 1/ ... (*spatial) uint8, the image pyramid's grid
-        reference            unchanged: the plain uint8 reference array training and evaluate read
       prediction/            unchanged (probabilities, labels, done)
 
 An OME-Zarr reader opened at the ROOT (``ome_zarr.reader.Reader``, napari-ome-zarr) finds the
-multiscale image there, then the ``labels`` group and, through its list, the prediction's label
-image, whose ``image-label.source.image`` ("../../") points back to the root.
+multiscale image there, then the ``labels`` group and, through its list, the label images
+(reference, prediction, instances), whose ``image-label.source.image`` ("../../") points back to the root.
 
 The label pyramid has the image pyramid's levels (same shapes, scales and chunks); each level is
 the block MODE of the level above (ties to the smaller class index; a short edge block counts the
@@ -152,26 +152,41 @@ def _slabs(shape: tuple[int, ...], chunks: tuple[int, ...], itemsize: int):
             yield (head, *rest)
 
 
-def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str] | None,
-                      attrs: dict[str, Any] | None = None, downsample: str = "mode") -> zarr.Group:
-    """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last.
+def list_label_image(labels: zarr.Group, name: str, first: bool = False) -> None:
+    """List ``name`` in the ``labels`` group's NGFF list (last, or ``first``): call it once the
+    label image is complete; a reader shows only what is listed."""
+    listed = [n for n in labels.attrs.get("ome", {}).get("labels", []) if n != name]
+    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [name, *listed] if first else [*listed, name]}
 
-    ``downsample``: ``mode`` (class maps: each level the block mode of the one above) or ``nearest``
-    (instance ids, too many distinct values for a mode: the block's first pixel). ``classes`` None:
-    no colours or properties (a viewer colours each id itself)."""
+
+def unlist_label_image(labels: zarr.Group, name: str) -> None:
+    """Take ``name`` out of the ``labels`` group's NGFF list (before it is rewritten or removed)."""
+    listed = labels.attrs.get("ome", {}).get("labels", [])
+    if name in listed or "ome" not in labels.attrs:
+        labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [n for n in listed if n != name]}
+
+
+def write_label_levels(group: zarr.Group, target: zarr.Group, name: str, level0: zarr.Array,
+                       classes: list[str] | None, attrs: dict[str, Any] | None = None, downsample: str = "mode",
+                       copy_level0: bool = True) -> None:
+    """Fill the label image group ``target`` on the image pyramid's grid of the scan ``group``:
+    levels 1.. (each from the level above) and its NGFF metadata. ``copy_level0``: level 0 is
+    written into ``target`` from ``level0``; else ``level0`` is (or will be moved to) ``target/0``
+    and only read. Lists nothing: the caller lists the image once it is complete."""
     image = group["image"]
     axes, scales, factors = _spatial_levels(group)
-    labels = group.require_group("labels")
-    listed = [n for n in labels.attrs.get("ome", {}).get("labels", []) if n != name]
-    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": listed}  # unlisted while rewritten
-    target = labels.create_group(name, overwrite=True)
     dims = tuple(a["name"] for a in axes)
-    previous = None
+    if tuple(level0.shape) != tuple(image["0"].shape[1:]):
+        raise ScanError(group.store_path, f"labels/{name} has shape {tuple(level0.shape)}, the image "
+                                          f"{tuple(image['0'].shape[1:])}")
+    previous = level0
     for n, scale in enumerate(scales):
+        if n == 0 and not copy_level0:
+            continue
         shape = tuple(image[str(n)].shape[1:])
         chunks = tuple(image[str(n)].chunks[1:])
         array = target.create_array(str(n), shape=shape, dtype=level0.dtype, chunks=chunks, compressors=COMPRESSOR,
-                                    fill_value=0, dimension_names=dims)
+                                    fill_value=0, dimension_names=dims, overwrite=True)
         # whole rows of chunks, zarr writes them together; sized by what they read (the level above)
         source_bytes = level0.dtype.itemsize * (int(np.prod(factors[n - 1])) if n else 1)
         for box in _slabs(shape, chunks, source_bytes):
@@ -199,7 +214,25 @@ def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes:
     }
     if attrs is not None:
         target.attrs[storage.ATTRS_KEY] = attrs
-    labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [*listed, name]}  # last: now it is complete
+
+
+def label_levels(group: zarr.Group) -> list[str]:
+    """The paths inside the scan group of a label image's levels, one per image level."""
+    return [d["path"] for d in _image_multiscale(group)["datasets"]]
+
+
+def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str] | None,
+                      attrs: dict[str, Any] | None = None, downsample: str = "mode") -> zarr.Group:
+    """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last.
+
+    ``downsample``: ``mode`` (class maps: each level the block mode of the one above) or ``nearest``
+    (instance ids, too many distinct values for a mode: the block's first pixel). ``classes`` None:
+    no colours or properties (a viewer colours each id itself)."""
+    labels = group.require_group("labels")
+    unlist_label_image(labels, name)  # unlisted while rewritten
+    target = labels.create_group(name, overwrite=True)
+    write_label_levels(group, target, name, level0, classes, attrs, downsample)
+    list_label_image(labels, name)  # last: now it is complete
     return target
 
 
@@ -223,9 +256,8 @@ def remove_label_image(store: str, name: str) -> None:
     if storage.read_record(url) is None and not storage.exists(f"{url}/{name}"):
         return
     labels = storage.open_group(url, mode="r+")
-    listed = labels.attrs.get("ome", {}).get("labels", [])
-    if name in listed:
-        labels.attrs["ome"] = {"version": NGFF_VERSION, "labels": [n for n in listed if n != name]}
+    if name in labels.attrs.get("ome", {}).get("labels", []):
+        unlist_label_image(labels, name)
     storage.remove(f"{url}/{name}")
 
 

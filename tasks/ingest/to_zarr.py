@@ -6,7 +6,9 @@ Layout written (see README, "Zarr layout"):
                                     attrs["ome"] = the image's multiscales with paths image/0, image/1...
       image/                        OME-NGFF 0.5 multiscale image, axes (c, z, y, x) or (c, y, x)
         0/ 1/ ...                   pyramid levels, Blosc-zstd, chunks aligned across levels
-      labels/reference              class indices (uint8), spatial axes only, when labels exist
+      labels/                       NGFF labels group, attrs["ome"]["labels"] = ["reference", ...]
+        reference/                  when labels exist: NGFF image-label, 0/ 1/ ... class indices (uint8) on
+                                    the image pyramid's grid (tasks/ingest/reference.py)
 
 Ingest streams windows: a slab (one chunk row along the first spatial axis, Z or Y for rasters;
 two for a raster read in windows) cut along the second axis into ~4 MB windows of whole chunks.
@@ -43,6 +45,7 @@ from tasks.ingest import remote
 from tasks.ingest.discover import LabelSpec, ScanSpec
 from tasks.ingest.pyramid import PyramidPlan, downsample_mean, plan_pyramid
 from tasks.ingest.readers import ScanReader, default_reader_kind, json_number, open_reader
+from tasks.ingest.reference import migrate_reference, reference_arrays, write_reference_levels
 from tasks.version import tilewise_version
 
 log = logging.getLogger(__name__)
@@ -494,8 +497,9 @@ def _write_labels(group: zarr.Group, labels: LabelSpec, modality: str, image_sha
         if spatial != image_shape or reader.shape[0] != 1:
             raise ScanError(reader.path, f"label shape {reader.shape[1:]} (channels {reader.shape[0]}) "
                                          f"does not match the image's spatial shape {image_shape}")
-        arr = group.require_group("labels").create_array(
-            "reference", shape=spatial, dtype="uint8", chunks=chunks, compressors=COMPRESSOR,
+        # level 0 of the NGFF label image; its pyramid follows the image's metadata (write_reference_levels)
+        arr = group.require_group("labels").create_group("reference").create_array(
+            "0", shape=spatial, dtype="uint8", chunks=chunks, compressors=COMPRESSOR,
             fill_value=0, dimension_names=tuple(reader.axes[1:]),
         )
         counts = np.zeros(len(labels.classes), dtype=np.int64)
@@ -508,14 +512,8 @@ def _write_labels(group: zarr.Group, labels: LabelSpec, modality: str, image_sha
         # np.unique's inverse is int64: windows of ~WINDOW_BYTES / 8 labels
         width = window_width(reader.shape, chunks[0], 8, chunks[1]) if len(chunks) > 1 else None
         _stream(reader, chunks[0], consume, width)
-        arr.attrs["tilewise"] = {
-            "classes": list(labels.classes),
-            "mapping": {str(k): v for k, v in sorted(labels.mapping.items())},
-            "source": recorded,
-            "class_voxels": counts.tolist(),
-        }
-        return {"classes": list(labels.classes), "class_voxels": counts.tolist(),
-                "source": recorded}
+        return {"classes": list(labels.classes), "mapping": {str(k): v for k, v in sorted(labels.mapping.items())},
+                "source": recorded, "class_voxels": counts.tolist()}
 
 
 def ingest_scan(
@@ -577,6 +575,7 @@ def _unchanged_remote(spec: ScanSpec, store: str, stats_files: list[dict[str, An
         accepted = (options, _legacy_options_digest(spec, kind, chunks))
         if _unchanged(record, stats_files, accepted, read=False) and storage.is_complete(store):
             _refresh_stats(store, record, stats_files, options)
+            migrate_reference(store)  # an older store's plain reference array, under this lock
             return tuple(shape)
     return None
 
@@ -629,6 +628,7 @@ def _ingest_local(spec: ScanSpec, local: ScanSpec, store: str, stats_files: list
             accepted = (options, _legacy_options_digest(spec, kind, chunks))
             if not force and _unchanged(record, stats_files, accepted) and storage.is_complete(store):
                 _refresh_stats(store, record, stats_files, options)
+                migrate_reference(store)  # an older store's plain reference array, under this lock
                 return IngestResult(spec.scan_id, store, "unchanged", tuple(reader.shape), time.perf_counter() - t0)
             if storage.exists(store):
                 if not storage.looks_like_group(store):
@@ -710,6 +710,8 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         write_multiscales_metadata(image, datasets, fmt=FormatV05(), axes=_axes_metadata(reader.axes, unit),
                                    name=spec.scan_id)
         write_root_multiscales(group)  # OME-Zarr readers opened at the group's root find the image
+        if labels:
+            write_reference_levels(group, labels)
         for f, d in zip(stats_files, digests):
             f["sha256"] = d.result()
 
@@ -734,7 +736,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         "pyramid": {"levels": plan.levels, "shapes": [list(s) for s in plan.shapes], "downsampling": "block mean"},
         "spatial": spatial,
         "stats": stats.as_dict(),
-        "labels": labels,
+        "labels": None if labels is None else {k: labels[k] for k in ("classes", "class_voxels", "source")},
         "warnings": list(reader.warnings),
         "source": {"reader": kind, "files": [_recorded(f) for f in stats_files]},
         "provenance": {
@@ -744,7 +746,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         },
     }
     group.attrs[storage.ATTRS_KEY] = record
-    promised = [f"image/{level}" for level in range(plan.levels)] + (["labels/reference"] if labels else [])
+    promised = [f"image/{level}" for level in range(plan.levels)] + (reference_arrays(group) if labels else [])
     storage.mark_complete(group, {"at": datetime.now(timezone.utc).isoformat(), "options_digest": options},
                           arrays=promised)
     return tuple(reader.shape)

@@ -105,7 +105,7 @@ def validation_sections(model, regions, membrane_class: int, interior_class: int
     for region in regions:
         group = storage.open_group(region.store, mode="r")
         image = np.asarray(group["image/0"][(slice(None),) + tuple(region.box)], np.float32)
-        labels = np.asarray(group["labels/reference"][tuple(region.box)])
+        labels = np.asarray(storage.reference(group)[tuple(region.box)])
         if labels.ndim == 2:
             image, labels = image[:, None], labels[None]
         stacks = [(image[:, z], labels[z]) for z in range(labels.shape[0])] if card.spatial_dims == 2 \

@@ -275,12 +275,11 @@ def _evaluate(store: str, labels_path: str | Path | None = None, entry=None, bou
         mapping = dict(entry.labels.mapping) if entry is not None and entry.labels is not None else None
         reference = _FileReference(Path(labels_path), modality or "em", mapping, k, shape)
         reference_name, read_reference = str(labels_path), reference.read
-    elif "labels" in group and "reference" in group["labels"]:
-        ref_array = group["labels/reference"]
+    elif (ref_array := storage.reference(group)) is not None:
         if tuple(ref_array.shape) != shape:
             raise ScanError(store, f"labels/reference has shape {tuple(ref_array.shape)} but the prediction has "
                                    f"shape {shape}")
-        reference, reference_name = None, "labels/reference"
+        reference, reference_name = None, storage.REFERENCE
 
         def read_reference(a: int, b: int) -> np.ndarray:
             return ref_array[a:b]
@@ -416,13 +415,13 @@ def _instance_scores(store: str, group, record: dict, pred_record: dict, entry, 
     from tasks.instances import store as inst_store
 
     inst = pred_record.get(inst_store.RECORD_KEY) or {}
-    if not inst_store.instances_complete(store) or reference_name != "labels/reference":
+    if not inst_store.instances_complete(store) or reference_name != storage.REFERENCE:
         return None, None
     ref_names = list(entry.labels.classes) if entry is not None and entry.labels is not None else list(names)
     thing_names = (entry.labels.instance_classes if entry is not None and entry.labels is not None else None) \
         or (inst.get("params") or {}).get("classes") or ref_names[1:]
     stuff_names = (entry.labels.stuff_classes if entry is not None and entry.labels is not None else None) or []
-    reference = group["labels/reference"]
+    reference = storage.reference(group)
     from tasks.instances.from_semantic import _per_section_default
     from tasks.metrics.instance_eval import evaluate_instances
 

@@ -1,6 +1,6 @@
 """Training data straight from the scan groups: splits, patch sampling, normalisation statistics.
 
-Nothing here loads a whole scan: every patch is read from ``image/0`` and ``labels/reference``
+Nothing here loads a whole scan: every patch is read from ``image/0`` and the reference's level 0 (``storage.reference``)
 through Zarr, so a 10^10-voxel stack trains in the same memory as a small one.
 """
 
@@ -42,13 +42,13 @@ def open_training_scan(store: str, classes: int) -> ScanArrays:
     if not storage.is_complete(store):
         raise TrainingError(f"{store}: not a complete scan group; ingest it first")
     group = storage.open_group(store)
-    if "labels" not in group or "reference" not in group["labels"]:
+    image, labels = group["image/0"], storage.reference(group)
+    if labels is None:
         raise TrainingError(f"{store}: has no labels (the catalog entry needs a 'labels' section)")
-    image, labels = group["image/0"], group["labels/reference"]
     if tuple(labels.shape) != tuple(image.shape[1:]):
         raise TrainingError(f"{store}: labels shape {tuple(labels.shape)} differs from the image's "
                             f"spatial shape {tuple(image.shape[1:])}")
-    counts = group["labels/reference"].attrs.get("tilewise", {}).get("class_voxels")
+    counts = storage.reference_record(group).get("class_voxels")
     if counts is not None and len(counts) > classes and any(counts[classes:]):
         raise TrainingError(f"{store}: labels hold class indices >= {classes}, not in the label mapping")
     return ScanArrays(store, image, labels)
