@@ -205,3 +205,24 @@ def test_an_interrupted_migration_leaves_the_group_readable_or_incomplete(tmp_pa
     assert result.status == ("unchanged" if where == "pyramid" else "ingested")
     _check_reference_pyramid(store, expected)
     assert storage.is_complete(store)
+
+
+def test_an_old_store_on_object_storage_is_migrated_too(tmp_path, s3, monkeypatch):
+    """The swap's moves are copies and deletes on S3: the same group comes out."""
+    spec, expected, _ = _scan(tmp_path)
+    store = f"{s3.url}/stores/scan.zarr"
+    assert ingest_scan(spec, store).status == "ingested"
+    _to_old_layout(store)
+    assert isinstance(zarr.open_group(store, mode="r")["labels/reference"], zarr.Array)
+    _no_rewrite(monkeypatch)
+
+    assert ingest_scan(spec, store).status == "unchanged"
+
+    group = zarr.open_group(store, mode="r")
+    levels = sorted(group["image"].array_keys(), key=int)
+    assert sorted(group["labels/reference"].array_keys(), key=int) == levels
+    assert "reference-migrating" not in group["labels"]
+    np.testing.assert_array_equal(storage.reference(group)[...], expected)
+    np.testing.assert_array_equal(group["labels/reference/1"][...], _block_mode(expected, (1, 2, 2)))
+    assert group["labels"].attrs["ome"]["labels"] == ["reference"]
+    assert storage.is_complete(store)

@@ -16,8 +16,9 @@ finds them unchanged, under the writer's lock it already holds (:func:`migrate_r
    here leaves only that folder, replaced by the next try;
 2. they are checked (every level there with the image's shape);
 3. the scan's completion mark is cleared, the old array moved to ``labels/reference-migrating/0``
-   and that group to ``labels/reference`` (two renames on a local disk), "reference" listed, and
-   the mark written again with the same record, listing the new arrays.
+   and that group to ``labels/reference`` (two renames on a local disk; copies and deletes on object
+   storage), "reference" listed, and the mark written again with the same record, listing the new
+   arrays.
 
 So the group is complete with the old reference or complete with the new one; a crash inside step
 3 leaves it incomplete (no mark), and the next ingest re-ingests it from its sources.
@@ -116,5 +117,17 @@ def migrate_reference(store: str) -> bool:
 
 
 def _move(fs, source: str, target: str) -> None:
-    """Move a folder (a rename on a local disk, copy and delete on object storage)."""
-    fs.mv(source, target, recursive=True)
+    """Move the folder ``source`` to ``target`` (which does not exist): one rename on a local disk;
+    on object storage each object copied, then the originals deleted (fsspec's recursive ``mv``
+    there also tries to copy the folder's own key, which S3 does not have)."""
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    if "file" in protocols:
+        fs.mv(source, target, recursive=True)
+        return
+    fs.invalidate_cache(source)  # a listing cached before the pyramid was written would miss objects
+    objects = fs.find(source)
+    for path in objects:
+        fs.copy(path, target + path[len(source):])
+    fs.rm(objects)
+    fs.invalidate_cache(source)
+    fs.invalidate_cache(target)
