@@ -2,7 +2,7 @@
 
 napari is not a tilewise dependency; run this with a Python that has it and its OME-Zarr plugin::
 
-    python -m venv /tmp/napari && /tmp/napari/bin/pip install "napari[pyqt5]" napari-ome-zarr
+    python -m venv /tmp/napari && /tmp/napari/bin/pip install "napari[pyqt6]" napari-ome-zarr
     /tmp/napari/bin/python docs/napari_screenshot.py ~/.tilewise/stores/spacenet_rio/SCAN.zarr
 
 It opens the store at its root as a user would (``napari SCAN.zarr`` with napari-ome-zarr): the
@@ -42,7 +42,7 @@ def main() -> None:
     reference, prediction = found["reference"], found["prediction"]
     reference.visible = prediction.visible = True
     reference.contour, reference.opacity = 2, 1.0
-    prediction.opacity = 0.45
+    prediction.opacity = 0.6
     viewer.layers.move(viewer.layers.index(reference), len(viewer.layers))  # outlines on top
     if viewer.dims.ndim > 2:
         middle = viewer.dims.range[0].stop / 2 if args.slice is None else args.slice
