@@ -262,6 +262,7 @@ def satellite_scores(stores: dict[str, list[str]], model_uri: str, tta: bool = F
     the free crops, and the same for the brightened copies."""
     import zarr
 
+    from tasks import storage
     from tasks.engine.infer import EngineConfig, infer_scan
     from tasks.engine.model_io import load_model
 
@@ -271,7 +272,7 @@ def satellite_scores(stores: dict[str, list[str]], model_uri: str, tta: bool = F
     for part in ("sat_test", "sat_free", "sat_bright"):
         for store in stores.get(part, []):
             infer_scan(store, model, EngineConfig(tile=tile, overlap=0.5, output_dtype="float32", tta=tta))
-            t = zarr.open_array(f"{store}/labels/reference")[:] == 1
+            t = storage.reference(storage.open_group(store))[:] == 1
             p = zarr.open_array(f"{store}/prediction/labels")[:] == 1
             scene = Path(store).name.removesuffix(".zarr").replace("3band_013022223130_Public_img", "chip")
             inter, union, false = int((p & t).sum()), int((p | t).sum()), int((p & ~t).sum())
@@ -295,6 +296,7 @@ def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, cr
              skip: str | None = None) -> dict:
     import zarr
 
+    from tasks import storage
     from tasks.engine.infer import EngineConfig, infer_scan
     from tasks.engine.model_io import load_model
 
@@ -310,7 +312,7 @@ def held_out(case: str, stores: list[str], model_uri: str, tta: bool = False, cr
             infer_scan(store, model, EngineConfig(tile=tile, overlap=0.5, output_dtype="float32", tta=tta,
                                                   skip_empty="off" if skip else "auto"))
             seconds[""] += time.perf_counter() - t0
-            truth = zarr.open_array(f"{store}/labels/reference")[:]
+            truth = storage.reference(storage.open_group(store))[:]
             pred = zarr.open_array(f"{store}/prediction/labels")[:]
             probs = zarr.open_array(f"{store}/prediction/probabilities")[:] if case == "em" else None
             score(case, pred, truth, probs, scores)
@@ -367,7 +369,7 @@ def instance_scores(case: str, stores: list[str], model) -> dict:
         else:
             infer_scan(store, model, config)
             instances_from_prediction(store, method="components", classes=["building"], min_size=16)
-        reference = storage.open_group(store, mode="r")["labels/reference"]
+        reference = storage.reference(storage.open_group(store, mode="r"))
         s = evaluate_instances(store, reference, things=[1], names=["background", "building"], min_size=16)
         tp, n_ref, n_pred = tp + s["tp"], n_ref + s["reference_instances"], n_pred + s["predicted_instances"]
         per_chip[Path(store).name.removesuffix(".zarr")] = {
