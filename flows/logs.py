@@ -12,8 +12,8 @@
 :func:`configure` runs in the CLI before Prefect or MLflow is imported: Prefect then finds handlers
 of the user's on the root logger and leaves it alone (its API handler still sends flow and task
 run logs to its server), and MLflow's own loggers (which do not propagate) are set to the same
-console level through ``MLFLOW_LOGGING_LEVEL``. Warnings nobody here can act on are dropped where
-they arise (MLflow's type-hint advice: models/registry.py).
+console level through ``MLFLOW_LOGGING_LEVEL``. Warnings are fixed where they arise, not filtered
+(MLflow's type-hint advice: the pyfunc's ``predict`` has its hints, models/pyfunc_model.py).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
 WEIGHTS_KEY, CARD_KEY = "weights", "card"  # keys of the logged model's ``artifacts``
@@ -40,9 +41,10 @@ class TilewiseModel(PythonModel):
         self.card = card
         self.module = inference_module(card, network).eval()
 
-    def predict(self, context, model_input, params=None):
-        """(B, C, *spatial) float32 in -> (B, K, *spatial) float32 logits out."""
-        import numpy as np
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+        """(B, C, *spatial) float32 in -> (B, K, *spatial) float32 logits out. The hint is one MLflow
+        takes without inferring a schema from it: the logged signature (free batch and tile sizes)
+        describes the tensors."""
         import torch
 
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.float32)))

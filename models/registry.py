@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,17 +201,10 @@ def log_model(network, card: ModelCard, input_example) -> Any:
         weights, card_file = Path(tmp) / WEIGHTS_FILE, Path(tmp) / CARD_FILE
         save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(weights))
         card_file.write_text(card.model_dump_json(indent=2))
-        # MLflow advises type hints on the pyfunc's predict; they cannot describe these tensors (the
-        # signature above does), and its own filter re-enables the warning: caught and dropped here.
-        with warnings.catch_warnings(record=True) as caught:
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME, python_model=pyfunc_model.__file__, signature=signature, input_example=example,
-                artifacts={pyfunc_model.WEIGHTS_KEY: str(weights), pyfunc_model.CARD_KEY: str(card_file)},
-                pip_requirements=_requirements())
-        for w in caught:
-            if "Add type hints to the `predict` method" not in str(w.message):
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-        return info
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=pyfunc_model.__file__, signature=signature, input_example=example,
+            artifacts={pyfunc_model.WEIGHTS_KEY: str(weights), pyfunc_model.CARD_KEY: str(card_file)},
+            pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:

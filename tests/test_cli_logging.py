@@ -28,10 +28,10 @@ def test_a_later_in_process_command_gets_its_own_log_lines_and_no_logging_error(
     try:
         with runner.isolation():  # Prefect sets up logging inside a command, as a first flow import does
             setup_logging(incremental=False)
-        result = runner.invoke(app, ["infer", "--store", store, "--model", str(model), "--tile", "8,16,16",
+        result = runner.invoke(app, ["-v", "infer", "--store", store, "--model", str(model), "--tile", "8,16,16",
                                      "--skip-empty", "0"])
     finally:
         setup_logging(incremental=False)  # the rest of the session logs to pytest's stderr again
     assert result.exit_code == 0, result.output
     assert "Logging error" not in result.stderr, result.stderr
-    assert "tiles empty (background), not run" in result.stderr  # the engine's INFO line, through Prefect
+    assert "tiles empty (background), not run" in result.stderr  # -v: the engine's INFO line, through Prefect

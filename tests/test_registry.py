@@ -339,3 +339,34 @@ def test_a_calibrator_stored_after_registration_comes_with_the_loaded_model():
     calibrator_store.store_calibrator(version_uri, json.dumps({"method": "cubic", "params": [1, 2]}),
                                       {"method": "cubic"}, {})
     assert registry.load_registered(version_uri).calibrator == {"method": "cubic", "params": [1, 2]}
+
+
+def test_logging_a_model_prints_no_advice_about_type_hints(tmp_path):
+    """MLflow advised type hints on the pyfunc's predict at every logged model (six times a nightly,
+    with raw ANSI colour codes in a log): the hint is there now, one MLflow accepts without
+    inferring a schema from it, so nothing is printed and the logged signature still holds. A fresh
+    process: MLflow warns once per process and function."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, mlflow
+from models import registry
+from models.zoo import build
+from tests.test_registry import UNET_ARGS, UNET_CARD
+net = build("unet", 2, 1, 2, **UNET_ARGS).eval()
+with mlflow.start_run(experiment_id=registry.experiment_id("toy_hints")):
+    info = registry.log_model(net, UNET_CARD, np.zeros((1, 1, 16, 16), np.float32))
+print(mlflow.models.get_model_info(info.model_uri).signature.inputs.inputs[0].shape)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    from pathlib import Path
+
+    env.update(TILEWISE_HOME=str(tmp_path), PYTHONWARNINGS="always",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=str(tmp_path), capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "(-1, 1, -1, -1)"
+    assert "type hint" not in done.stderr.lower(), done.stderr[-3000:]

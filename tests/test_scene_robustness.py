@@ -304,7 +304,10 @@ def test_train_refuses_to_promote_a_model_that_paints_a_validation_scan_one_clas
     assert not (c.get_registered_model("chips-deeplab").aliases or {}).get("champion")
     # the card records what each validation scan held and what the model predicted there
     card = registry.registered_weights("models:/chips-deeplab/1")[0]
-    (scan, fractions), = card.validation_foreground.items()
-    assert fractions["predicted"] == 1.0
-    assert fractions["reference"] == pytest.approx((12 * 14 + 12 * 12) / 48 ** 2, abs=1e-6)
+    # three chips: each validates on a slab of 12 of its 48 rows, the one with the most building
+    # (rows 8-19, 14 building pixels each): 12 * 14 of 12 * 48 pixels
+    assert sorted(card.validation_foreground) == ["c0", "c1", "c2"]
+    for fractions in card.validation_foreground.values():
+        assert fractions["predicted"] == 1.0
+        assert fractions["reference"] == pytest.approx(12 * 14 / (12 * 48), abs=1e-6)
     assert card.normalization.kind == "scan_percentile"

@@ -118,8 +118,13 @@ def test_serve_and_remote_ingest_print_the_home_first_and_local_ingest_does_not(
     monkeypatch.setenv("TILEWISE_HOME", str(tmp_path / "fresh"))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     first = f"home: {tmp_path / 'fresh'} (new: no models or stores yet)"
-    result = CliRunner().invoke(app, ["serve"])
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # no server: a session fixture may have set one in Prefect's settings, which serve would serve forever
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1 and result.output.splitlines()[0] == first, result.output
+    assert "needs a Prefect server" in result.output, result.output
 
     def unreachable(urls):
         raise ScanError(urls[0], "endpoint unreachable")
