@@ -641,7 +641,7 @@ def _report_run(kind: str, state, as_json: bool = False) -> None:
     if outcomes and not worked:
         say.print(f"[green]{kind}: nothing new; {scans} scans up to date, every step unchanged[/]")
     else:
-        say.print(f"[green]{kind}: {scans} scans ok, {worked} steps did work, {len(outcomes)} steps[/]")
+        say.print(f"[green]{kind}: {scans} scans ok, {worked} of {len(outcomes)} steps did work[/]")
     say.print(f"browse the runs: .venv/bin/mlflow ui --backend-store-uri {tracking_uri()}", highlight=False,
               soft_wrap=True)
 
