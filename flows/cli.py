@@ -17,7 +17,7 @@ from rich.table import Table
 
 import flows  # noqa: F401  (sets the embedded Prefect defaults before Prefect is imported)
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, rich_markup_mode="markdown",
                   help="Segment very large medical and satellite images on a schedule: ingest, train, infer, "
                        "calibrate, evaluate, export; nightly, backfill and serve.")
 catalog_app = typer.Typer(no_args_is_help=True, help="List and validate the data catalog.")
@@ -717,7 +717,7 @@ def serve(
     catalog: Optional[Path] = CatalogOpt,
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="at most N flow runs at once"),
 ) -> None:
-    """Serve the schedules: nightly/<dataset> on each dataset's cron (its time zone), backfill/backfill on demand.
+    """Serve the schedules: nightly/DATASET on each dataset's cron (its time zone), backfill/backfill on demand.
 
     Needs a Prefect server (PREFECT_API_URL). Runs until Ctrl-C / SIGTERM; stopping pauses the deployments, the next start resumes them.
     """

@@ -100,3 +100,32 @@ def test_version_is_the_installed_distributions():
 
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"tilewise {version('tilewise')}"
+
+
+@pytest.mark.parametrize("args", [[], ["run"], ["catalog"]])
+def test_help_reflows_docstrings_instead_of_breaking_lines_where_the_source_did(args):
+    """A command's description is a paragraph: in ``tilewise --help`` at 80 columns no line may end
+    where the next line's first word would still have fitted (the docstrings' own line breaks used
+    to show: "writes prediction/probabilities and" / "labels; ..."). Nothing may be lost either:
+    ``nightly/<dataset>`` read as an HTML tag by a Markdown renderer would vanish."""
+    result = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("╭") and "Commands" in line)
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("╰"))
+    rows = [line[1:-1] for line in lines[start + 1:end]]  # inside the box's edges
+    # the description column starts after the first command's name and the gap after it
+    name = rows[0].split()[0]
+    column = rows[0].index(name) + len(name)
+    column += len(rows[0][column:]) - len(rows[0][column:].lstrip())
+    room = len(rows[0]) - 1  # the box's right padding
+    assert len(rows) > 1
+    for above, below in zip(rows, rows[1:]):
+        if below[:column].strip():
+            continue  # the next command's first line
+        word = below.split()[0]
+        assert len(above.rstrip()) + 1 + len(word) > room, f"line broken early:\n{above}\n{below}"
+    flat = _flat(result.output)
+    for command in app.registered_commands:
+        for token in re.findall(r"\S*[<>]\S*", (command.callback.__doc__ or "").split("\n\n")[0]):
+            assert token in flat or args, token
