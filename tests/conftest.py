@@ -21,6 +21,18 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then as it was: on a shared 2-core machine one thread is
+    fastest for the small networks tests train and run."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES

@@ -13,12 +13,7 @@ from models.zoo import build
 from tasks.training.instances import DETECTOR_ARGS, anchor_sizes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _found(boxes, shape=(100, 100)):

@@ -13,18 +13,10 @@ from tasks.ingest import LabelSpec, ScanSpec, ingest_scan
 from tasks.ingest import reference as reference_mod
 from tasks.ingest import to_zarr
 from tasks.training.data import open_training_scan
+from tests.test_export import _block_mode_reference as _block_mode
 
 CLASSES = ("background", "core", "rim", "edge")
 MAPPING = {0: 0, 10: 1, 20: 2, 30: 3}  # file values -> class indices: not the identity
-
-
-def _block_mode(a: np.ndarray, factors) -> np.ndarray:
-    """Loop over blocks, np.bincount; ties to the smaller class; short edge blocks count what they have."""
-    out = np.zeros(tuple(-(-n // f) for n, f in zip(a.shape, factors)), a.dtype)
-    for index in np.ndindex(*out.shape):
-        block = a[tuple(slice(i * f, (i + 1) * f) for i, f in zip(index, factors))]
-        out[index] = np.argmax(np.bincount(block.ravel()))
-    return out
 
 
 def _scan(tmp_path, name="scan") -> tuple[ScanSpec, np.ndarray, str]:

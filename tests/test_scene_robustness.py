@@ -25,12 +25,7 @@ from tasks.ingest.discover import LabelSpec
 PERCENTILE = Normalization(kind="scan_percentile", percentiles=[1.0, 99.0])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def geotiff_store(tmp_path: Path, array: np.ndarray, name: str, nodata: float | None = None,

@@ -30,12 +30,7 @@ EM = "em/isbi2012_train"
 CHIPS = "satellite/spacenet1_rio/images"
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread is fastest
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ingest_all(loaded, root: Path) -> list[str]:

@@ -6,7 +6,6 @@ MONAI's sliding_window_inference; the validation budget; the batch prefetcher; `
 from __future__ import annotations
 
 import collections
-import dataclasses
 import pickle
 
 import numpy as np
@@ -20,12 +19,7 @@ from tasks.training.validation import predict_region, within_budget
 from tests.compare import assert_labels_equal_where_decided
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture
