@@ -312,3 +312,23 @@ def test_catalog_regions_are_scored_as_unions_of_classes(tmp_path):
         assert report.semantic["regions"][name]["dice"] == pytest.approx(dice)
         assert report.flat_metrics()[f"region_dice_{name}"] == pytest.approx(dice)
     assert report.settings["regions"] == {"tumour": ["core", "rim"], "inner": ["core"]}
+
+
+def test_adding_regions_to_the_catalog_makes_the_evaluation_stale_and_a_new_one_current(tmp_path):
+    """What the nightly asks before evaluating (flows/chain.py): an evaluation scored without the
+    catalog's new ``labels.regions`` is not current; once scored with them it is, and without
+    regions an evaluation from before they existed stays current (no recompute for nothing)."""
+    from flows.chain import evaluation_is_current
+
+    ref = reference_volume()
+    store = make_store(tmp_path, ref)
+    write_prediction(store, shifted(ref))
+    labels = {"path": "y", "mapping": {0: 0, 1: 1, 2: 2}, "classes": CLASSES}
+    plain = CatalogEntry(name="synthetic", modality="mri", scans={"path": "x"}, labels=labels)
+    with_regions = CatalogEntry(name="synthetic", modality="mri", scans={"path": "x"},
+                                labels={**labels, "regions": {"tumour": ["core", "rim"]}})
+    evaluate_scan(store, entry=plain)
+    assert evaluation_is_current(store, plain)
+    assert not evaluation_is_current(store, with_regions)
+    evaluate_scan(store, entry=with_regions)
+    assert evaluation_is_current(store, with_regions) and not evaluation_is_current(store, plain)
