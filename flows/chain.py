@@ -121,7 +121,11 @@ def _ensure_model(loaded: LoadedEntry, catalog: str, store_root: str | None, opt
     row = ScanOutcome(entry.name, "*", "train", "trained", message=f"{report.registered}: {report.decision}; "
                       f"calibration: {report.calibration}" + (f"; watershed: {report.watershed}" if report.watershed
                                                                else ""), seconds=report.seconds, model=version or "")
-    if version is None:  # trained, but the alias went to another version's challenger...
+    if version is None and report.alias == "challenger":  # the first version, refused (one class everywhere...)
+        return None, [row, ScanOutcome(entry.name, "*", "infer", "skipped",
+                                       message=f"no model at {alias}: {report.registered} was {report.decision}; "
+                                               f"train longer: tilewise train {entry.name} --max-minutes N")]
+    if version is None:  # trained and promoted, yet the alias does not resolve (the registry changed under us)
         return None, [row, ScanOutcome(entry.name, "*", "infer", "failed",
                                        message=f"trained {report.registered} but {alias} does not resolve")]
     return version, [row]

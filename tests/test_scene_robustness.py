@@ -307,3 +307,37 @@ def test_train_refuses_to_promote_a_model_that_paints_a_validation_scan_one_clas
         assert fractions["predicted"] == 1.0
         assert fractions["reference"] == pytest.approx(72 / (12 * 48), abs=1e-6)
     assert card.normalization.kind == "scan_percentile"
+
+
+def test_a_nightly_whose_first_model_is_refused_ingests_warns_and_infers_nothing(own_home, monkeypatch,
+                                                                                  prefect_server):
+    """make run on a slow machine: the 1.5-minute bootstrap model painted every validation chip one
+    class, was registered but not promoted, and the nightly failed with "@champion does not
+    resolve". Now the dataset's inference is skipped with the reason and what to do, nothing is
+    predicted, and the run still succeeds."""
+    import mlflow.models
+    from typer.testing import CliRunner
+
+    import tasks.training.train as train
+    from flows.cli import app
+    from tasks.settings import scan_store
+    from tasks.training.loop import TrainOutcome
+
+    monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
+                        lambda model_uri, flavor, fallback=None, **kw: list(fallback or []))
+    catalog = _chips_catalog(own_home)
+
+    def degenerate(config, sampler, validation, arrays, normalise, on_epoch=None, network=None, frozen=None):
+        network.forward = _AllBuilding().forward
+        return TrainOutcome(network, "val_dice", 0.9, 0, [{"epoch": 0, "train_loss": 0.1, "val_dice": 0.9}],
+                            "epochs done", 1.0)
+
+    monkeypatch.setattr(train, "train_semantic", degenerate)
+    result = CliRunner().invoke(app, ["run", "nightly", "--catalog", str(catalog)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "does not resolve" not in result.output
+    assert "chips: infer skipped: no model at models:/chips-deeplab@champion" in result.output, result.output
+    assert "not promoted" in result.output and "tilewise train chips" in result.output
+    for chip in ("c0", "c1", "c2"):
+        assert storage.is_complete(scan_store("chips", chip)) and not storage.exists(scan_store("chips", chip)
+                                                                                       + "/prediction")
