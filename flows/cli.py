@@ -242,6 +242,9 @@ def infer(
     pad: str = typer.Option("reflect", "--pad", help="border context: reflect (mirror) | constant (zeros)"),
     placement: str = typer.Option("even", "--placement", help="tile starts: even (nnU-Net) | monai"),
     dtype: str = typer.Option("float16", "--dtype", help="probabilities: float16 | float32"),
+    outputs: str = typer.Option("labels,probabilities", "--outputs",
+                                help="labels,probabilities | labels (no probability array: less to write, for runs "
+                                     "that only need the mask; calibration scores, the CRF and watershed need them)"),
     memory_mb: int = typer.Option(512, "--memory-mb", help="accumulator budget before spilling to disk"),
     dask: Optional[str] = typer.Option(None, "--dask", help="scheduler address, or local[:N] for a local cluster"),
     calibration: bool = typer.Option(True, "--calibration/--no-calibration",
@@ -260,7 +263,7 @@ def infer(
     choices = {"--amp": (amp, ("none", "bf16", "fp16")), "--blend": (blend, ("gaussian", "constant")),
                "--mode": (mode, ("auto", "semantic", "instances")),
                "--pad": (pad, ("reflect", "constant")), "--placement": (placement, ("even", "monai")),
-               "--dtype": (dtype, ("float16", "float32"))}
+               "--dtype": (dtype, ("float16", "float32")), "--outputs": (outputs, ("labels,probabilities", "labels"))}
     for flag, (value, allowed) in choices.items():
         if value not in allowed:
             _fail(f"{flag} must be one of {', '.join(allowed)}, got {value!r}")
@@ -294,7 +297,9 @@ def infer(
     config = EngineConfig(tile=tile_size, overlap=overlap, batch=batch, tta=tta, device=device, amp=amp,
                           blend=blend, pad=pad, placement=placement, output_dtype=dtype, memory_budget_mb=memory_mb,
                           calibration=calibration, crf=_default_crf() if crf else None, skip_empty=skip_setting,
-                          backend=backend)
+                          backend=backend, outputs=outputs)
+    if crf and outputs == "labels":
+        _fail("--crf refines the probabilities: drop --outputs labels")
     if crf and (dask or mode == "instances"):
         _fail("--crf refines a semantic prediction in one process: drop --dask / --mode instances")
     if crf:  # before the model is loaded and any tile runs, not after the whole inference

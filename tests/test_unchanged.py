@@ -195,3 +195,25 @@ def test_a_new_export_version_rewrites_the_export(tmp_path, code_change):
     code_change("export")
     assert export() == "exported"
     assert export() == "unchanged"
+
+
+def test_outputs_labels_writes_no_probabilities_and_is_part_of_the_prediction(tmp_path):
+    """``--outputs labels``: the same labels as the default run, no probability array, recorded in
+    the digest (switching recomputes, repeating says unchanged); what needs probabilities says so."""
+    model = scripted(tmp_path / "net.pt")
+    full = raster(tmp_path, "full")
+    assert status(infer(full, model)) == "inferred"
+    store = raster(tmp_path, "lean")
+    assert status(infer(store, model, "--outputs", "labels")) == "inferred"
+    group = zarr.open_group(f"{store}/prediction", mode="r")
+    assert "probabilities" not in group and storage.is_complete(f"{store}/prediction")
+    np.testing.assert_array_equal(group["labels"][...], zarr.open_array(f"{full}/prediction/labels")[...])
+    assert status(infer(store, model, "--outputs", "labels")) == "unchanged"
+    result = runner.invoke(app, ["export", "--store", store, "--format", "tiff", "--what", "probabilities",
+                                 "--out", str(tmp_path / "p.ome.tif")])
+    assert result.exit_code == 1
+    assert "no probabilities (inferred with --outputs labels)" in result.output
+    assert "Traceback" not in result.output
+    assert status(infer(store, model)) == "inferred"  # the default writes probabilities: another prediction
+    assert "probabilities" in zarr.open_group(f"{store}/prediction", mode="r")
+    assert status(infer(full, model)) == "unchanged"

@@ -67,6 +67,21 @@ def probabilities(summed_logits: np.ndarray, summed_weights: np.ndarray, inplace
     return logits.astype(np.float32, copy=False)
 
 
+def two_class_probabilities(summed_difference: np.ndarray, summed_weights: np.ndarray) -> np.ndarray:
+    """Two classes from the blended logit of class 1 minus class 0 (1, ...): the softmax of (0, d),
+    which is (sigmoid(-d), sigmoid(d)), written straight into a (2, ...) float32 array. Each is
+    computed from its own sigmoid, so a tiny probability keeps its precision (1 - p would not)."""
+    d = summed_difference[0] / summed_weights
+    out = np.empty((2, *d.shape), np.float32)
+    with np.errstate(over="ignore"):  # exp(±d) overflows to inf for |d| > 88: the probability is then 0
+        np.exp(d, out=out[0])
+        np.negative(d, out=d)
+        np.exp(d, out=out[1])
+    out += 1.0
+    np.reciprocal(out, out=out)
+    return out
+
+
 def labels_from(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Class index per voxel: argmax over K, or probability >= threshold for one class."""
     if probs.shape[0] == 1:

@@ -7,7 +7,8 @@ output chunk at a time, then its done mark). This module only drives them.
 
 Output, beside the scan's ``image`` (README, "Zarr layout"):
 
-    prediction/probabilities   (K, *spatial) float16|float32, chunks (1, *image chunks)
+    prediction/probabilities   (K, *spatial) float16|float32, chunks (1, *image chunks); not written
+                               with ``EngineConfig(outputs="labels")`` (runs that only need the mask)
     prediction/labels          (*spatial) uint8: argmax, or probability >= threshold for K == 1
     prediction/done            one uint8 per output chunk, written after that chunk's data
     prediction attrs["tilewise"]["complete"] written last, when every chunk is done
@@ -43,7 +44,9 @@ import zarr
 
 from tasks import identity, storage
 from tasks.engine.accumulate import BufferPool, Chunk, ChunkAccumulator
-from tasks.engine.blend import BlendMode, chunk_weights, importance_map, labels_from, probabilities
+from tasks.engine.blend import (BlendMode, chunk_weights, importance_map, labels_from, probabilities,
+                                two_class_probabilities)
+from tasks.engine.label_pyramid import LabelPyramid
 from tasks.engine.model_io import LoadedModel
 from tasks.engine.plan import Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
@@ -51,13 +54,18 @@ from tasks.engine.scan_stats import for_scan as normalization_for_scan
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
 from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box
 from tasks.errors import ScanError
-from tasks.export.ngff import remove_label_image, remove_prediction, write_prediction_labels_ngff
+from tasks.export.ngff import COMPRESSOR as LABEL_COMPRESSOR
+from tasks.export.ngff import remove_label_image, remove_prediction, unlist_label_image, write_prediction_labels_ngff
 from tasks.ingest.to_zarr import COMPRESSOR
 from tasks.version import tilewise_version
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TILE = {2: (256, 256), 3: (96, 96, 96)}
+WRITERS = 2  # threads encoding and writing finished chunks
+WRITES_PENDING = 4  # finished chunks waiting for a writer before the model waits: bounds their memory
+Outputs = Literal["labels,probabilities", "labels"]
+OUTPUTS = ("labels,probabilities", "labels")
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,11 @@ class EngineConfig:
     calibration: bool = True  # apply the model version's calibrator, if it has one
     crf: dict | None = None  # dense CRF after the prediction (tasks.refine.crf.CrfParams fields); its own output
     skip_empty: SkipSetting = "auto"  # tiles with no signal: auto (source nodata) | off | corner | a background value
+    outputs: Outputs = "labels,probabilities"  # "labels": no probability array (calibration, ECE, CRF need one)
+
+    @property
+    def writes_probabilities(self) -> bool:
+        return self.outputs != "labels"
 
     def result_fields(self) -> dict:
         """The options that change the numbers written (not device, batch or memory budget; the
@@ -90,6 +103,8 @@ class EngineConfig:
         empty-tile rule, not the ``skip_empty`` setting; the backend stays within 1e-3 of eager)."""
         skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "backend", "calibration",
                 "crf", "skip_empty"}  # the CRF writes prediction/crf with a digest of its own
+        if self.outputs == "labels,probabilities":  # the default: predictions made before the option keep their digest
+            skip.add("outputs")
         return {k: v for k, v in asdict(self).items() if k not in skip}
 
 
@@ -207,6 +222,10 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
         raise _fail(store, f"overlap must be in [0, 1), got {config.overlap}")
     if config.batch < 1:
         raise _fail(store, f"batch must be at least 1, got {config.batch}")
+    if config.outputs not in OUTPUTS:
+        raise _fail(store, f"outputs must be one of {', '.join(OUTPUTS)}, got {config.outputs!r}")
+    if config.crf is not None and not config.writes_probabilities:
+        raise _fail(store, "the CRF refines probabilities: drop --crf or write them (--outputs labels,probabilities)")
     if not storage.is_complete(store):
         raise _fail(store, "is not a complete scan group (no completion mark): ingest it first")
     group = storage.open_group(store, mode="r")
@@ -233,8 +252,7 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
     resumed = False
     stale = identity.outdated("infer", record) if record is not None else []
     reusable = (record is not None and record.get("digest") == digest and "classes" in record and not stale
-                and storage.arrays_match(pred_url, {"probabilities": [len(record["classes"]), *plan.shape],
-                                                    "labels": list(plan.shape), "done": list(plan.chunk_grid)}))
+                and storage.arrays_match(pred_url, _output_shapes(config, len(record["classes"]), plan)))
     if reusable and record.get(storage.COMPLETE_KEY):
         if storage.is_complete(pred_url):
             return None
@@ -287,22 +305,30 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
                     empty_rule, region, normalization)
 
 
+def _output_shapes(config: EngineConfig, classes: int, plan: TilePlan) -> dict[str, list[int]]:
+    shapes = {"probabilities": [classes, *plan.shape]} if config.writes_probabilities else {}
+    return {**shapes, "labels": list(plan.shape), "done": list(plan.chunk_grid)}
+
+
 def _create_output(pred_url: str, plan: TilePlan, classes: int, config: EngineConfig, digest: str,
                    names: list[str], model_identity: str, calibrator: dict | str = "none",
                    empty_rule: EmptyRule | None = None, scan_normalization: dict | None = None,
                    validation_foreground: dict | None = None) -> None:
     group = storage.open_group(pred_url, mode="w")
     axes = "zyx"[-plan.ndim:]
-    group.create_array("probabilities", shape=(classes, *plan.shape), dtype=config.output_dtype,
-                       chunks=(1, *plan.chunks), compressors=COMPRESSOR, fill_value=0,
-                       dimension_names=("c", *axes))
-    group.create_array("labels", shape=plan.shape, dtype="uint8", chunks=plan.chunks, compressors=COMPRESSOR,
+    if config.writes_probabilities:
+        group.create_array("probabilities", shape=(classes, *plan.shape), dtype=config.output_dtype,
+                           chunks=(1, *plan.chunks), compressors=COMPRESSOR, fill_value=0,
+                           dimension_names=("c", *axes))
+    # the NGFF label image's codec: its level 0 gets each chunk's encoded bytes (label_pyramid)
+    group.create_array("labels", shape=plan.shape, dtype="uint8", chunks=plan.chunks, compressors=LABEL_COMPRESSOR,
                        fill_value=0, dimension_names=tuple(axes))
     group.create_array("done", shape=plan.chunk_grid, dtype="uint8", chunks=(1,) * plan.ndim, fill_value=0)
     group.attrs[storage.ATTRS_KEY] = {
         "kind": "prediction", "digest": digest, "classes": names, "model": model_identity, "calibrator": calibrator,
         "params": {**_result_fields(config, scan_normalization), "tile": list(plan.tile)},
         "skip_empty": empty_rule.record() if empty_rule is not None else "off",
+        "outputs": config.outputs.split(","),
         # what the model's validation scans held (its card): evaluate and the nightly flag drift from it
         **({"validation_foreground": validation_foreground} if validation_foreground else {}),
         "tilewise_version": tilewise_version(), **identity.stamp("infer"),
@@ -316,7 +342,7 @@ class _ChunkWriter:
 
     def __init__(self, pred_url: str, plan: TilePlan, config: EngineConfig, calibrator: Any = None,
                  importance: np.ndarray | None = None, skipped: set = frozenset(), classes: int = 1,
-                 pool: BufferPool | None = None):
+                 pool: BufferPool | None = None, pyramid: LabelPyramid | None = None):
         self.plan = plan
         self.config = config
         self.calibrator = calibrator
@@ -324,9 +350,11 @@ class _ChunkWriter:
         self.skipped = skipped
         self.classes = classes
         self.pool = pool
-        self.probs = zarr.open_array(f"{pred_url}/probabilities", mode="r+")
+        self.pyramid = pyramid
+        self.probs = zarr.open_array(f"{pred_url}/probabilities", mode="r+") if config.writes_probabilities else None
         self.labels = zarr.open_array(f"{pred_url}/labels", mode="r+")
         self.done = zarr.open_array(f"{pred_url}/done", mode="r+")
+        self._done_bytes = None
 
     def _background(self, probs: np.ndarray, where: np.ndarray | None = None) -> None:
         """Background with probability 1 (class 0; for one sigmoid class, foreground 0)."""
@@ -334,6 +362,15 @@ class _ChunkWriter:
         probs[sel] = 0.0
         if probs.shape[0] > 1:
             probs[(0,) + sel[1:]] = 1.0
+
+    def _mark_done(self, index: Chunk) -> None:
+        """``done[index] = 1``: the first through zarr, the others as that chunk's stored bytes (the
+        same one-byte chunk, encoded once)."""
+        if self._done_bytes is None:
+            self.done[index] = 1
+            self._done_bytes = (self.done.store_path / self.done.metadata.encode_chunk_key(index)).get_sync()
+        else:
+            (self.done.store_path / self.done.metadata.encode_chunk_key(index)).set_sync(self._done_bytes)
 
     def write(self, index: Chunk, summed: np.ndarray | None) -> Chunk:
         box = self.plan.chunk_box(index)
@@ -348,24 +385,43 @@ class _ChunkWriter:
             else:
                 uncovered = None
             # K > 1: summed holds the logits relative to class 0 (K - 1 channels); class 0's are 0
-            full = summed if self.classes == 1 else np.concatenate([np.zeros_like(summed[:1]), summed])
-            probs = probabilities(full, weights, inplace=True)
+            if self.classes == 2:
+                probs = two_class_probabilities(summed, weights)
+            else:
+                full = summed if self.classes == 1 else np.concatenate([np.zeros_like(summed[:1]), summed])
+                probs = probabilities(full, weights, inplace=True)
             if self.calibrator is not None:  # one chunk (K, *chunk) at a time
                 probs = self.calibrator.apply(probs)
             if uncovered is not None:
                 self._background(probs, uncovered)
-        self.probs[(slice(None),) + box] = probs.astype(self.config.output_dtype, copy=False)
-        self.labels[box] = labels_from(probs, self.config.threshold)
-        self.done[index] = 1  # after the data: a done chunk is always a whole chunk
+        if self.probs is not None:
+            self.probs[(slice(None),) + box] = _as_dtype(probs, self.config.output_dtype)
+        labels = labels_from(probs, self.config.threshold)
+        self.labels[box] = labels
+        if self.pyramid is not None:
+            self.pyramid.add(box, labels)
+        self._mark_done(index)  # after the data: a done chunk is always a whole chunk
         if summed is not None and self.pool is not None:
             self.pool.give(summed)
         return index
 
 
+def _as_dtype(probs: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 → the output dtype; float16 by torch (the same rounding to nearest even as numpy's,
+    about 14x faster on a CPU without numpy's float16 SIMD)."""
+    if dtype == "float16":
+        import torch
+
+        return torch.from_numpy(probs).to(torch.float16).numpy()
+    return probs.astype(dtype, copy=False)
+
+
 def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = None,
                runner: ModelRunner | None = None,
-               progress: Callable[[int, int], None] | None = None) -> InferResult:
-    """Compute the output chunks ``chunks`` (default: every chunk not done yet), each tile once."""
+               progress: Callable[[int, int], None] | None = None,
+               pyramid: LabelPyramid | None = None) -> InferResult:
+    """Compute the output chunks ``chunks`` (default: every chunk not done yet), each tile once.
+    ``pyramid``: the label image levels to feed as label chunks are written (all chunks, one process)."""
     t0 = time.perf_counter()
     config, plan = prep.config, prep.plan
     wanted = prep.todo if chunks is None else (set(chunks) & prep.todo)
@@ -400,7 +456,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     acc = ChunkAccumulator(plan, kept, {c: counts[c] for c in wanted if counts[c]},
                            budget_bytes=config.memory_budget_mb << 20, pool=pool)
     writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator, weights, skipped,
-                          len(prep.classes), pool)
+                          len(prep.classes), pool, pyramid)
     norm = prep.normalization if prep.normalization is not None else model.card.normalization
     calls_before = runner.calls
 
@@ -410,11 +466,11 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     written = 0
     pending: list[Future] = []
     with ThreadPoolExecutor(1, thread_name_prefix="tilewise-read") as readers, \
-            ThreadPoolExecutor(2, thread_name_prefix="tilewise-write") as writers:
+            ThreadPoolExecutor(WRITERS, thread_name_prefix="tilewise-write") as writers:
         try:
             for index in sorted(c for c in wanted if not counts[c]):  # only empty tiles over it
                 pending.append(writers.submit(writer.write, index, None))
-                while len(pending) > 4:
+                while len(pending) > WRITES_PENDING:
                     pending.pop(0).result()
                     written += 1
             nxt = readers.submit(read, batches[0]) if batches else None
@@ -435,7 +491,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                     for index, summed in acc.add(origin, tile_logits):
                         pending.append(writers.submit(writer.write, index, summed))
                 # Keep few finished chunks waiting for the encoder: memory stays bounded.
-                while len(pending) > 4:
+                while len(pending) > WRITES_PENDING:
                     pending.pop(0).result()
                     written += 1
                 if progress is not None:
@@ -454,8 +510,22 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                        peak_accumulator_mb=acc.peak_bytes / 2**20, classes=prep.classes, tiles_skipped=len(skipped))
 
 
-def finish(prep: Prepared, extra: dict | None = None) -> None:
-    """Write the prediction's completion mark, once every chunk is done."""
+def start_label_pyramid(prep: Prepared) -> LabelPyramid | None:
+    """The unlisted ``labels/prediction`` levels, written as the run goes, when one process runs every
+    chunk of a new prediction and the pyramid's blocks align with chunks; else None (``finish``
+    writes the pyramid from ``prediction/labels``)."""
+    group = storage.open_group(prep.store, mode="r+")
+    if prep.resumed or len(prep.todo) != int(np.prod(prep.plan.chunk_grid)) or not LabelPyramid.applies(group):
+        return None
+    labels = group.require_group("labels")
+    unlist_label_image(labels, "prediction")
+    target = labels.create_group("prediction", overwrite=True)
+    return LabelPyramid(group, target, group["prediction/labels"], classes=len(prep.classes))
+
+
+def finish(prep: Prepared, extra: dict | None = None, pyramid: LabelPyramid | None = None) -> None:
+    """Write the prediction's completion mark, once every chunk is done; then list its NGFF label
+    image (its levels from ``pyramid`` when that holds every chunk, else written now)."""
     pred = storage.open_group(_prediction(prep.store), mode="r+")
     done = pred["done"][...]
     if not done.all():
@@ -463,9 +533,9 @@ def finish(prep: Prepared, extra: dict | None = None) -> None:
     if prep.region is not None:
         extra = {**(extra or {}), "valid_region": [list(r) for r in prep.region]}
     storage.mark_complete(pred, {"at": datetime.now(timezone.utc).isoformat(), **(extra or {})},
-                          arrays=("probabilities", "labels", "done"))
+                          arrays=tuple(_output_shapes(prep.config, len(prep.classes), prep.plan)))
     # napari / OME-Zarr readers opened at the scan's root overlay the prediction as an NGFF label image
-    write_prediction_labels_ngff(prep.store)
+    write_prediction_labels_ngff(prep.store, levels_written=pyramid is not None and pyramid.complete)
 
 
 def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConfig(), *,
@@ -481,8 +551,10 @@ def infer_scan(store: str, model: LoadedModel, config: EngineConfig = EngineConf
         prep = prepare(store, model, config, runner, calibrator)
         if prep is None:
             return InferResult(str(store), "unchanged")
-        result = run_chunks(prep, model, runner=runner, progress=progress)
-        finish(prep, {"tiles": result.tiles, "model_calls": result.model_calls, "tiles_skipped": result.tiles_skipped})
+        pyramid = start_label_pyramid(prep)
+        result = run_chunks(prep, model, runner=runner, progress=progress, pyramid=pyramid)
+        finish(prep, {"tiles": result.tiles, "model_calls": result.model_calls, "tiles_skipped": result.tiles_skipped},
+               pyramid)
     result.status = "resumed" if prep.resumed else "inferred"
     result.seconds = time.perf_counter() - t0
     return result

@@ -114,7 +114,8 @@ def _export(store: str, options: ExportOptions) -> ExportResult:
     _check_options(store, options)
     src = open_source(store)
     if options.what == "probabilities" and src.probabilities is None:
-        raise ScanError(store, "the prediction has no probabilities (an instance model's): export labels or instances")
+        why = "inferred with --outputs labels" if src.prediction.get("outputs") == ["labels"] else "an instance model's"
+        raise ScanError(store, f"the prediction has no probabilities ({why}): export labels or instances")
     if options.format == "zarr":
         from tasks.export.ngff import write_prediction_labels_ngff
 

@@ -62,16 +62,18 @@ def _present_values(block: np.ndarray) -> np.ndarray:
     return np.flatnonzero(seen).astype(block.dtype)
 
 
-def downsample_mode(block: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+def downsample_mode(block: np.ndarray, factors: tuple[int, ...], values: np.ndarray | None = None) -> np.ndarray:
     """Most frequent value of each ``factors`` block of an integer (*spatial) array.
 
     Ties go to the smaller value; a short trailing block counts only the pixels it has. Cost: one
     counting pass per distinct value in ``block`` (a handful of classes), found by ``bincount`` for
     small unsigned types (no sort) and compared in the block's own dtype (no widened copy).
+    ``values``: every value the block may hold, ascending (a class map's classes), when the caller
+    knows them: no pass to find them.
     """
     if all(f == 1 for f in factors):
         return block.copy()
-    values = _present_values(block)
+    values = _present_values(block) if values is None else np.asarray(values, dtype=block.dtype)
     ragged = any(n % f for n, f in zip(block.shape, factors))
     if ragged:  # pad with a value that is not in the block: it counts for no class
         if block.dtype.kind in "ui" and np.iinfo(block.dtype).max > values[-1]:
@@ -119,7 +121,7 @@ def write_root_multiscales(group: zarr.Group) -> None:
     group.attrs["ome"] = ome
 
 
-def _spatial_levels(group: zarr.Group) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[int, ...]]]:
+def spatial_levels(group: zarr.Group) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[int, ...]]]:
     """Spatial axes, per-level scale transforms and factors (level n from level n-1) of the image."""
     ms = _image_multiscale(group)
     axes = [a for a in ms["axes"] if a.get("type") != "channel"]
@@ -168,20 +170,22 @@ def unlist_label_image(labels: zarr.Group, name: str) -> None:
 
 def write_label_levels(group: zarr.Group, target: zarr.Group, name: str, level0: zarr.Array,
                        classes: list[str] | None, attrs: dict[str, Any] | None = None, downsample: str = "mode",
-                       copy_level0: bool = True) -> None:
+                       copy_level0: bool = True, levels_written: bool = False) -> None:
     """Fill the label image group ``target`` on the image pyramid's grid of the scan ``group``:
     levels 1.. (each from the level above) and its NGFF metadata. ``copy_level0``: level 0 is
     written into ``target`` from ``level0``; else ``level0`` is (or will be moved to) ``target/0``
-    and only read. Lists nothing: the caller lists the image once it is complete."""
+    and only read. ``levels_written``: every level is there already (the engine streamed them,
+    ``tasks.engine.label_pyramid``): only the metadata is written. Lists nothing: the caller lists
+    the image once it is complete."""
     image = group["image"]
-    axes, scales, factors = _spatial_levels(group)
+    axes, scales, factors = spatial_levels(group)
     dims = tuple(a["name"] for a in axes)
     if tuple(level0.shape) != tuple(image["0"].shape[1:]):
         raise ScanError(group.store_path, f"labels/{name} has shape {tuple(level0.shape)}, the image "
                                           f"{tuple(image['0'].shape[1:])}")
     previous = level0
     for n, scale in enumerate(scales):
-        if n == 0 and not copy_level0:
+        if levels_written or (n == 0 and not copy_level0):
             continue
         shape = tuple(image[str(n)].shape[1:])
         chunks = tuple(image[str(n)].chunks[1:])
@@ -222,16 +226,18 @@ def label_levels(group: zarr.Group) -> list[str]:
 
 
 def write_label_image(group: zarr.Group, name: str, level0: zarr.Array, classes: list[str] | None,
-                      attrs: dict[str, Any] | None = None, downsample: str = "mode") -> zarr.Group:
+                      attrs: dict[str, Any] | None = None, downsample: str = "mode",
+                      levels_written: bool = False) -> zarr.Group:
     """Write ``labels/<name>`` as an NGFF image-label on the image's pyramid grid and list it last.
 
     ``downsample``: ``mode`` (class maps: each level the block mode of the one above) or ``nearest``
     (instance ids, too many distinct values for a mode: the block's first pixel). ``classes`` None:
-    no colours or properties (a viewer colours each id itself)."""
+    no colours or properties (a viewer colours each id itself). ``levels_written``: the unlisted
+    group's levels are complete already (streamed by the engine): metadata and listing only."""
     labels = group.require_group("labels")
     unlist_label_image(labels, name)  # unlisted while rewritten
-    target = labels.create_group(name, overwrite=True)
-    write_label_levels(group, target, name, level0, classes, attrs, downsample)
+    target = labels[name] if levels_written else labels.create_group(name, overwrite=True)
+    write_label_levels(group, target, name, level0, classes, attrs, downsample, levels_written=levels_written)
     list_label_image(labels, name)  # last: now it is complete
     return target
 
@@ -270,18 +276,20 @@ def remove_prediction(store: str) -> None:
     storage.remove(f"{store}/prediction")
 
 
-def write_prediction_labels_ngff(store: str, force: bool = False) -> str:
+def write_prediction_labels_ngff(store: str, force: bool = False, levels_written: bool = False) -> str:
     """Write ``labels/prediction`` (NGFF image-label of ``prediction/labels``) and the root
     multiscales; "exported", or "unchanged" when it already shows this very prediction.
 
     The engine calls it after marking a prediction complete (holding the writer's lock);
     ``tilewise export --format zarr`` too (a brief write: it waits for readers of the store).
+    ``levels_written``: the engine wrote the unlisted ``labels/prediction`` levels as it went
+    (``tasks.engine.label_pyramid``); only its metadata is written and it is listed.
     """
     with storage.store_lock(store, purpose="export", brief=True):
-        return _write_prediction_labels(store, force)
+        return _write_prediction_labels(store, force or levels_written, levels_written)
 
 
-def _write_prediction_labels(store: str, force: bool) -> str:
+def _write_prediction_labels(store: str, force: bool, levels_written: bool = False) -> str:
     from tasks.export.source import open_source
 
     src = open_source(store)
@@ -297,5 +305,5 @@ def _write_prediction_labels(store: str, force: bool) -> str:
     attrs = {"kind": "ngff-prediction-labels", "prediction_digest": digest, "model": src.prediction.get("model"),
              "calibrator": src.prediction.get("calibrator"), "from": "prediction/labels",
              "written_at": datetime.now(timezone.utc).isoformat(), **identity.stamp("export")}
-    write_label_image(group, "prediction", src.labels, src.classes, attrs)
+    write_label_image(group, "prediction", src.labels, src.classes, attrs, levels_written=levels_written)
     return "exported"

@@ -66,8 +66,10 @@ def open_source(store: str) -> ExportSource:
         raise ScanError(store, "prediction is incomplete (no completion mark): run tilewise infer again to finish it")
     try:
         labels = group["prediction/labels"]
-        # an instance model's prediction has class labels and instances, no probabilities
-        probabilities = None if pred.get("mode") == "instances" else group["prediction/probabilities"]
+        # an instance model's prediction has class labels and instances, no probabilities; nor has
+        # one inferred with --outputs labels
+        no_probabilities = pred.get("mode") == "instances" or pred.get("outputs") == ["labels"]
+        probabilities = None if no_probabilities else group["prediction/probabilities"]
     except KeyError as exc:
         raise ScanError(store, f"prediction lacks the array {exc}") from None
     spatial = tuple(group["image/0"].shape[1:])
