@@ -34,14 +34,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-RESULT_MARK = "BENCH_RESULT "
+import measure  # noqa: E402
 MB = 1e6
 GEN_VERSION = 1
 
@@ -272,14 +271,7 @@ WORKERS = {"build2d": build_2d, "build3d": build_3d, "tilewise": run_tilewise, "
 
 
 def run_worker(job: dict, timeout: float = 7200) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    raise RuntimeError(f"worker {job['mode']} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}")
+    return measure.run_worker(__file__, job, timeout)
 
 
 def ensure_input(workdir: Path, case: str, size: int) -> str:
@@ -315,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         import tasks.codecs  # noqa: F401  (every side reads and writes through the same codec pipeline)
 
         job = json.loads(args.worker)
-        print(RESULT_MARK + json.dumps(WORKERS[job["mode"]](job)), flush=True)
+        print(measure.RESULT_MARK + json.dumps(WORKERS[job["mode"]](job)), flush=True)
         return 0
     if args.quick:
         args.size2d, args.size3d = 2048, 192

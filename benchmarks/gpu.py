@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-RESULT_MARK = "BENCH_RESULT "
+import measure  # noqa: E402
 
 MODELS = {  # name: (architecture, spatial dims, input channels)
     "unet3d": ("unet", 3, 1),
@@ -196,14 +194,7 @@ def worker(job: dict) -> dict:
 
 
 def run_worker(job: dict, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    raise RuntimeError(f"worker {job['model']} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}")
+    return measure.run_worker(__file__, job, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        print(measure.RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     device = args.device
     if device is None:

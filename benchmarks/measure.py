@@ -54,3 +54,26 @@ def load_average() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "?"
+
+
+RESULT_MARK = "BENCH_RESULT "
+
+
+def run_worker(script: str, job: dict, timeout: float) -> dict:
+    """Run ``script --worker JOB`` in a fresh interpreter (the repository first on its path, stderr
+    shown live) and return the JSON the worker printed after ``RESULT_MARK``."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(script), "--worker", json.dumps(job)]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    proc = subprocess.run(cmd, cwd=str(repo), env=env, stdout=subprocess.PIPE, text=True, timeout=timeout,
+                          check=False)
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    raise RuntimeError(f"worker {job} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}")

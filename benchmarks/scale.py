@@ -29,16 +29,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-RESULT_MARK = "BENCH_RESULT "
+import measure  # noqa: E402
 GIB = 1 << 30
 MB = 1e6
 
@@ -182,14 +180,7 @@ def worker(job: dict) -> dict:
 
 
 def run_worker(job: dict, timeout: float = 3600) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    proc = subprocess.run(cmd, cwd=str(REPO), env=env, stdout=subprocess.PIPE, text=True, timeout=timeout, check=False)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith(RESULT_MARK):
-            return json.loads(line[len(RESULT_MARK):])
-    raise RuntimeError(f"worker {job['step']} ({job['case']}) failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}")
+    return measure.run_worker(__file__, job, timeout)
 
 
 def run_case(case: str, gb: float, workdir: Path, region_tiles: int, keep: bool) -> dict:
@@ -235,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         import tasks.codecs  # noqa: F401
 
-        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        print(measure.RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = []
