@@ -22,8 +22,8 @@ Cases: ``2d``: a 3-band uint8 GeoTIFF of n² (ingested as ``satellite``, chunks 
 overlap 0.25. ``3d``: a smooth float32 n³ volume (``benchmarks/engine.py``'s, ingested as ``mri``,
 chunks 32×64×64), 96³ tiles, overlap 0.5 (each voxel blended 8 times). Inputs are built once and
 cached under ``--workdir``. Printed: seconds, MB/s read and written, tilewise ÷ I/O limit (targets
-2D ≤ 1.5, 3D ≤ 2.5), tilewise ÷ MONAI (target ≤ 0.8), the ratio of input bytes decoded to bytes
-needed, and working memory (peak RSS above the worker's RSS after imports).
+2D ≤ 1.5, 3D ≤ 2.5), tilewise ÷ MONAI (target ≤ 0.8), and working memory (peak RSS above the
+worker's RSS after imports).
 
 ``--profile``: the tilewise run under cProfile; the top functions by cumulative and own time go
 to stderr.
@@ -138,7 +138,7 @@ def _output_arrays(store: str) -> list[str]:
     names = ["prediction/probabilities", "prediction/labels"]
     if "labels" in group and "prediction" in group["labels"]:
         names += [f"labels/prediction/{k}" for k, _ in sorted(group["labels/prediction"].arrays())]
-    return [n for n in names if n.split("/")[-1] != "done"]
+    return names
 
 
 def run_tilewise(job: dict) -> dict:
@@ -169,9 +169,6 @@ def run_tilewise(job: dict) -> dict:
     out = _measure(job, run)
     import zarr
 
-    from tasks.engine import tiles as tiles_mod
-
-    out["detail"]["decoded_ratio"] = getattr(tiles_mod, "LAST_DECODED_RATIO", None)
     out["detail"]["arrays"] = _output_arrays(store)
     out["detail"]["written_bytes"] = sum(zarr.open_array(f"{store}/{a}", mode="r").nbytes
                                          for a in out["detail"]["arrays"])
@@ -328,18 +325,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((case, size, tw, io, mo))
     pipeline = os.environ.get("TILEWISE_ZARR_PIPELINE", "zarrs (default)")
     print(f"\n{'case':10s} {'tilewise s':>10s} {'I/O s':>8s} {'MONAI s':>8s} {'tw/I/O':>7s} {'target':>7s} "
-          f"{'tw/MONAI':>8s} {'read MB/s':>9s} {'written MB/s':>12s} {'decoded':>8s} {'working MB':>10s}")
+          f"{'tw/MONAI':>8s} {'read MB/s':>9s} {'written MB/s':>12s} {'working MB':>10s}")
     for case, size, tw, io, mo in rows:
         d = io["detail"]
         name = f"{case} {size}"
         ratio = tw["seconds"] / io["seconds"]
         target = 1.5 if case == "2d" else 2.5
         mono = f"{tw['seconds'] / mo['seconds']:8.2f}" if mo else f"{'-':>8s}"
-        dec = tw["detail"].get("decoded_ratio")
         print(f"{name:10s} {tw['seconds']:10.1f} {io['seconds']:8.1f} {mo['seconds'] if mo else float('nan'):8.1f} "
               f"{ratio:7.2f} {'≤ ' + str(target):>7s} {mono} {d['read_bytes'] / MB / tw['seconds']:9.0f} "
               f"{tw['detail']['written_bytes'] / MB / tw['seconds']:12.0f} "
-              f"{(f'{dec:.2f}' if dec else '-'):>8s} {tw['working'] / MB:10.0f}")
+              f"{tw['working'] / MB:10.0f}")
         print(f"{'':10s} I/O limit: read {d['read_bytes'] / MB / d['read_seconds']:.0f} MB/s, write "
               f"{d['written_bytes'] / MB / max(d['write_seconds'], 1e-9):.0f} MB/s; arrays: "
               f"{', '.join(tw['detail']['arrays'])}")
