@@ -60,14 +60,15 @@ class LabelPyramid:
                 dimension_names=dims, overwrite=True))
         self.copy_bytes = _same_encoding(level0, self.levels[0])
         self._lock = threading.Lock()
-        self._pending: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
-        self._remaining: dict[tuple[int, tuple[int, ...]], int] = {}
-        for n in range(1, len(self.levels)):
-            prev, nxt, f = self.levels[n - 1], self.levels[n], self.factors[n - 1]
-            per_axis = [_axis_counts(np_, cp, k, nn, cn) for np_, cp, k, nn, cn
-                        in zip(prev.shape, prev.chunks, f, nxt.shape, nxt.chunks)]
-            for index in itertools.product(*(range(len(c)) for c in per_axis)):
-                self._remaining[(n, index)] = int(np.prod([c[i] for c, i in zip(per_axis, index)]))
+        # (level, chunk) -> [buffer, parts still to come]: only chunks begun and not yet written
+        self._pending: dict[tuple[int, tuple[int, ...]], list] = {}
+        # per level >= 1 and axis: how many chunks of the level above feed each chunk (a chunk's
+        # count is the product over its axes, taken when its first part comes)
+        self._feeds = [None] + [
+            [_axis_counts(np_, cp, k, nn, cn) for np_, cp, k, nn, cn
+             in zip(self.levels[n - 1].shape, self.levels[n - 1].chunks, self.factors[n - 1],
+                    self.levels[n].shape, self.levels[n].chunks)]
+            for n in range(1, len(self.levels))]
         self._written0 = 0
         self._chunks0 = int(np.prod([_ceil_div(n, c) for n, c in zip(level0.shape, level0.chunks)]))
 
@@ -109,14 +110,14 @@ class LabelPyramid:
             src = tuple(slice(max(cb.start, a) - a, min(cb.stop, a + m) - a) for cb, a, m in zip(cbox, lo, down.shape))
             with self._lock:
                 key = (n, index)
-                buffer = self._pending.get(key)
-                if buffer is None:
-                    buffer = self._pending[key] = np.zeros([s.stop - s.start for s in cbox], level.dtype)
-                buffer[dst] = down[src]
-                self._remaining[key] -= 1
-                if self._remaining[key] == 0:
-                    del self._remaining[key]
-                    ready.append((cbox, self._pending.pop(key)))
+                entry = self._pending.get(key)
+                if entry is None:
+                    parts = int(np.prod([c[i] for c, i in zip(self._feeds[n], index)]))
+                    entry = self._pending[key] = [np.zeros([s.stop - s.start for s in cbox], level.dtype), parts]
+                entry[0][dst] = down[src]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    ready.append((cbox, self._pending.pop(key)[0]))
         for cbox, buffer in ready:
             level[cbox] = buffer
             self._push(n + 1, cbox, buffer)
@@ -124,7 +125,8 @@ class LabelPyramid:
     @property
     def complete(self) -> bool:
         with self._lock:
-            return self._written0 == self._chunks0 and not self._remaining and not self._pending
+            # every level-0 chunk in and no chunk above waiting for a part: every level is written
+            return self._written0 == self._chunks0 and not self._pending
 
 
 def _same_encoding(a: zarr.Array, b: zarr.Array) -> bool:
