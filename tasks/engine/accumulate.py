@@ -20,7 +20,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Container, Iterator
 
 import numpy as np
 
@@ -54,11 +54,18 @@ class BufferPool:
 
 
 class ChunkAccumulator:
-    def __init__(self, plan: TilePlan, classes: int, remaining: dict[Chunk, int], budget_bytes: int,
-                 pool: BufferPool | None = None):
+    """``wanted``: the chunks to produce (any container); ``count(chunk)``: how many tiles it takes
+    (the tiles that will be added over it). A chunk's count is taken when its first tile comes, so
+    only begun chunks are in ``remaining``, never a table of the whole grid."""
+
+    def __init__(self, plan: TilePlan, classes: int, wanted: Container[Chunk], count: Callable[[Chunk], int],
+                 budget_bytes: int, pool: BufferPool | None = None):
         self.plan = plan
         self.classes = classes
-        self.remaining = dict(remaining)  # chunk -> tiles still to add; only chunks we must produce
+        self.wanted = wanted
+        self.count = count
+        self.remaining: dict[Chunk, int] = {}  # begun chunk -> tiles still to add
+        self.completed = 0
         self.budget = budget_bytes
         self.pool = pool or BufferPool()
         self._live: OrderedDict[Chunk, np.ndarray] = OrderedDict()
@@ -101,8 +108,10 @@ class ChunkAccumulator:
     def add(self, origin: tuple[int, ...], weighted_logits: np.ndarray) -> Iterator[tuple[Chunk, np.ndarray]]:
         """Add one tile's (K, *tile) weighted logits; yield the chunks it completes as (index, summed
         logits). Give each yielded array back to ``pool`` once it is written."""
-        touched = [c for c in self.plan.chunks_of_tile(origin) if c in self.remaining]
+        touched = [c for c in self.plan.chunks_of_tile(origin) if c in self.remaining or c in self.wanted]
         for index in touched:
+            if index not in self.remaining:  # its first tile (a finished chunk gets no more tiles)
+                self.remaining[index] = self.count(index)
             logits = self._get(index)
             chunk_sl, tile_sl = self.plan.overlap(origin, index)
             logits[(slice(None),) + chunk_sl] += weighted_logits[(slice(None),) + tile_sl]
@@ -112,6 +121,7 @@ class ChunkAccumulator:
             logits = self._live.pop(index)
             self._bytes -= logits.nbytes
             del self.remaining[index]
+            self.completed += 1
             yield index, logits
         self._evict(keep=set(touched))
 

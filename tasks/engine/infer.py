@@ -32,12 +32,14 @@ probabilities.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 import zarr
@@ -48,11 +50,11 @@ from tasks.engine.blend import (BlendMode, chunk_weights, importance_map, labels
                                 two_class_probabilities)
 from tasks.engine.label_pyramid import LabelPyramid
 from tasks.engine.model_io import LoadedModel
-from tasks.engine.plan import Placement, TilePlan, plan_tiles
+from tasks.engine.plan import ChunkSet, Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
 from tasks.engine.scan_stats import for_scan as normalization_for_scan
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
-from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box
+from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box, source_reads
 from tasks.errors import ScanError
 from tasks.export.ngff import COMPRESSOR as LABEL_COMPRESSOR
 from tasks.export.ngff import remove_label_image, remove_prediction, unlist_label_image, write_prediction_labels_ngff
@@ -120,6 +122,8 @@ class InferResult:
     peak_accumulator_mb: float = 0.0
     classes: list[str] = field(default_factory=list)
     tiles_skipped: int = 0  # empty tiles not run (``tiles`` counts those that ran)
+    input_chunks_decoded: int = 0  # input chunks read and decoded ...
+    input_chunks_needed: int = 0  # ... of the distinct ones the tiles touch (ratio 1: each decoded once)
 
 
 @dataclass
@@ -132,7 +136,7 @@ class Prepared:
     squeeze_axis: int | None
     classes: list[str]
     digest: str
-    todo: set[Chunk]  # chunks not done yet
+    todo: ChunkSet  # chunks not done yet
     resumed: bool
     model_identity: str
     calibrator: Any = None  # tasks.calibration.calibrator.Calibrator, or None
@@ -291,8 +295,8 @@ def prepare(store: str, model: LoadedModel, config: EngineConfig, runner: ModelR
         _create_output(pred_url, plan, len(classes), config, digest, classes, model.identity, cal_record,
                        empty_rule, norm_record, model.card.validation_foreground)
 
-    done = zarr.open_array(f"{pred_url}/done", mode="r")[...]
-    todo = {idx for idx in np.ndindex(*plan.chunk_grid) if not done[idx]}
+    # a new output has no chunk done; a reused one's done marks are listed, not read one by one
+    todo = ChunkSet(storage.stored_chunks(f"{pred_url}/done") if reusable else np.zeros(plan.chunk_grid, bool))
     region = None
     if empty_rule is not None and todo:  # tiles only over the box of the non-empty voxels
         region = valid_region(group, empty_rule, image.__getitem__, chunks)
@@ -424,7 +428,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     ``pyramid``: the label image levels to feed as label chunks are written (all chunks, one process)."""
     t0 = time.perf_counter()
     config, plan = prep.config, prep.plan
-    wanted = prep.todo if chunks is None else (set(chunks) & prep.todo)
+    wanted = prep.todo if chunks is None else {c for c in chunks if c in prep.todo}
     group = storage.open_group(prep.store, mode="r")
     image = ChunkCache(group["image/0"], budget_bytes=config.input_cache_mb << 20)
     runner = runner or ModelRunner(model.module, device=config.device, amp=config.amp, tta=config.tta,
@@ -432,29 +436,41 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                                    backend=config.backend)
     if runner.squeeze_axis is None:
         runner.squeeze_axis = prep.squeeze_axis
-    counts = plan.tiles_per_chunk()
-    origins = [o for o in plan.tiles() if any(c in wanted for c in plan.chunks_of_tile(o))]
+    less: Counter = Counter()  # per chunk, its tiles not run (empty)
     skipped: set = set()
-    if prep.empty_rule is not None:
-        decision = find_empty_tiles(group, plan, origins, prep.empty_rule, image.__getitem__)
-        skipped = decision.skipped
-        log.info("%s: %d of %d tiles empty (%s), not run; decided in %.2f s (%d checked at level 0)", prep.store,
-                 len(skipped), len(origins), prep.empty_rule.source, decision.seconds, decision.checked_at_level0)
-        for origin in skipped:
-            for c in plan.chunks_of_tile(origin):
-                counts[c] -= 1
-        origins = [o for o in origins if o not in skipped]
-        image.clear()  # chunks the decision read: the run announces its own reads below
-    for origin in origins:
-        image.expect((slice(None),) + source_box(origin, plan.tile, plan.shape, config.pad))
-    batches = [origins[i: i + config.batch] for i in range(0, len(origins), config.batch)]
+    if chunks is None and prep.empty_rule is None and prep.todo.is_all():
+        # The whole grid: tiles straight from the plan, every count a product of per-axis counts,
+        # so memory does not grow with the scan (no list of tiles, no table of chunks).
+        origins: Iterable[tuple[int, ...]] = plan.tiles()
+        total = plan.tile_count()
+        uses, needed = source_reads(plan, image.chunks[1:], config.pad)
+        image.expect_grid(uses, needed * -(-image.shape[0] // image.chunks[0]))
+    else:  # a region, a resumed run or empty tiles to find: the tiles over the chunks wanted, listed
+        origins = [o for o in plan.tiles() if any(c in wanted for c in plan.chunks_of_tile(o))]
+        if prep.empty_rule is not None:
+            decision = find_empty_tiles(group, plan, origins, prep.empty_rule, image.__getitem__)
+            skipped = decision.skipped
+            log.info("%s: %d of %d tiles empty (%s), not run; decided in %.2f s (%d checked at level 0)",
+                     prep.store, len(skipped), len(origins), prep.empty_rule.source, decision.seconds,
+                     decision.checked_at_level0)
+            for origin in skipped:
+                less.update(plan.chunks_of_tile(origin))
+            origins = [o for o in origins if o not in skipped]
+            image.clear()  # chunks the decision read: the run announces its own reads below
+        for origin in origins:
+            image.expect((slice(None),) + source_box(origin, plan.tile, plan.shape, config.pad))
+        total = len(origins)
+
+    def count(index: Chunk) -> int:
+        return plan.tiles_in_chunk(index) - less[index] if less else plan.tiles_in_chunk(index)
+
+    batches = _batches(origins, config.batch)
     weights = importance_map(plan.tile, config.blend, config.sigma_scale)
     pool = BufferPool()
     # Softmax is unchanged by a shift of all logits, and blending is linear: summing each tile's
     # logits minus its class-0 logit keeps K - 1 channels per live chunk instead of K.
     kept = max(len(prep.classes) - 1, 1)
-    acc = ChunkAccumulator(plan, kept, {c: counts[c] for c in wanted if counts[c]},
-                           budget_bytes=config.memory_budget_mb << 20, pool=pool)
+    acc = ChunkAccumulator(plan, kept, wanted, count, budget_bytes=config.memory_budget_mb << 20, pool=pool)
     writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator, weights, skipped,
                           len(prep.classes), pool, pyramid)
     norm = prep.normalization if prep.normalization is not None else model.card.normalization
@@ -463,20 +479,23 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     def read(batch):
         return norm.apply(np.stack([read_tile(image, o, plan.tile, config.pad) for o in batch]))
 
-    written = 0
+    written = ran = empty_chunks = 0
     pending: list[Future] = []
     with ThreadPoolExecutor(1, thread_name_prefix="tilewise-read") as readers, \
             ThreadPoolExecutor(WRITERS, thread_name_prefix="tilewise-write") as writers:
         try:
-            for index in sorted(c for c in wanted if not counts[c]):  # only empty tiles over it
+            for index in sorted(c for c in wanted if not count(c)):  # only empty tiles over it
                 pending.append(writers.submit(writer.write, index, None))
+                empty_chunks += 1
                 while len(pending) > WRITES_PENDING:
                     pending.pop(0).result()
                     written += 1
-            nxt = readers.submit(read, batches[0]) if batches else None
-            for i, batch in enumerate(batches):
+            batch = next(batches, None)
+            nxt = readers.submit(read, batch) if batch else None
+            while batch:
                 x = nxt.result()
-                nxt = readers.submit(read, batches[i + 1]) if i + 1 < len(batches) else None
+                following = next(batches, None)
+                nxt = readers.submit(read, following) if following else None
                 try:
                     logits = runner(x, where=f" (tiles from {batch[0]})")
                 except ModelOutputError as exc:
@@ -494,8 +513,10 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 while len(pending) > WRITES_PENDING:
                     pending.pop(0).result()
                     written += 1
+                ran += len(batch)
                 if progress is not None:
-                    progress(min((i + 1) * config.batch, len(origins)), len(origins))
+                    progress(ran, total)
+                batch = following
         finally:
             for f in pending:  # let started writes finish so every done mark sits on whole data
                 if f.exception() is None:
@@ -503,11 +524,19 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
             acc.close()
         for f in pending:
             f.result()
-    if acc.remaining:
-        raise _fail(prep.store, f"internal error: {len(acc.remaining)} chunks never completed")
-    return InferResult(prep.store, "partial", tiles=len(origins), model_calls=runner.calls - calls_before,
+    if acc.remaining or acc.completed + empty_chunks != len(wanted):
+        raise _fail(prep.store, f"internal error: {len(wanted) - acc.completed - empty_chunks} chunks never completed")
+    return InferResult(prep.store, "partial", tiles=ran, model_calls=runner.calls - calls_before,
                        chunks_written=written, seconds=time.perf_counter() - t0, spills=acc.spills,
-                       peak_accumulator_mb=acc.peak_bytes / 2**20, classes=prep.classes, tiles_skipped=len(skipped))
+                       peak_accumulator_mb=acc.peak_bytes / 2**20, classes=prep.classes, tiles_skipped=len(skipped),
+                       input_chunks_decoded=image.reads, input_chunks_needed=image.needed)
+
+
+def _batches(origins: Iterable[tuple[int, ...]], size: int) -> Iterator[list[tuple[int, ...]]]:
+    """``origins`` in lists of ``size`` (the last may be shorter), drawn as they are needed."""
+    it = iter(origins)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
 
 
 def start_label_pyramid(prep: Prepared) -> LabelPyramid | None:
@@ -515,7 +544,7 @@ def start_label_pyramid(prep: Prepared) -> LabelPyramid | None:
     chunk of a new prediction and the pyramid's blocks align with chunks; else None (``finish``
     writes the pyramid from ``prediction/labels``)."""
     group = storage.open_group(prep.store, mode="r+")
-    if prep.resumed or len(prep.todo) != int(np.prod(prep.plan.chunk_grid)) or not LabelPyramid.applies(group):
+    if prep.resumed or not prep.todo.is_all() or not LabelPyramid.applies(group):
         return None
     labels = group.require_group("labels")
     unlist_label_image(labels, "prediction")
@@ -527,7 +556,7 @@ def finish(prep: Prepared, extra: dict | None = None, pyramid: LabelPyramid | No
     """Write the prediction's completion mark, once every chunk is done; then list its NGFF label
     image (its levels from ``pyramid`` when that holds every chunk, else written now)."""
     pred = storage.open_group(_prediction(prep.store), mode="r+")
-    done = pred["done"][...]
+    done = storage.stored_chunks(f"{_prediction(prep.store)}/done")
     if not done.all():
         raise _fail(prep.store, f"{int((done == 0).sum())} output chunks are not done; not marking complete")
     if prep.region is not None:

@@ -26,7 +26,10 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterator, Literal
+
+import numpy as np
 
 Placement = Literal["even", "monai"]
 
@@ -105,8 +108,9 @@ class TilePlan:
         return (tuple(slice(lo - b.start, hi - b.start) for (lo, hi), b in zip(inter, box)),
                 tuple(slice(lo - o, hi - o) for (lo, hi), o in zip(inter, origin)))
 
-    def tiles_per_chunk(self) -> dict[tuple[int, ...], int]:
-        """How many tiles overlap each chunk: the count at which a chunk is final."""
+    @cached_property
+    def _tiles_per_chunk_axes(self) -> tuple[tuple[int, ...], ...]:
+        """Per axis, per chunk along it: how many tile starts overlap it inside the scan."""
         per_axis = []
         for axis in range(self.ndim):
             counts = [0] * self.chunk_grid[axis]
@@ -115,9 +119,41 @@ class TilePlan:
                 lo, hi = max(o, 0), min(o + self.tile[axis], self.shape[axis])
                 for ci in range(lo // self.chunks[axis], (hi - 1) // self.chunks[axis] + 1):
                     counts[ci] += 1
-            per_axis.append(counts)
-        return {idx: math.prod(per_axis[a][i] for a, i in enumerate(idx))
-                for idx in itertools.product(*(range(g) for g in self.chunk_grid))}
+            per_axis.append(tuple(counts))
+        return tuple(per_axis)
+
+    def tiles_in_chunk(self, index: tuple[int, ...]) -> int:
+        """How many tiles overlap chunk ``index``: the count at which it is final. The tiles are a
+        product of per-axis starts, so this is a product of per-axis counts (no table per chunk)."""
+        return math.prod(axis[i] for axis, i in zip(self._tiles_per_chunk_axes, index))
+
+    def tiles_per_chunk(self) -> dict[tuple[int, ...], int]:
+        """:meth:`tiles_in_chunk` of every chunk, as a table."""
+        return {idx: self.tiles_in_chunk(idx) for idx in itertools.product(*(range(g) for g in self.chunk_grid))}
+
+
+class ChunkSet:
+    """The chunks of a grid whose flag is down (e.g. not done yet), read from a boolean array of the
+    grid: one byte per chunk instead of a set of tuples (65,536 chunks: 64 KB, not 6 MB)."""
+
+    def __init__(self, flags: np.ndarray, want: bool = False):
+        self._member = np.asarray(flags, dtype=bool) == want
+
+    def __contains__(self, index) -> bool:
+        try:
+            return bool(self._member[tuple(index)])
+        except IndexError:
+            return False
+
+    def __len__(self) -> int:
+        return int(self._member.sum())
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        for index in zip(*np.nonzero(self._member)):
+            yield tuple(int(i) for i in index)
+
+    def is_all(self) -> bool:
+        return bool(self._member.all())
 
 
 def plan_tiles(shape: tuple[int, ...], tile: tuple[int, ...], overlap: float, chunks: tuple[int, ...],

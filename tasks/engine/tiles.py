@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from typing import Literal
+import math
+from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from tasks.engine.plan import TilePlan
 
 PadMode = Literal["reflect", "constant"]
 
@@ -30,6 +34,24 @@ def source_box(origin: tuple[int, ...], tile: tuple[int, ...], shape: tuple[int,
         return tuple(slice(max(o, 0), min(o + t, n)) for o, t, n in zip(origin, tile, shape))
     indices = [reflect_indices(o, o + t, n) for o, t, n in zip(origin, tile, shape)]
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in indices)
+
+
+def source_reads(plan: TilePlan, chunks: tuple[int, ...], mode: PadMode = "reflect"
+                 ) -> tuple[Callable[[tuple[int, ...]], int], int]:
+    """How many of ``plan``'s tiles read each chunk (channel index first, then the spatial chunk
+    ``chunks`` grid) of the image, and how many chunks are read at all. A tile's source box is a
+    product of per-axis ranges (:func:`source_box` works axis by axis), so both are products of
+    per-axis counts."""
+    per_axis = []
+    for axis, (n, t, c) in enumerate(zip(plan.shape, plan.tile, chunks)):
+        counts = [0] * -(-n // c)
+        for s in plan.starts[axis]:
+            box = source_box((s - plan.pad_before[axis],), (t,), (n,), mode)[0]
+            for ci in range(box.start // c, (box.stop - 1) // c + 1):
+                counts[ci] += 1
+        per_axis.append(counts)
+    needed = math.prod(sum(1 for k in counts if k) for counts in per_axis)
+    return (lambda index: math.prod(counts[i] for counts, i in zip(per_axis, index[1:]))), needed
 
 
 def read_tile(array, origin: tuple[int, ...], tile: tuple[int, ...], mode: PadMode = "reflect") -> np.ndarray:
@@ -63,7 +85,11 @@ class ChunkCache:
 
     ``expect(box)`` announces a read to come: a chunk whose announced reads have all happened is
     dropped at once, so the cache holds the window's chunks, not ``budget_bytes`` of chunks the
-    window has left behind (the budget still caps it).
+    window has left behind (the budget still caps it). ``expect_grid(uses)`` announces them all at
+    once by a function (a chunk's count is taken at its first read): no table of every chunk.
+
+    ``reads`` counts chunks decoded; ``needed`` the distinct chunks announced: ``reads / needed``
+    is 1 when every chunk is decoded once.
     """
 
     def __init__(self, array, budget_bytes: int = 256 << 20):
@@ -76,7 +102,9 @@ class ChunkCache:
         self._cache: OrderedDict = OrderedDict()
         self._bytes = 0
         self._uses: dict[tuple[int, ...], int] = {}  # chunk -> announced reads still to come
+        self._grid_uses: Callable[[tuple[int, ...]], int] | None = None
         self.reads = 0
+        self.needed = 0
 
     def _chunks_of(self, box: tuple[slice, ...]):
         box = tuple(box) + (slice(None),) * (len(self.shape) - len(box))
@@ -86,7 +114,14 @@ class ChunkCache:
 
     def expect(self, box: tuple[slice, ...]) -> None:
         for index in self._chunks_of(box)[1]:
-            self._uses[index] = self._uses.get(index, 0) + 1
+            left = self._uses.get(index, 0)
+            self.needed += left == 0
+            self._uses[index] = left + 1
+
+    def expect_grid(self, uses: Callable[[tuple[int, ...]], int], needed: int) -> None:
+        """Every read to come, as ``uses(chunk index)``; ``needed``: how many chunks have uses > 0."""
+        self._grid_uses = uses
+        self.needed = needed
 
     def clear(self) -> None:
         self._cache.clear()
@@ -99,6 +134,8 @@ class ChunkCache:
         box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, self.chunks, self.shape))
         data = np.asarray(self.array[box])
         self.reads += 1
+        if self._grid_uses is not None and index not in self._uses:
+            self._uses[index] = self._grid_uses(index)
         self._cache[index] = data
         self._bytes += data.nbytes
         while self._bytes > self.budget and len(self._cache) > 1:
