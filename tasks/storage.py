@@ -241,7 +241,6 @@ def looks_like_group(url: str) -> bool:
     return fs.exists(f"{path}/zarr.json") or not fs.ls(path)
 
 
-
 def stored_chunks(url: str) -> "np.ndarray":
     """A boolean map of the chunk grid of the array at ``url``, True where a chunk is stored: one
     listing of its folder, no chunk read. Reading the 65,536 one-byte chunks of a 16 GiB stack's done
