@@ -275,3 +275,31 @@ def stored_chunks(url: str) -> "np.ndarray":
         if len(index) == len(grid) and all(0 <= i < g for i, g in zip(index, grid)):
             flags[index] = True
     return flags
+
+
+def read_chunk_bytes(array: zarr.Array, coords: tuple[int, ...]):
+    """The stored (encoded) bytes of one chunk of ``array`` (a zarr Buffer), None when it is not stored."""
+    key = array.store_path / array.metadata.encode_chunk_key(coords)
+    return key.get_sync() if _sync_bytes(array.store) else _zarr_sync(key.get())
+
+
+def write_chunk_bytes(array: zarr.Array, coords: tuple[int, ...], data) -> None:
+    """Store ``data`` (a chunk's encoded bytes, from :func:`read_chunk_bytes`) as chunk ``coords``."""
+    key = array.store_path / array.metadata.encode_chunk_key(coords)
+    if _sync_bytes(array.store):
+        key.set_sync(data)
+    else:
+        _zarr_sync(key.set(data))
+
+
+def _sync_bytes(store) -> bool:
+    """Local stores read and write bytes without zarr's event loop; fsspec's (S3 ...) only through it."""
+    from zarr.abc.store import SupportsGetSync, SupportsSetSync
+
+    return isinstance(store, SupportsGetSync) and isinstance(store, SupportsSetSync)
+
+
+def _zarr_sync(coroutine):
+    from zarr.core.sync import sync
+
+    return sync(coroutine)

@@ -470,3 +470,37 @@ def test_cli_ingest_takes_one_remote_scan_and_reads_file_urls_in_place(s3, tmp_p
     local = runner.invoke(app, ["ingest", f"file://{SAT}/images/{CHIP.format(53)}", "--store", str(tmp_path / "f.zarr")])
     assert local.exit_code == 0, local.output
     assert storage.read_record(str(tmp_path / "f.zarr"))["source"]["files"][0]["path"] == str(SAT / "images" / CHIP.format(53))
+
+
+def test_a_store_on_s3_is_inferred_resumed_and_equal_to_a_local_one(s3, tmp_path):
+    """Stores on object storage (TILEWISE_STORE_ROOT=s3://...): one-process inference writes the same
+    probabilities, labels, label pyramid and done marks to S3 as to a local folder, and a run stopped
+    half-way resumes from the chunks done on S3 (their marks listed there)."""
+    from tasks.engine.infer import EngineConfig, finish, infer_scan, prepare, run_chunks
+    from tasks.engine.model_io import LoadedModel, ModelCard
+    from tests.test_engine import conv_net
+
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    for i in (0, 1):
+        (slices / f"{i}.png").write_bytes((EM / "image" / f"{i}.png").read_bytes())
+    spec = ScanSpec("em", "em", (slices,), chunks=(2, 256, 256))  # 4 chunks
+    local, remote = str(tmp_path / "em.zarr"), f"{s3.url}/stores/em.zarr"
+    ingest_scan(spec, local)
+    ingest_scan(spec, remote)
+    model = LoadedModel(conv_net(2, 1, 2), ModelCard(spatial_dims=2, classes=["interior", "membrane"]), "test:conv")
+    config = EngineConfig(tile=(128, 128), overlap=0.25)
+    assert infer_scan(local, model, config).status == "inferred"
+
+    prep = prepare(remote, model, config)
+    half = set(list(prep.todo)[: len(prep.todo) // 2])
+    run_chunks(prep, model, half)  # a run that stopped half-way: some chunks done, no completion mark
+    assert not storage.is_complete(f"{remote}/prediction")
+    again = prepare(remote, model, config)
+    assert again.resumed and set(again.todo) == set(prep.todo) - half
+    result = infer_scan(remote, model, config)
+    assert result.status == "resumed" and storage.is_complete(f"{remote}/prediction")
+    for name in ("prediction/probabilities", "prediction/labels", "prediction/done", "labels/prediction/0",
+                 "labels/prediction/1"):
+        np.testing.assert_array_equal(level0(remote, name), level0(local, name), err_msg=name)
+    assert level0(remote, "prediction/done").all()

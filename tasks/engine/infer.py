@@ -372,9 +372,9 @@ class _ChunkWriter:
         same one-byte chunk, encoded once)."""
         if self._done_bytes is None:
             self.done[index] = 1
-            self._done_bytes = (self.done.store_path / self.done.metadata.encode_chunk_key(index)).get_sync()
+            self._done_bytes = storage.read_chunk_bytes(self.done, index)
         else:
-            (self.done.store_path / self.done.metadata.encode_chunk_key(index)).set_sync(self._done_bytes)
+            storage.write_chunk_bytes(self.done, index, self._done_bytes)
 
     def write(self, index: Chunk, summed: np.ndarray | None) -> Chunk:
         box = self.plan.chunk_box(index)

@@ -22,6 +22,7 @@ import threading
 import numpy as np
 import zarr
 
+from tasks import storage
 from tasks.export.ngff import COMPRESSOR, spatial_levels, downsample_mode
 
 Box = tuple[slice, ...]
@@ -137,7 +138,6 @@ def _same_encoding(a: zarr.Array, b: zarr.Array) -> bool:
 
 def _copy_chunk(src: zarr.Array, dst: zarr.Array, coords: tuple[int, ...]) -> None:
     """The stored bytes of one chunk, copied as they are (an absent chunk, all fill value, stays absent)."""
-    key = src.metadata.encode_chunk_key(coords)
-    data = (src.store_path / key).get_sync()
+    data = storage.read_chunk_bytes(src, coords)
     if data is not None:
-        (dst.store_path / key).set_sync(data)
+        storage.write_chunk_bytes(dst, coords, data)
