@@ -7,6 +7,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
@@ -81,7 +82,11 @@ def gpu_slot():
 
     The global limit is not used with the embedded server: its slot leases live in that server's
     memory, so after a kill -9 the slot would stay taken in the database for ever; with a real
-    server a killed holder's lease expires (60 s) and the slot comes back."""
+    server a killed holder's lease expires (60 s) and the slot comes back (a server that keeps its
+    leases on disk, as the compose stack's, even across its own restart).
+
+    A slot that cannot be given back (the server unreachable just then) does not fail the finished
+    inference: the server frees it when its lease expires."""
     global _local_slots
     with _models_lock:
         if _local_slots is None:
@@ -90,8 +95,16 @@ def gpu_slot():
         if server_mode():
             from prefect.concurrency.sync import concurrency
 
-            with concurrency(GPU_LIMIT, occupy=1, lease_duration=60):
+            slot = concurrency(GPU_LIMIT, occupy=1, lease_duration=60)
+            slot.__enter__()
+            try:
                 yield
+            finally:
+                try:
+                    slot.__exit__(None, None, None)
+                except (OSError, TimeoutError, httpx.TransportError) as exc:  # the server unreachable
+                    get_run_logger().warning("could not give back the gpu slot (%s: %s); the Prefect server "
+                                             "frees it when its lease expires", type(exc).__name__, exc)
         else:
             yield
 
@@ -185,7 +198,7 @@ def infer_scan_task(store: str, uri: str, config: EngineConfig, dask: str | None
             if dask and not is_instance_model(model):  # instance inference runs in one process
                 from tasks.engine.distributed import infer_distributed
 
-                result = infer_distributed(store, uri, config, dask)
+                result = infer_distributed(store, uri, config, dask, model=model)  # loaded once per run
                 refine(store, config)
                 return result
             return run_model(store, model, config)

@@ -193,6 +193,7 @@ def servers(tmp_path_factory):
         PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://{pg}/prefect",
         PREFECT_SERVER_API_AUTH_STRING=AUTH,
         PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="1",
+        PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="prefect.server.concurrency.lease_storage.filesystem",  # as compose
     )
     s3_url = f"http://127.0.0.1:{s3_port}"
     mlflow_env = clean_env(MLFLOW_S3_ENDPOINT_URL=s3_url, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_KEY,
@@ -206,6 +207,7 @@ def servers(tmp_path_factory):
         prefect = procs.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                                  "--port", str(prefect_port)], prefect_env)
         info = {"root": root, "procs": procs, "s3_url": s3_url, "prefect": prefect, "postgres": postgres,
+                "prefect_cmd": prefect.args, "prefect_env": prefect_env,
                 "prefect_url": f"http://127.0.0.1:{prefect_port}/api", "mlflow_url": f"http://127.0.0.1:{mlflow_port}",
                 "mlflow_cmd": mlflow_cmd, "mlflow_env": mlflow_env}
         wait_for(lambda: s3_client(info).create_bucket(Bucket=BUCKET), moto, "moto S3 server", timeout=60)
@@ -586,3 +588,63 @@ def test_prefect_yaml_deploys_to_a_tilewise_work_pool(servers, em_model, tmp_pat
     assert experiment is not None, "the worker's run reached no MLflow server"
     logged = client.search_runs([experiment.experiment_id], "tags.`tilewise.kind` = 'backfill'")
     assert len(logged) == 1 and logged[0].data.metrics["scans_ok"] == 1.0, [r.data.metrics for r in logged]
+
+
+def test_servers_restarted_mid_run_the_run_finishes_and_the_next_redoes_nothing(servers, em_model, tmp_path):
+    """The Prefect server and the MLflow server are stopped while a nightly infers, and started again
+    (same databases, same ports) 5 s later. The run either finishes (the clients retry) or fails with
+    one line and no traceback; either way the next run completes, and what the first finished is
+    ``unchanged`` (last in this module: it restarts the module's servers)."""
+    from tasks import storage
+
+    assert em_model["done"].returncode == 0, "no model: the nightly fixture failed"
+    for scan, slices in (("s1", [0, 1]), ("s2", [2, 3]), ("s3", [4, 5])):
+        em_stack(tmp_path / "stacks" / scan, slices, labels=False)
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    (catalog / "outage.yaml").write_text(textwrap.dedent(f"""
+        name: outage
+        modality: em
+        scans: {{path: "{tmp_path}/stacks/*/image", id: "{{parent}}"}}
+        reader: {{spacing: [50, 4, 4], unit: nanometer}}
+        chunks: [1, 256, 256]
+        model: {{name: {em_model["name"]}, architecture: unet}}
+        tiling: {{tile: [64, 64], overlap: 0.5, batch: 1}}
+    """))
+    home = tmp_path / "home"
+    env = client_env(servers, home)
+    nightly = [str(BIN / "tilewise"), "run", "nightly", "--catalog", str(catalog), "--no-train"]
+    procs: Processes = servers["procs"]
+    first = procs.start("outage-1", nightly, env, cwd=tmp_path)
+    stores = home / "stores" / "outage"
+    wait_for(lambda: any((stores / f"{s}.zarr" / "prediction").exists() for s in ("s1", "s2", "s3")), first,
+             "the first run's inference", timeout=240)
+    assert first.poll() is None, "the first run ended before the servers went: nothing was tested"
+    procs.stop(servers["prefect"])  # first: the inference running now holds a slot of its gpu limit
+    procs.stop(servers["mlflow"])
+    time.sleep(5)
+    servers["prefect"] = procs.start("prefect-server-2", servers["prefect_cmd"], servers["prefect_env"])
+    servers["mlflow"] = procs.start("mlflow-server-2", servers["mlflow_cmd"], servers["mlflow_env"])
+    wait_for(lambda: http_ok(f"{servers['prefect_url']}/health"), servers["prefect"], "prefect server, restarted")
+    wait_for(lambda: http_ok(f"{servers['mlflow_url']}/health"), servers["mlflow"], "mlflow server, restarted")
+    try:
+        code = first.wait(300)
+    finally:
+        procs.stop(first)
+    out = log_tail(first, 20000)
+    if code != 0:  # a clear failure: one line, no traceback
+        assert code == 1 and "Traceback" not in out, out[-3000:]
+    finished = [s for s in ("s1", "s2", "s3") if storage.is_complete(str(stores / f"{s}.zarr" / "prediction"))]
+    assert code != 0 or len(finished) == 3, out[-3000:]
+
+    second = subprocess.run(nightly, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert all(storage.is_complete(str(stores / f"{s}.zarr" / "prediction")) for s in ("s1", "s2", "s3"))
+    lines = second.stdout.splitlines()
+    if len(finished) == 3:
+        assert any("nothing new" in line and "every step unchanged" in line for line in lines), second.stdout[-3000:]
+    else:
+        for scan in finished:  # nothing the first run finished is inferred again
+            row = next(line for line in lines if scan in line and "outage" in line)
+            assert "inferred" not in row, second.stdout[-3000:]
+    print(f"first run: exit {code}, {len(finished)} of 3 predictions complete before the second")
