@@ -333,6 +333,16 @@ class Export(_Strict):
     instances: Literal["geojson", "gpkg"] | None = None
 
 
+class Reports(_Strict):
+    """What a nightly or backfill run records in MLflow for the dataset: always one run per dataset
+    per night (``nightly <date>``) holding every scan's status and metrics as a table
+    (``summary/scans.json``, ``summary/scans.csv``) and the overlays of the worst-scoring scans.
+    ``per_scan: true`` adds one run per evaluated scan (and per scan's instances), nested under it:
+    for a few scans to browse one by one, not for thousands."""
+
+    per_scan: bool = False
+
+
 def _croniter():
     """Prefect's vendored croniter class (the code Prefect's ``CronSchedule`` validates with), loaded
     from its file without importing Prefect (~2 s) so that loading the catalog stays instant."""
@@ -421,6 +431,7 @@ class CatalogEntry(_Strict):
     instances: Instances | None = None
     refine: Refine = Refine()
     export: Export | None = None
+    reports: Reports = Reports()
     schedule: Schedule = Schedule()
 
     @field_validator("chunks")

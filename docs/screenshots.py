@@ -55,7 +55,8 @@ def build_home(home: Path) -> dict:
     for i, scan in enumerate("abc"):
         copy_stack(samples, stacks / scan, [2 * i, 2 * i + 1])
     catalog = write_catalog(home / "catalog", DATASET, stacks,
-                            extra='description: "ISBI 2012 sections, for the screenshots of docs/"\n')
+                            extra='description: "ISBI 2012 sections, for the screenshots of docs/"\n'
+                                  'reports: {per_scan: true}\n')
     # the catalog's calibration is none (no calibrator to fit at training time); calibrate by hand below
     uri = register(MODEL)
     state = nightly_flow(catalog=str(catalog), infer=False, return_state=True)  # ingest: the split needs stores

@@ -15,6 +15,10 @@ is inferred: every scan of the run gets the same ``models:/NAME/VERSION``, whate
 meanwhile. A dataset with labels and no registered model trains one first (its catalog budget).
 
 One scan failing a step stops only that scan's later steps; the other scans and datasets go on.
+
+Scans go through in batches (flows/batch.py): a Prefect task per batch and step, about 16 per step
+whatever the number of scans, so thousands of scans are not thousands of task runs; every scan
+keeps its own row per step in the summary, the table artifact and MLflow's table.
 """
 
 from __future__ import annotations
@@ -22,20 +26,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from prefect import allow_failure, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from prefect.futures import wait
+from prefect import get_run_logger
 
 from data_catalog import LoadedEntry
 from data_catalog.schema import CatalogEntry
 from flows import summary
-from flows.export import export_path, export_scan_task
-from flows.infer import engine_config, infer_scan_task, model_uri, resolve_version
-from flows.instances import instance_settings, instances_scan_task, outcome_row
-from flows.ingest import ingest_scan_task
+from flows.batch import (after_infer_batch_task, batch_size, batches, evaluation_is_current,  # noqa: F401
+                         infer_batch_task,
+                         ingest_batch_task, span)
+from flows.export import export_path
+from flows.infer import engine_config, model_uri, resolve_version
+from flows.instances import instance_settings, outcome_row
 from flows.outcomes import ScanOutcome, plan, report
 from models.zoo import is_instance_architecture
-from tasks import identity, storage
+from tasks import storage
 from tasks.export import ExportOptions
 from tasks.ingest import ScanSpec
 from tasks.settings import scan_store
@@ -60,37 +64,6 @@ class ChainOptions:
 def _error(state) -> str:
     err = state.result(raise_on_failure=False)
     return str(err) if isinstance(err, BaseException) else (state.message or state.name)
-
-
-def evaluation_is_current(store: str, entry: CatalogEntry) -> bool:
-    """The prediction's recorded evaluation scored this very prediction against the store's
-    reference with the catalog's current scoring settings (tasks/identity.py)."""
-    record = storage.read_record(f"{store}/prediction") or {}
-    return identity.evaluation_current(record, REFERENCE, identity.scoring_settings(entry))
-
-
-def _stored_metrics(store: str) -> dict:
-    from tasks.metrics.evaluate import EvaluationReport
-
-    evaluation = (storage.read_record(f"{store}/prediction") or {}).get("evaluation") or {}
-    try:
-        return EvaluationReport(**evaluation).flat_metrics()
-    except (TypeError, KeyError, ValueError):
-        return {}
-
-
-@task(name="evaluate-step", task_run_name="evaluate {store}", cache_policy=NO_CACHE, persist_result=False)
-def evaluate_step_task(store: str, entry: CatalogEntry, parent_run_id: str | None = None,
-                       force: bool = False) -> tuple[str, dict, str | None]:
-    """(status, flat metrics, MLflow run id): ``unchanged`` with the stored metrics when the last
-    evaluation scored this prediction already, else evaluated and logged (nested under the run's
-    MLflow run of the dataset)."""
-    if not force and evaluation_is_current(store, entry):
-        return "unchanged", _stored_metrics(store), None
-    from tasks.reports import evaluate_and_report
-
-    report, _, run_id = evaluate_and_report(store, entry=entry, log_mlflow=True, parent_run_id=parent_run_id)
-    return "evaluated", report.flat_metrics(), run_id
 
 
 def _ensure_model(loaded: LoadedEntry, catalog: str, store_root: str | None, options: ChainOptions,
@@ -145,123 +118,133 @@ def _kept(store: str, version: str, entry: CatalogEntry) -> str | None:
 
 def _ingest(entry: CatalogEntry, specs: list[ScanSpec], store_root: str | None, options: ChainOptions,
             logger) -> tuple[list[ScanOutcome], list[str]]:
-    stores = {s.scan_id: scan_store(entry.name, s.scan_id, store_root) for s in specs}
-    futures = [ingest_scan_task.submit(s, stores[s.scan_id], options.force) for s in specs]
-    wait(futures)
+    stores = [scan_store(entry.name, s.scan_id, store_root) for s in specs]
+    size = batch_size(len(specs))
+    futures = [(part, stores[i: i + size], ingest_batch_task.submit(part, stores[i: i + size], options.force,
+                                                                     label=span([s.scan_id for s in part])))
+               for i, part in zip(range(0, len(specs), size), batches(specs, size))]
     rows, ok = [], []
-    for spec, future in zip(specs, futures):
-        store = stores[spec.scan_id]
-        if future.state.is_completed():
-            r = future.result()
-            rows.append(report(ScanOutcome(entry.name, spec.scan_id, "ingest", r.status, store, seconds=r.seconds,
-                                    output=store)))
-            ok.append(spec.scan_id)
-        else:
-            message = _error(future.state)
-            logger.error("%s/%s: ingest failed: %s", entry.name, spec.scan_id, message)
-            rows.append(report(ScanOutcome(entry.name, spec.scan_id, "ingest", "failed", store, message)))
+    for part, part_stores, future in futures:
+        future.wait()
+        results = future.result() if future.state.is_completed() else [(False, _error(future.state))] * len(part)
+        for spec, store, (good, r) in zip(part, part_stores, results):
+            if good:
+                rows.append(report(ScanOutcome(entry.name, spec.scan_id, "ingest", r.status, store, seconds=r.seconds,
+                                               output=store)))
+                ok.append(spec.scan_id)
+            else:
+                logger.error("%s/%s: ingest failed: %s", entry.name, spec.scan_id, r)
+                rows.append(report(ScanOutcome(entry.name, spec.scan_id, "ingest", "failed", store, r)))
     return rows, ok
 
 
 def _predict_evaluate_export(entry: CatalogEntry, scan_ids: list[str], version: str, store_root: str | None,
                              options: ChainOptions, parent_run_id: str | None, logger) -> list[ScanOutcome]:
+    """Infer in batches (all submitted; the GPU slot runs them one at a time), and as each infer
+    batch ends, its scans' instances, evaluation and export as one batch, while the next infers."""
     name = entry.name
     config = engine_config(entry)
     dask = options.dask or getattr(entry.tiling, "dask", None)
     fmt = entry.export.format if entry.export else None
     settings = instance_settings(entry)
     detector = entry.model is not None and is_instance_architecture(entry.model.architecture)
+    polygons_kind = entry.export.instances if (entry.export is not None and (settings is not None or detector)) \
+        else None
     rows: list[ScanOutcome] = []
-    infers = {}
-    later_polygons: dict = {}
+    stores = {scan_id: scan_store(name, scan_id, store_root) for scan_id in scan_ids}
+    to_infer = []
     for scan_id in scan_ids:
-        store = scan_store(name, scan_id, store_root)
+        store = stores[scan_id]
         kept = None if options.force else _kept(store, version, entry)
         if kept:
-            rows.append(report(ScanOutcome(name, scan_id, "infer", "kept", store, model=kept, output=f"{store}/prediction",
-                                    message=f"predicted by {kept}; reprocess_on_new_champion is false")))
-            infers[scan_id] = None
+            rows.append(report(ScanOutcome(name, scan_id, "infer", "kept", store, model=kept,
+                                           output=f"{store}/prediction",
+                                           message=f"predicted by {kept}; reprocess_on_new_champion is false")))
         else:
-            infers[scan_id] = infer_scan_task.submit(store, version, config, dask, options.force)
-    later = []
-    for scan_id, future in infers.items():  # in order: scan 1 is evaluated while scan 2 is inferred
-        store = scan_store(name, scan_id, store_root)
-        if future is not None:
-            future.wait()
-            if not future.state.is_completed():
-                message = _error(future.state)
-                logger.error("%s/%s: infer failed: %s", name, scan_id, message)
-                rows.append(report(ScanOutcome(name, scan_id, "infer", "failed", store, message, model=version)))
+            to_infer.append(scan_id)
+    size = batch_size(len(scan_ids))
+    inferring = set(to_infer)
+    kept_ids = [s for s in scan_ids if s not in inferring]
+    infers = [(part, infer_batch_task.submit([stores[s] for s in part], version, config, dask, options.force,
+                                             label=span(part)))
+              for part in batches(to_infer, size)]
+    afters = []
+
+    def after(part: list[str]):
+        exports = [(ExportOptions(fmt, export_path(name, s, fmt), force=options.force) if fmt else None,
+                    ExportOptions(polygons_kind, export_path(name, s, polygons_kind, what="instances"),
+                                  what="instances", force=options.force) if polygons_kind else None)
+                   for s in part]
+        afters.append((part, after_infer_batch_task.submit([stores[s] for s in part], entry, settings, detector,
+                                                           exports, parent_run_id, options.force,
+                                                           label=span(part))))
+
+    for part in batches(kept_ids, size):
+        after(part)
+    for part, future in infers:  # in order: batch 1 is evaluated while batch 2 is inferred
+        future.wait()
+        results = future.result() if future.state.is_completed() else [(False, _error(future.state))] * len(part)
+        inferred = []
+        for scan_id, (good, r) in zip(part, results):
+            store = stores[scan_id]
+            if not good:
+                logger.error("%s/%s: infer failed: %s", name, scan_id, r)
+                rows.append(report(ScanOutcome(name, scan_id, "infer", "failed", store, r, model=version)))
                 continue
-            r = future.result()
             note = f"{r.model_calls} model calls over {r.tiles} tiles" if r.model_calls else "prediction up to date"
             rows.append(report(ScanOutcome(name, scan_id, "infer", r.status, store, note, r.seconds, model=version,
-                                    output=f"{store}/prediction")))
-        instances = None
-        if settings is not None or detector:
-            instances = instances_scan_task.submit(store, entry, settings, parent_run_id, options.force)
-        evaluation = None
-        if entry.labels is not None:
-            evaluation = evaluate_step_task.submit(store, entry, parent_run_id, options.force,
-                                                   wait_for=[allow_failure(instances)] if instances is not None else None)
-        export = None
-        if fmt is not None:
-            export = export_scan_task.submit(store, ExportOptions(fmt, export_path(name, scan_id, fmt),
-                                                                  force=options.force),
-                                             wait_for=[allow_failure(evaluation)] if evaluation is not None else None)
-        polygons = None
-        if instances is not None and entry.export is not None and entry.export.instances:
-            kind = entry.export.instances
-            polygons = export_scan_task.submit(store, ExportOptions(kind, export_path(name, scan_id, kind,
-                                                                                      what="instances"),
-                                                                    what="instances", force=options.force),
-                                               wait_for=[instances])
-        later.append((scan_id, store, instances, evaluation, export, time.perf_counter()))
-        if polygons is not None:
-            later_polygons[scan_id] = polygons
-    for scan_id, store, instances, evaluation, export, t0 in later:
-        model = str((storage.read_record(f"{store}/prediction") or {}).get("model", version))
-        if instances is not None:
-            instances.wait()
-            if instances.state.is_completed():
-                rows.append(report(outcome_row(name, scan_id, store, instances.result(), model=model)))
-            else:
-                rows.append(report(ScanOutcome(name, scan_id, "instances", "failed", store, _error(instances.state),
-                                        model=model)))
-        if evaluation is None:
-            rows.append(report(ScanOutcome(name, scan_id, "evaluate", "skipped", store, "no labels in the catalog",
-                                    model=model)))
+                                           output=f"{store}/prediction")))
+            inferred.append(scan_id)
+        if inferred:
+            after(inferred)
+    for part, future in afters:
+        future.wait()
+        steps = [step for step, wanted in (("instances", settings is not None or detector),
+                                           ("evaluate", entry.labels is not None), ("export", fmt is not None),
+                                           ("polygons", polygons_kind is not None)) if wanted]
+        results = future.result() if future.state.is_completed() else \
+            [{step: (False, _error(future.state), 0.0) for step in steps}] * len(part)
+        for scan_id, got in zip(part, results):
+            rows += [report(r) for r in _after_rows(entry, scan_id, stores[scan_id], got, version, fmt, polygons_kind)]
+    return rows
+
+
+def _after_rows(entry: CatalogEntry, scan_id: str, store: str, got: dict, version: str, fmt: str | None,
+                polygons_kind: str | None) -> list[ScanOutcome]:
+    """The outcome rows of one scan's instances, evaluate and export (what after_infer_batch_task returned)."""
+    name = entry.name
+    model = got.get("model") or version
+    rows = []
+    if "instances" in got:
+        good, r, _ = got["instances"]
+        rows.append(outcome_row(name, scan_id, store, r, model=model) if good else
+                    ScanOutcome(name, scan_id, "instances", "failed", store, r, model=model))
+    if entry.labels is None:
+        rows.append(ScanOutcome(name, scan_id, "evaluate", "skipped", store, "no labels in the catalog", model=model))
+    else:
+        good, r, seconds = got["evaluate"]
+        if good:
+            status, metrics, run_id = r
+            rows.append(ScanOutcome(name, scan_id, "evaluate", status, store,
+                                    f"MLflow run {run_id}" if run_id else
+                                    "evaluation up to date" if status == "unchanged" else "evaluated",
+                                    seconds, model=model, metrics=metrics))
         else:
-            evaluation.wait()
-            if evaluation.state.is_completed():
-                status, metrics, run_id = evaluation.result()
-                rows.append(report(ScanOutcome(name, scan_id, "evaluate", status, store,
-                                        f"MLflow run {run_id}" if run_id else "evaluation up to date",
-                                        time.perf_counter() - t0, model=model, metrics=metrics)))
-            else:
-                rows.append(report(ScanOutcome(name, scan_id, "evaluate", "failed", store, _error(evaluation.state),
-                                        model=model)))
-        polygons = later_polygons.get(scan_id)
-        if polygons is not None:
-            polygons.wait()
-            if polygons.state.is_completed():
-                r = polygons.result()
-                rows.append(report(ScanOutcome(name, scan_id, "export", r.status, store, "instance polygons",
-                                        seconds=r.seconds, model=model, output=r.out)))
-            else:
-                rows.append(report(ScanOutcome(name, scan_id, "export", "failed", store,
-                                        f"instance polygons: {_error(polygons.state)}", model=model)))
-        if export is None:
-            rows.append(report(ScanOutcome(name, scan_id, "export", "skipped", store, "no export format in the catalog",
-                                    model=model)))
-            continue
-        export.wait()
-        if export.state.is_completed():
-            r = export.result()
-            rows.append(report(ScanOutcome(name, scan_id, "export", r.status, store, seconds=r.seconds, model=model,
-                                    output=r.out)))
-        else:
-            rows.append(report(ScanOutcome(name, scan_id, "export", "failed", store, _error(export.state), model=model)))
+            rows.append(ScanOutcome(name, scan_id, "evaluate", "failed", store, r, model=model))
+    if polygons_kind is not None:
+        good, r, _ = got["polygons"]
+        rows.append(ScanOutcome(name, scan_id, "export", r.status, store, "instance polygons", seconds=r.seconds,
+                                model=model, output=r.out) if good else
+                    ScanOutcome(name, scan_id, "export", "failed", store,
+                                r if str(r).startswith("instance polygons") else f"instance polygons: {r}",
+                                model=model))
+    if fmt is None:
+        rows.append(ScanOutcome(name, scan_id, "export", "skipped", store, "no export format in the catalog",
+                                model=model))
+    else:
+        good, r, _ = got["export"]
+        rows.append(ScanOutcome(name, scan_id, "export", r.status, store, seconds=r.seconds, model=model, output=r.out)
+                    if good else ScanOutcome(name, scan_id, "export", "failed", store, r, model=model))
     return rows
 
 

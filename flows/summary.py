@@ -1,12 +1,20 @@
 """What a nightly or backfill run says when it ends: one row per scan (steps, model version, key
-metric, outputs, seconds), as a Prefect markdown artifact, as an MLflow run per dataset (experiment
-``tilewise/<dataset>``, run ``nightly <date>``, tag ``tilewise.kind``; the per-scan evaluate runs
-nested under it) and as the CLI's table.
+metric, outputs, seconds), as a Prefect markdown artifact, as one MLflow run per dataset
+(experiment ``tilewise/<dataset>``, run ``nightly <date>``, tag ``tilewise.kind``) and as the
+CLI's table.
+
+The MLflow run holds the counts and the mean of each key metric as metrics, every scan as a row of
+a table (``summary/scans.json`` in MLflow's table format, ``summary/scans.csv``; the whole record in
+``summary/run.json``) and the overlays of the :data:`WORST` worst-scoring scans
+(``worst/<scan>-overlay.png``), however many scans the night had. Per-scan metrics on the run
+itself (``<scan>.mean_dice`` ...) only up to :data:`PER_SCAN_METRICS_MAX` scans; per-scan runs
+nested under it only with the catalog's ``reports: {per_scan: true}``.
 
 Drift (tasks/metrics/drift.py): a scan whose prediction's foreground fraction is far outside what
 the model's validation scans held is listed under "Drift warnings", marked in the CLI table, and
-recorded on the MLflow run (tag ``tilewise.drift``, metrics ``<scan>.foreground_fraction`` and
-``<scan>.drift``, ``scans_drifted``), labels or not."""
+recorded on the MLflow run (tag ``tilewise.drift``, ``scans_drifted``, the table's drift columns;
+metrics ``<scan>.foreground_fraction`` and ``<scan>.drift`` within the per-scan metric limit),
+labels or not."""
 
 from __future__ import annotations
 
@@ -16,6 +24,8 @@ from datetime import datetime, timezone
 from flows.outcomes import NO_WORK, ScanOutcome
 
 STEPS = ("ingest", "train", "infer", "instances", "evaluate", "export")
+WORST = 5  # overlays of the worst-scoring scans on the night's run
+PER_SCAN_METRICS_MAX = 50  # scans whose key metrics are also metrics of the run itself (charts)
 KEY_METRICS = (("mean_dice", "Dice"), ("isbi_v_rand", "V_rand"), ("mean_iou", "IoU"))
 
 
@@ -124,15 +134,55 @@ def start_mlflow_run(dataset: str, kind: str, logger=None, description: str | No
         return None
 
 
+def primary_metric(metrics: dict) -> tuple[str, float] | None:
+    """The score that ranks scans worst first (higher is better): the first region's Dice, else
+    mean Dice, V_rand, IoU; None without one."""
+    region = next((k for k in metrics if k.startswith("region_dice_")), None)
+    for k in ([region] if region else []) + [k for k, _ in KEY_METRICS]:
+        if k in metrics:
+            try:
+                return k, float(metrics[k])
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
+def worst_rows(rows: list[dict], n: int = WORST) -> list[dict]:
+    """The ``n`` scans with the lowest primary score (one sort: no per-scan search)."""
+    scored = [(primary_metric(r["metrics"])[1], i) for i, r in enumerate(rows) if primary_metric(r["metrics"])]
+    return [rows[i] for _, i in sorted(scored)[:n]]
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The run's per-scan table: one flat row per scan (steps, result, model, key metrics, drift,
+    seconds, outputs, errors); a metric column per metric name any scan has."""
+    names = sorted({k for r in rows for k in r["metrics"]})
+    out = []
+    for r in rows:
+        drift = r.get("drift") or {}
+        flat = {"dataset": r["dataset"], "scan": r["scan"], "result": scan_result(r), "model": r["model"],
+                **{s: r.get(s, "") for s in STEPS if s != "train"}}
+        flat.update({k: r["metrics"].get(k) for k in names})
+        flat.update({"foreground_fraction": drift.get("fraction"), "drift": drift.get("far"),
+                     "seconds": r["seconds"], "outputs": " ".join(r["outputs"]), "errors": "; ".join(r["errors"])})
+        out.append(flat)
+    return out
+
+
 def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: str | None, seconds: float,
                       logger=None) -> None:
-    """Per-scan status, metrics, outputs, model version and durations on the dataset's run; counts
-    as metrics (scans_ok, scans_failed, scans_changed, steps_unchanged, seconds). A run in which no
-    step did work and none failed is deleted: nightlies that found nothing new leave no run to wade
-    through (the log file and Prefect keep them)."""
+    """The dataset's night on its run (see the module's docstring): counts (scans, scans_ok,
+    scans_failed, scans_changed, steps_unchanged, scans_drifted, seconds) and each key metric's mean
+    over the scans as metrics, the per-scan table, the worst scans' overlays; a constant number of
+    MLflow calls whatever the number of scans. A run in which no step did work and none failed is
+    deleted: nightlies that found nothing new leave no run to wade through (the log file and Prefect
+    keep them)."""
     if run_id is None:
         return
     try:
+        import csv
+        import io
+
         from mlflow.entities import Metric, RunTag
 
         from models.registry import client
@@ -149,27 +199,54 @@ def finish_mlflow_run(run_id: str | None, outcomes: list[ScanOutcome], version: 
                   "scans_failed": len(failed), "scans_changed": len(changed),
                   "steps_unchanged": sum(1 for o in outcomes if o.status == "unchanged"), "seconds": seconds,
                   "scans_drifted": len(drifted(rows))}
+        for k, _ in KEY_METRICS:
+            values = [float(r["metrics"][k]) for r in rows if isinstance(r["metrics"].get(k), (int, float))]
+            if values:
+                counts[f"{k}_mean"] = sum(values) / len(values)
+                counts[f"{k}_min"] = min(values)
         metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
-        for r in rows:
-            for k, label in KEY_METRICS:
-                if k in r["metrics"]:
-                    metrics.append(Metric(f"{r['scan']}.{k}"[:250], float(r["metrics"][k]), now, 0))
-            if r.get("drift"):
-                metrics.append(Metric(f"{r['scan']}.foreground_fraction"[:250], float(r["drift"]["fraction"]), now, 0))
-                metrics.append(Metric(f"{r['scan']}.drift"[:250], float(r["drift"]["far"]), now, 0))
+        if len(rows) <= PER_SCAN_METRICS_MAX:
+            for r in rows:
+                for k, label in KEY_METRICS:
+                    if k in r["metrics"]:
+                        metrics.append(Metric(f"{r['scan']}.{k}"[:250], float(r["metrics"][k]), now, 0))
+                if r.get("drift"):
+                    metrics.append(Metric(f"{r['scan']}.foreground_fraction"[:250], float(r["drift"]["fraction"]),
+                                          now, 0))
+                    metrics.append(Metric(f"{r['scan']}.drift"[:250], float(r["drift"]["far"]), now, 0))
         drift_tag = "; ".join(f"{r['scan']}: {r['drift']['message']}" for r in drifted(rows)) or "none"
         tags = [RunTag("tilewise.model", version or "none"), RunTag("tilewise.drift", drift_tag[:5000])]
         c.log_batch(run_id, metrics=metrics[:900], tags=tags)
-        c.log_dict(run_id, {"model": version, "scans": [{k: v for k, v in r.items()} for r in rows],
+        table = table_rows(rows)
+        if table:
+            columns = list(table[0])
+            c.log_table(run_id, {k: [t[k] for t in table] for k in columns}, "summary/scans.json")
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(table)
+            c.log_text(run_id, text.getvalue(), "summary/scans.csv")
+        c.log_dict(run_id, {"model": version, "scans": rows,
                             "steps": [{"dataset": o.dataset, "scan": o.scan_id, "step": o.step, "status": o.status,
                                        "seconds": round(o.seconds, 2), "model": o.model, "output": o.output,
-                                       "message": o.message} for o in outcomes]}, "summary/scans.json")
+                                       "message": o.message} for o in outcomes]}, "summary/run.json")
         c.log_text(run_id, markdown(f"{rows[0]['dataset'] if rows else ''} {run_name('run')}", outcomes),
                    "summary/summary.md")
+        _log_worst_overlays(c, run_id, worst_rows(rows))
         c.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
     except Exception as exc:
         if logger is not None:
             logger.warning("MLflow summary run %s not completed (%s: %s)", run_id, type(exc).__name__, exc)
+
+
+def _log_worst_overlays(c, run_id: str, rows: list[dict]) -> None:
+    """The evaluation overlays (``reports/<dataset>/<scan>/<scan>-overlay.png``) of ``rows`` under ``worst/``."""
+    from tasks.reports import report_dir
+
+    for r in rows:
+        path = report_dir(r["dataset"], r["scan"]) / f"{r['scan']}-overlay.png"
+        if path.is_file():
+            c.log_artifact(run_id, str(path), "worst")
 
 
 def short(text: str, width: int) -> str:

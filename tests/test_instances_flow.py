@@ -27,7 +27,8 @@ def em_inst(home, samples, prefect_server):  # noqa: F811
     for i, scan in enumerate("ab"):
         copy_stack(samples, stacks / scan, [2 * i, 2 * i + 1])
     catalog = write_catalog(home / "inst-catalog", NAME, stacks,
-                            extra="instances: {method: watershed, min_size: 8, membrane_class: membrane}\n")
+                            extra="instances: {method: watershed, min_size: 8, membrane_class: membrane}\n"
+                                  "reports: {per_scan: true}\n")  # the instance table's run per scan
     text = Path(catalog, f"{NAME}.yaml").read_text().replace(
         "classes: [interior, membrane]}", "classes: [interior, membrane], instance_classes: [interior], "
                                           "stuff_classes: [membrane]}")
@@ -77,7 +78,7 @@ def test_nightly_makes_instances_panoptic_and_an_mlflow_run_then_does_no_work(em
         np.testing.assert_array_equal(panoptic[ids > 0], ids[ids > 0])
         stuff = panoptic[(ids == 0) & (labels == 1)]
         assert stuff.size == 0 or (len(np.unique(stuff)) == 1 and stuff[0] not in set(present.tolist()))
-        # one MLflow run per scan with the table
+        # one MLflow run per scan with the table (the catalog's reports: {per_scan: true})
         run_id = got[(scan, "instances")].message.rsplit("MLflow run ", 1)[-1]
         run = c.get_run(run_id)
         assert run.data.metrics["instances"] == len(present)

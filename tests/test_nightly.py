@@ -187,7 +187,8 @@ def test_nightly_chain_then_a_second_run_does_no_work(em):
         assert all(o.model == em["v1"] for o in outcomes if o.scan_id == scan and o.step != "ingest")
         assert "mean_dice" in by_step(outcomes)[(scan, "evaluate")].metrics
 
-    # MLflow: one nightly run for the dataset, the three evaluate runs nested under it
+    # MLflow: one nightly run for the dataset, no per-scan runs (the catalog does not ask for them);
+    # every scan a row of its table, the worst scans' overlays on it
     c = MlflowClient(tracking_uri=registry.tracking_uri())
     runs = c.search_runs([registry.experiment_id(NAME)], "tags.`tilewise.kind` = 'nightly'")
     assert len(runs) == 1
@@ -195,11 +196,19 @@ def test_nightly_chain_then_a_second_run_does_no_work(em):
     assert parent.info.status == "FINISHED" and parent.info.run_name == f"nightly {datetime.utcnow():%Y-%m-%d}"
     assert parent.data.metrics["scans_ok"] == 3 and parent.data.metrics["scans_failed"] == 0
     assert parent.data.tags["tilewise.model"] == em["v1"]
-    children = c.search_runs([registry.experiment_id(NAME)], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(r.data.tags["tilewise.scan"] for r in children) == ["a", "b", "c"]
-    summary = json.loads(Path(c.download_artifacts(parent.info.run_id, "summary/scans.json", tempfile.mkdtemp()))
-                         .read_text())
+    assert c.search_runs([registry.experiment_id(NAME)], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'") == []
+    assert c.search_runs([registry.experiment_id(NAME)], "tags.`tilewise.step` = 'evaluate'") == []
+    folder = tempfile.mkdtemp()
+    summary = json.loads(Path(c.download_artifacts(parent.info.run_id, "summary/run.json", folder)).read_text())
     assert {r["scan"]: r["export"] for r in summary["scans"]} == dict.fromkeys("abc", "exported")
+    table = json.loads(Path(c.download_artifacts(parent.info.run_id, "summary/scans.json", folder)).read_text())
+    rows = [dict(zip(table["columns"], values)) for values in table["data"]]
+    dice = {scan: by_step(outcomes)[(scan, "evaluate")].metrics["mean_dice"] for scan in "abc"}
+    assert {r["scan"]: (r["result"], r["evaluate"], r["mean_dice"]) for r in rows} == \
+        {scan: ("ingested inferred evaluated exported", "evaluated", pytest.approx(dice[scan])) for scan in "abc"}
+    assert parent.data.metrics["mean_dice_mean"] == pytest.approx(sum(dice.values()) / 3)
+    worst = {Path(f.path).name for f in c.list_artifacts(parent.info.run_id, "worst")}
+    assert worst == {f"{scan}-overlay.png" for scan in "abc"}  # three scans: all under the five worst
 
     before = {scan: fingerprint(scan) for scan in "abc"}
     second = nightly_flow(catalog=em["catalog"], return_state=True)
@@ -209,6 +218,30 @@ def test_nightly_chain_then_a_second_run_does_no_work(em):
     assert [r.info.run_id for r in c.search_runs([registry.experiment_id(NAME)], "tags.`tilewise.kind` = 'nightly'")] \
         == [parent.info.run_id]
     assert {scan: fingerprint(scan) for scan in "abc"} == before  # nothing rewritten: no model call
+
+
+def test_per_scan_runs_only_where_the_catalog_asks(em, home):
+    """``reports: {per_scan: true}``: the night's run and, nested under it, an evaluate run per
+    evaluated scan with its metrics and overlay."""
+    from mlflow import MlflowClient
+
+    from flows.nightly import nightly_flow
+    from models import registry
+
+    catalog = write_catalog(home / "catalog-per-scan", NAME, em["stacks"], extra="reports: {per_scan: true}\n")
+    c = MlflowClient(tracking_uri=registry.tracking_uri())
+    before = {r.info.run_id for r in c.search_runs([registry.experiment_id(NAME)], "tags.`tilewise.kind` = 'nightly'")}
+    state = nightly_flow(catalog=str(catalog), force=True, return_state=True)  # force: every scan evaluated again
+    assert state.is_completed(), state.message
+    (parent,) = [r for r in c.search_runs([registry.experiment_id(NAME)], "tags.`tilewise.kind` = 'nightly'")
+                 if r.info.run_id not in before]
+    children = c.search_runs([registry.experiment_id(NAME)], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["tilewise.scan"] for r in children) == ["a", "b", "c"]
+    metrics = {o.scan_id: o.metrics for o in state.result() if o.step == "evaluate"}
+    for child in children:
+        assert child.data.metrics["mean_dice"] == pytest.approx(metrics[child.data.tags["tilewise.scan"]]["mean_dice"])
+        names = {Path(f.path).name for f in c.list_artifacts(child.info.run_id, "evaluation")}
+        assert f"{child.data.tags['tilewise.scan']}-overlay.png" in names
 
 
 def test_backfill_force_recomputes_exactly_the_selected_scans(em):
@@ -296,6 +329,29 @@ def test_corrupt_scan_fails_alone_and_is_named(em, home, samples):
     assert "em_broken/zbad (ingest)" in result.output and "7.png" in result.output
     assert storage.is_complete(store("good", "em_broken") + "/prediction")
     assert not storage.is_complete(store("zbad", "em_broken"))
+
+
+def test_a_corrupt_scan_fails_alone_inside_its_batch(em, home, samples, monkeypatch):
+    """Three scans in one batch per step (TILEWISE_BATCH_SCANS=3): one ingest task, one infer task;
+    the corrupt scan fails alone, named, and the two others go through every step."""
+    from flows.nightly import nightly_flow
+
+    monkeypatch.setenv("TILEWISE_BATCH_SCANS", "3")
+    stacks = home / "batch-stacks"
+    copy_stack(samples, stacks / "good1", [4, 5])
+    bad = copy_stack(samples, stacks / "mbad", [4, 5])
+    copy_stack(samples, stacks / "zgood", [6, 7])
+    data = (bad / "image" / "5.png").read_bytes()
+    (bad / "image" / "5.png").write_bytes(data[: len(data) // 4])
+    catalog = write_catalog(home / "catalog-batch", "em_batch", stacks, model=f", name: {MODEL}")
+    state = nightly_flow(catalog=str(catalog), return_state=True)
+    assert state.is_failed() and "1 of 3 scans failed" in state.message and "em_batch/mbad (ingest)" in state.message
+    got = statuses(state.result(raise_on_failure=False))
+    assert got[("mbad", "ingest")] == "failed" and ("mbad", "infer") not in got
+    for scan in ("good1", "zgood"):
+        assert [got[(scan, s)] for s in ("ingest", "infer", "evaluate", "export")] == \
+            ["ingested", "inferred", "evaluated", "exported"]
+        assert storage.is_complete(store(scan, "em_batch") + "/prediction")
 
 
 def test_nightly_killed_during_inference_completes_on_the_next_run(em, home, samples):
