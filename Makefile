@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 
-.PHONY: install chromium run test test-servers benchmark-ingest clean
+.PHONY: install chromium run test test-stage2 benchmark-ingest clean
 
 # Installs the pinned set (constraints.txt) into a local virtual environment, once per change of
 # pyproject.toml or constraints.txt. (PYTHONWARNINGS: setuptools warns that a folder named like a
@@ -34,12 +34,12 @@ chromium:
 	  fi; }
 
 # The suite in two stages (CI, .ci/run, runs both): everything but the real servers and clusters
-# (about 15 minutes on 2 cores), then those (tests marked servers).
+# and the many-scans runs (about 15 minutes on 2 cores), then those (tests marked servers or scale).
 test: install chromium
-	$(BIN)/python -m pytest -q -m "not servers"
+	$(BIN)/python -m pytest -q -m "not servers and not scale"
 
-test-servers: install
-	$(BIN)/python -m pytest -q -m servers
+test-stage2: install
+	$(BIN)/python -m pytest -q -m "servers or scale"
 
 benchmark-ingest: install
 	$(BIN)/python benchmarks/ingest.py

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.scale
 def test_many_scans_quick(tmp_path):
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "many_scans.py"), "--quick", "--json", str(out),
