@@ -15,6 +15,11 @@ started from the command line, an S3 server (``moto_server``) as another process
   ``prediction/done`` chunk key is PUT once when its chunk is finished, so a chunk computed again
   after it was finished shows up as a second PUT of its key.
 
+- ``tilewise run nightly --dask tcp://...`` over a catalog whose scans and stores are on S3, the
+  model registered on ``mlflow server`` (HTTP; its database and artifacts in its own mount
+  namespace, where no one else can open them): the workers load the version from the server and
+  compute every region; prediction and export equal the same nightly in one process.
+
 Every process is started in its own session and killed by process group at the end (and when a
 test fails).
 """
@@ -28,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -42,9 +48,9 @@ from tasks.engine.infer import EngineConfig, infer_scan
 from tasks.engine.model_io import load_model
 from tests.compare import assert_labels_equal_where_decided
 from tests.test_engine import conv_net, make_scan
-from tests.test_server_mode import Processes, free_port, log_tail, wait_for
+from tests.test_server_mode import Processes, clean_env, free_port, http_ok, log_tail, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.servers]  # the second stage: make test-servers
+pytestmark = [pytest.mark.slow, pytest.mark.servers]  # the second stage: make test-stage2
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +148,7 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen] = {}
         self.address = ""
         self._generation = 0
+        self.worker_env: dict[str, str] = {}  # more for the workers started from now on (MLFLOW_TRACKING_URI)
 
     def start_scheduler(self) -> None:
         port = free_port()
@@ -156,7 +163,7 @@ class Cluster:
     def start_worker(self, name: str) -> None:
         worker = [str(BIN / "dask"), "worker", self.address, "--name", name, "--nthreads", "1",
                   "--nworkers", "1", "--no-dashboard", "--local-directory", "/tmp/dask-scratch"]
-        env = self._env(HOME="/tmp/home", TILEWISE_HOME="/tmp/home/tilewise", TMPDIR="/tmp")
+        env = self._env(HOME="/tmp/home", TILEWISE_HOME="/tmp/home/tilewise", TMPDIR="/tmp", **self.worker_env)
         if self.isolated:  # an empty /tmp of its own: the driver's files are not there
             cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
                    'mount -t tmpfs tmpfs /tmp && mkdir -p /tmp/home && cd /tmp/home && exec "$@"', "sh", *worker]
@@ -499,3 +506,195 @@ def test_s3_gone_for_good_is_one_line_and_nothing_writes_after_the_run(env):
     assert 4 <= done_at_exit < CHUNKS
     time.sleep(3)
     assert len(env.done_puts("gone")) == done_at_exit
+
+
+# ------------------------------------------------------------- the nightly on the cluster, the model served
+EM = REPO / "data_catalog" / "samples" / "em" / "isbi2012_train"
+DATASET, MODEL_NAME = "cluster_em", "cluster_em-unet"
+OME_UUID = re.compile(rb'UUID="urn:uuid:[0-9a-f-]{36}"')
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(env):
+    """``mlflow server`` over HTTP, its SQLite database and its artifacts (``--artifacts-destination``)
+    in a folder only it sees: in its own mount namespace, under an empty tmpfs /tmp (else a folder of
+    the test's). Everyone else -- the test, the drivers, the workers -- reaches the model over HTTP."""
+    port = free_port()
+    serve = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if env.cluster.isolated:
+        data = "/tmp/mlflow-server"
+        cmd = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+               f'mount -t tmpfs tmpfs /tmp && mkdir -p {data} && cd {data} && exec "$@"', "sh"]
+    else:
+        data, cmd = str(env.root / "mlflow-server"), []
+        Path(data).mkdir()
+    serve += ["--backend-store-uri", f"sqlite:///{data}/mlflow.db", "--artifacts-destination", f"{data}/artifacts"]
+    proc = env.procs.start("mlflow-server", cmd + serve, clean_env(HOME=data))
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: http_ok(f"{url}/health"), proc, "mlflow server", timeout=180)
+    yield {"url": url, "proc": proc, "folder": data}
+    Processes.stop(proc)
+
+
+def register_tiny_em_model(url: str) -> str:
+    """A small U-Net (random weights, sharpened so that few pixels are near-ties) logged and
+    registered on the server by the registry module, as training would: ``models:/NAME/1``."""
+    import mlflow
+
+    from models import registry
+    from models.card import ModelCard, Normalization
+    from models.zoo import build
+
+    card = ModelCard(architecture="unet", architecture_args={"channels": [4, 8], "num_res_units": 1}, in_channels=1,
+                     classes=["interior", "membrane"], label_mapping={255: 0, 0: 1}, spatial_dims=2, tile=[128, 128],
+                     normalization=Normalization(kind="zscore", mean=[128.0], std=[48.0]), modality="em",
+                     dataset=DATASET)
+    torch.manual_seed(11)
+    net = build("unet", 2, 1, 2, **card.architecture_args).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", url)
+    try:
+        with mlflow.start_run(experiment_id=registry.experiment_id(DATASET)) as run:
+            info = registry.log_model(net, card, np.zeros((1, 1, 64, 64), np.float32))
+        promotion = registry.register_and_promote(MODEL_NAME, info.model_uri, run.info.run_id, "val_dice", 0.5)
+        assert promotion.alias == "champion"
+        logged = registry.client().get_logged_model(info.model_id)
+        # the artifacts are the server's (proxied over HTTP), not a folder of this machine's clients
+        assert logged.artifact_location.startswith("mlflow-artifacts:/"), logged.artifact_location
+        return f"models:/{MODEL_NAME}/{promotion.version}"
+    finally:
+        mp.undo()
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        os.environ.pop("MLFLOW_REGISTRY_URI", None)
+
+
+def cpu_seconds(pid: int) -> float:
+    import psutil
+
+    try:
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def test_nightly_on_the_cluster_with_the_model_from_an_mlflow_server_equals_one_process(env, mlflow_server):
+    """``tilewise run nightly --dask tcp://...`` over a catalog whose scans and stores are on S3,
+    the model registered on an MLflow server (HTTP): the workers load it from the server and do the
+    inference; the prediction and the export equal the same nightly in one process."""
+    import resource
+
+    started, children0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    url = mlflow_server["url"]
+    for i in (0, 1):  # one EM stack of two 512 x 512 slices on S3
+        env.client.put_object(Bucket="cluster", Key=f"em-scans/em_a/image/{i}.png",
+                              Body=(EM / "image" / f"{i}.png").read_bytes())
+    catalog = env.root / "catalog-nightly"
+    catalog.mkdir()
+    (catalog / "em.yaml").write_text(textwrap.dedent(f"""
+        name: {DATASET}
+        modality: em
+        scans: {{path: "s3://cluster/em-scans/*/image", id: "{{parent}}"}}
+        reader: {{spacing: [50, 4, 4], unit: nanometer}}
+        chunks: [2, 256, 256]
+        model: {{name: {MODEL_NAME}, architecture: unet}}
+        tiling: {{tile: [128, 128], overlap: 0.25, batch: 4}}
+        export: {{format: tiff}}
+    """))
+    version = register_tiny_em_model(url)
+    if env.cluster.isolated:  # the server's database and artifacts: nobody but the server can open them
+        assert not Path(mlflow_server["folder"]).exists()
+    phases = {"registered": time.monotonic() - started}
+
+    # The workers get the registry's address (docs/cluster.md), nothing else of the driver's.
+    env.cluster.worker_env["MLFLOW_TRACKING_URI"] = url
+    for name in list(env.cluster.workers):
+        env.cluster.kill_worker(name)
+    env.cluster.ensure(2)
+    phases["workers"] = time.monotonic() - started
+    homes = {"cluster": env.root / "home-cluster", "one": env.root / "home-one"}
+    roots = {"cluster": "s3://cluster/stores", "one": "s3://cluster/one-process-stores"}
+
+    def nightly(kind: str, *args: str) -> subprocess.Popen:
+        cmd = [str(BIN / "tilewise"), "run", "nightly", "--catalog", str(catalog), "--no-train", *args]
+        return env.procs.start(f"nightly-{kind}", cmd, clean_env(
+            TILEWISE_HOME=str(homes[kind]), TILEWISE_STORE_ROOT=roots[kind], MLFLOW_TRACKING_URI=url,
+            OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)))
+
+    runs = {"cluster": nightly("cluster", "--dask", env.cluster.address), "one": nightly("one")}
+    outputs = {}
+    for kind, proc in runs.items():
+        rc, outputs[kind] = finished(proc, timeout=240)
+        assert rc == 0 and "Traceback" not in outputs[kind], outputs[kind]
+        assert re.search(rf"{DATASET}\b.*\bem_a\b.*\binferred\b", outputs[kind]), outputs[kind]
+        phases[f"nightly {kind}"] = time.monotonic() - started
+
+    # The workers did the inference: every region of the run was computed on one of them.
+    stores = {kind: f"{root}/{DATASET}/em_a.zarr" for kind, root in roots.items()}
+    records = {kind: storage.read_record(f"{store}/prediction") for kind, store in stores.items()}
+    assert records["cluster"]["model"] == records["one"]["model"] == version, records
+    marks = {kind: record[storage.COMPLETE_KEY] for kind, record in records.items()}
+    regions = marks["cluster"].get("regions")  # the driver's count of the regions it sent to the cluster
+    assert regions and regions > 1 and "regions" not in marks["one"], marks
+    assert records["cluster"]["digest"] == records["one"]["digest"]  # same model, calibrator, parameters
+
+    def region_keys(dask_worker) -> list[str]:  # nested: sent by value (workers cannot import this module)
+        """The ``_run_region`` tasks this worker computed (its transition log)."""
+        return sorted({str(entry[0]) for entry in dask_worker.state.log
+                       if len(entry) >= 4 and str(entry[0]).startswith("_run_region") and entry[3] == "memory"})
+
+    with env.cluster.client() as c:
+        ran = c.run(region_keys)
+        if env.cluster.isolated:  # what the driver has locally, no worker can open
+            seen = c.run(os.path.exists, str(homes["cluster"]))
+            assert not any(seen.values()), seen
+    assert sum(len(keys) for keys in ran.values()) == regions, ran
+    for proc in env.cluster.workers.values():
+        worker_log = proc.log_path.read_text(errors="replace")
+        assert str(env.root) not in worker_log and "Traceback" not in worker_log, worker_log[-3000:]
+    assert not (homes["cluster"] / "mlflow.db").exists()  # no driver fell back to an embedded registry
+
+    # The same prediction as one process ...
+    probs, probs_ref = (zarr.open_array(f"{stores[k]}/prediction/probabilities")[:] for k in ("cluster", "one"))
+    labels, labels_ref = (zarr.open_array(f"{stores[k]}/prediction/labels")[:] for k in ("cluster", "one"))
+    assert probs.dtype == probs_ref.dtype == np.float16 and probs.shape == probs_ref.shape
+    assert np.abs(probs.astype(np.float32) - probs_ref.astype(np.float32)).max() <= F16_STEP
+    assert_labels_equal_where_decided(labels, labels_ref, probs_ref, tol=2 * F16_STEP, max_undecided=0.01)
+    # ... and the same export (the OME-TIFF of the labels): each file holds its run's labels, and
+    # when the labels are equal the two files are equal byte for byte but for the OME UUID that
+    # tifffile gives every file it writes (uuid1: time-based); their sidecars differ only in
+    # what names the run (its store, its time, the prediction's completion time).
+    import json
+
+    import tifffile
+
+    exports = {k: homes[k] / "exports" / DATASET / "em_a.ome.tif" for k in homes}
+    for kind, label in (("cluster", labels), ("one", labels_ref)):
+        np.testing.assert_array_equal(tifffile.imread(exports[kind]).reshape(label.shape), label)
+    if np.array_equal(labels, labels_ref):
+        data = {k: path.read_bytes() for k, path in exports.items()}
+        assert all(len(OME_UUID.findall(d)) == 1 for d in data.values())
+        assert OME_UUID.sub(b"", data["cluster"]) == OME_UUID.sub(b"", data["one"])
+    sidecars = [json.loads(Path(f"{exports[k]}.tilewise.json").read_text()) for k in ("cluster", "one")]
+    for sidecar in sidecars:
+        for key in ("store", "exported_at", "prediction_digest"):
+            sidecar.pop(key)
+    assert sidecars[0] == sidecars[1]
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"nightly on the cluster: {time.monotonic() - started:.0f} s; the two drivers' CPU "
+          f"{cpu.ru_utime + cpu.ru_stime - children0.ru_utime - children0.ru_stime:.0f} s; workers' CPU "
+          f"{sum(cpu_seconds(p.pid) for p in env.cluster.workers.values()):.0f} s; MLflow server's CPU "
+          f"{cpu_seconds(mlflow_server['proc'].pid):.0f} s; labels equal: {np.array_equal(labels, labels_ref)}; "
+          + ", ".join(f"{k} at {v:.0f} s" for k, v in phases.items()))

@@ -190,11 +190,18 @@ def client_for(address: str):
 
 
 def infer_distributed(store: str, model_uri: str, config: EngineConfig, address: str = "local:2",
-                      region_chunks: tuple[int, ...] | None = None, client=None) -> InferResult:
-    """Run the engine over ``store`` on a Dask cluster; the driver marks the output complete."""
+                      region_chunks: tuple[int, ...] | None = None, client=None,
+                      model: LoadedModel | None = None) -> InferResult:
+    """Run the engine over ``store`` on a Dask cluster; the driver marks the output complete.
+    ``model``: the registry version ``model_uri`` names, already loaded by the caller (a nightly
+    loads each version once per run): not downloaded from the registry again. A model file is
+    always loaded from the bytes the workers get."""
     t0 = time.perf_counter()
     shipped = ship_model(model_uri)  # the driver runs the very bytes the workers get
-    model = shipped.load() if isinstance(shipped, ShippedModel) else load_model(model_uri)
+    if isinstance(shipped, ShippedModel):
+        model = shipped.load()
+    elif model is None or not model.identity.startswith("models:/"):
+        model = load_model(model_uri)
     try:
         with storage.store_lock(store, purpose="infer"):
             return _drive(store, shipped, model, config, address, region_chunks, client, t0)
