@@ -17,6 +17,9 @@ _os.environ.setdefault("PREFECT_HOME", str(_home() / "prefect"))
 # tasks/ logs with the standard library (no Prefect import there); this attaches Prefect's API handler to
 # the "tasks" loggers so training epochs, ingest and engine messages appear in the flow run's logs.
 _os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "tasks")
+# ... and outside a flow run (tilewise infer, a Dask worker's region) those records go to the log file
+# and the console only: no "attempted to send logs to the API without a flow run id" warning per record.
+_os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 import logging as _logging  # noqa: E402
 
 if _logging.getLogger("tasks").level == _logging.NOTSET:

@@ -71,6 +71,12 @@ def configure(home: Path, verbose: bool = False) -> Path:
     level = logging.INFO if verbose else logging.WARNING
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "WARNING")
+    # Prefect imported before this (a library user, a test session) put its own console and API
+    # handlers on the root logger, at level 0: every INFO line would reach the console, and every
+    # record outside a flow run the API handler. The CLI's own process never has them (this runs first).
+    for handler in list(root.handlers):
+        if type(handler).__name__ in ("PrefectConsoleHandler", "APILogHandler"):
+            root.removeHandler(handler)
     console = _configured.get("console")
     if console is None:
         console = logging.StreamHandler(STDERR)  # the stderr of the moment (flows/__init__.py)

@@ -4,12 +4,22 @@ never retried, and a failing scan reported as its own one-line error while its b
 
 from __future__ import annotations
 
+import pytest
 
-from flows import batch
 from tasks.errors import ScanError
 
 
-def test_batch_sizes(monkeypatch):
+@pytest.fixture
+def batch():
+    """flows.batch, imported when a test runs, not when the suite is collected: it imports Prefect,
+    and Prefect imported before the CLI's logging is configured sets up its own console handlers
+    (the CLI tests of tests/test_run_output.py then see INFO lines on the console)."""
+    from flows import batch
+
+    return batch
+
+
+def test_batch_sizes(batch, monkeypatch):
     monkeypatch.delenv("TILEWISE_BATCH_SCANS", raising=False)
     assert [batch.batch_size(n) for n in (1, 3, 16, 17, 100, 1000, 5000, 100_000)] == [1, 1, 1, 2, 7, 63, 64, 64]
     monkeypatch.setenv("TILEWISE_BATCH_SCANS", "5")
@@ -21,7 +31,7 @@ def test_batch_sizes(monkeypatch):
     assert batch.span(["a"]) == "a" and batch.span(["a", "b", "c"]) == "a … c (3 scans)"
 
 
-def test_transient_errors_are_retried_bad_input_is_not():
+def test_transient_errors_are_retried_bad_input_is_not(batch):
     calls = []
 
     def flaky(x):
