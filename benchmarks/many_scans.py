@@ -82,10 +82,11 @@ def write_catalog(root: Path, stacks: Path, extra: str = "") -> Path:
 
 
 def register(name: str = MODEL, seed: int = 0) -> str:
-    """A tiny U-Net registered straight in MLflow (card + safetensors): ``models:/NAME/VERSION``."""
+    """A tiny U-Net logged and registered through the registry's own API (no training):
+    ``models:/NAME/VERSION``."""
     import mlflow
+    import numpy as np
     import torch
-    from safetensors.torch import save_file
 
     from models import registry
     from models.card import ModelCard, Normalization
@@ -97,19 +98,10 @@ def register(name: str = MODEL, seed: int = 0) -> str:
                      label_mapping={255: 0, 0: 1}, spatial_dims=2, tile=[SIDE, SIDE],
                      normalization=Normalization(kind="zscore", mean=[125.0], std=[45.0]), dataset=NAME)
     net = build("unet", 2, 1, 2, **args).eval()
-    c = registry.client()
     with mlflow.start_run(experiment_id=registry.experiment_id(name.rsplit("-", 1)[0])) as run:
-        with tempfile.TemporaryDirectory() as tmp:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, f"{tmp}/weights.safetensors")
-            Path(tmp, "card.json").write_text(card.model_dump_json())
-            mlflow.log_artifacts(tmp, artifact_path=registry.ARTIFACT_DIR)
-    try:
-        c.get_registered_model(name)
-    except Exception:
-        c.create_registered_model(name)
-    version = c.create_model_version(name, source=f"{run.info.artifact_uri}/tilewise", run_id=run.info.run_id).version
-    c.set_registered_model_alias(name, "champion", version)
-    return f"models:/{name}/{version}"
+        info = registry.log_model(net, card, np.zeros((1, 1, SIDE, SIDE), np.float32))
+    promotion = registry.register_and_promote(name, info.model_uri, run.info.run_id, "val_dice", 0.5)
+    return f"models:/{name}/{promotion.version}"
 
 
 def _quiet_mlflow() -> None:
