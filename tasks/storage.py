@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import fsspec
 import zarr
-from zarr.errors import ContainsArrayError, GroupNotFoundError
 
 from tasks.errors import ScanError
 from tasks.store_lock import StoreBusy, lock_path, store_lock  # noqa: F401  (the storage API)
@@ -82,22 +82,42 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
     return zarr.open_group(str(url), mode=mode, zarr_format=3)
 
 
+def node_metadata(url: str) -> dict[str, Any] | None:
+    """The node's own ``zarr.json`` (Zarr v3), parsed; None when there is none at ``url`` or it is
+    half-written (a writer mid-write or crashed mid-write; object stores write it whole).
+
+    Reads the one file directly, as the Zarr v3 spec lays it out, instead of through
+    ``zarr.open_group``: every step's up-to-date check reads a handful of these per scan, and
+    zarr's event-loop round trip per node made them most of an unchanged nightly's cost
+    (about 1 ms a node, 18 per scan). Any error other than "not there" propagates."""
+    url = str(url).rstrip("/")
+    try:
+        if "://" not in url or url.startswith("file://"):
+            raw = Path(url.removeprefix("file://"), "zarr.json").read_bytes()
+        else:
+            fs, path = fsspec.core.url_to_fs(url)
+            raw = fs.cat_file(f"{path}/zarr.json")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) and meta.get("zarr_format") == 3 else None
+
+
 def read_record(url: str) -> dict[str, Any] | None:
     """The group's tilewise attributes, or None when there is no group at ``url``.
 
-    None means: the path does not exist, holds no ``zarr.json`` (zarr's GroupNotFoundError), holds
-    an array rather than a group, or its ``zarr.json`` is half-written (a JSONDecodeError: on a
-    local store a writer is mid-write or crashed mid-write; object stores write it whole). Each
-    is an incomplete group for every caller. Any other error (PermissionError, EIO, s3fs/HTTP
-    errors) propagates: the caller cannot know whether the scan is there.
+    None means: the path does not exist, holds no ``zarr.json``, holds an array rather than a
+    group, or its ``zarr.json`` is half-written. Each is an incomplete group for every caller. Any
+    other error (PermissionError, EIO, s3fs/HTTP errors) propagates: the caller cannot know
+    whether the scan is there.
     """
-    try:
-        group = open_group(url, mode="r")
-    except (FileNotFoundError, GroupNotFoundError, KeyError, ContainsArrayError):
+    meta = node_metadata(url)
+    if meta is None or meta.get("node_type") != "group":
         return None
-    except json.JSONDecodeError:  # half-written zarr.json: incomplete, replaced by the next writer
-        return None
-    return dict(group.attrs.get(ATTRS_KEY, {}))
+    return dict((meta.get("attributes") or {}).get(ATTRS_KEY, {}))
 
 
 def _promised(record: dict[str, Any]) -> dict[str, list[int] | None]:
@@ -122,17 +142,15 @@ def is_complete(url: str) -> bool:
 
 def arrays_match(url: str, arrays: dict[str, list[int] | None]) -> bool:
     """True when every ``path`` in ``arrays`` is an array of the group at ``url`` with that shape
-    (None: any shape). Metadata only. Errors other than "not there" propagate."""
-    try:
-        group = open_group(url, mode="r")
-    except (FileNotFoundError, GroupNotFoundError, KeyError, ContainsArrayError, json.JSONDecodeError):
+    (None: any shape). Metadata only (:func:`node_metadata`). Errors other than "not there" propagate."""
+    url = str(url).rstrip("/")
+    group = node_metadata(url)
+    if group is None or group.get("node_type") != "group":
         return False
     for path, shape in arrays.items():
-        try:
-            node = group[path]
-        except (KeyError, FileNotFoundError, json.JSONDecodeError):
-            return False
-        if not isinstance(node, zarr.Array) or (shape is not None and list(node.shape) != list(shape)):
+        node = node_metadata(f"{url}/{path}")
+        if node is None or node.get("node_type") != "array" or (
+                shape is not None and list(node.get("shape", ())) != list(shape)):
             return False
     return True
 

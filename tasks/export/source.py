@@ -8,6 +8,7 @@ store's: (Z, Y, X) for volumes, (Y, X) for rasters.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Iterator
 
 import numpy as np
@@ -22,17 +23,23 @@ class ExportSource:
     url: str
     record: dict[str, Any]  # the scan group's attrs["tilewise"]
     prediction: dict[str, Any]  # prediction/ attrs["tilewise"]
-    labels: zarr.Array  # prediction/labels, (*spatial) uint8
-    probabilities: zarr.Array | None  # prediction/probabilities, (K, *spatial); None from an instance model
+    shape: tuple[int, ...]  # the spatial shape, of the labels and the image
+    has_probabilities: bool  # False for an instance model's prediction or one inferred with --outputs labels
     classes: list[str]
+
+    @cached_property
+    def labels(self) -> zarr.Array:
+        """prediction/labels, (*spatial) uint8: opened on first use (an unchanged export opens no array)."""
+        return storage.open_group(self.url, mode="r")["prediction/labels"]
+
+    @cached_property
+    def probabilities(self) -> zarr.Array | None:
+        """prediction/probabilities, (K, *spatial); None without them."""
+        return storage.open_group(self.url, mode="r")["prediction/probabilities"] if self.has_probabilities else None
 
     @property
     def spatial(self) -> dict[str, Any]:
         return dict(self.record.get("spatial") or {})
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.labels.shape)
 
     @property
     def ndim(self) -> int:
@@ -57,26 +64,27 @@ def open_source(store: str) -> ExportSource:
         raise ScanError(store, "does not exist")
     if not storage.is_complete(store):
         raise ScanError(store, "is not a complete scan group (no completion mark): ingest it first")
-    group = storage.open_group(store, mode="r")
-    record = dict(group.attrs.get(storage.ATTRS_KEY, {}))
+    record = storage.read_record(store) or {}
     pred = storage.read_record(f"{store}/prediction")
     if pred is None:
         raise ScanError(store, "has no prediction: run tilewise infer first")
     if not pred.get(storage.COMPLETE_KEY):
         raise ScanError(store, "prediction is incomplete (no completion mark): run tilewise infer again to finish it")
-    try:
-        labels = group["prediction/labels"]
-        # an instance model's prediction has class labels and instances, no probabilities; nor has
-        # one inferred with --outputs labels
-        no_probabilities = pred.get("mode") == "instances" or pred.get("outputs") == ["labels"]
-        probabilities = None if no_probabilities else group["prediction/probabilities"]
-    except KeyError as exc:
-        raise ScanError(store, f"prediction lacks the array {exc}") from None
-    spatial = tuple(group["image/0"].shape[1:])
-    if tuple(labels.shape) != spatial or (probabilities is not None and tuple(probabilities.shape[1:]) != spatial):
-        raise ScanError(store, f"prediction shape {tuple(labels.shape)} differs from the image's {spatial}")
-    classes = list(pred.get("classes") or [f"class_{k}" for k in range(probabilities.shape[0])])
-    return ExportSource(store, record, pred, labels, probabilities, classes)
+    # an instance model's prediction has class labels and instances, no probabilities; nor has
+    # one inferred with --outputs labels
+    no_probabilities = pred.get("mode") == "instances" or pred.get("outputs") == ["labels"]
+    shapes = {}  # metadata only: the arrays themselves are opened when an export reads them
+    for path in ("image/0", "prediction/labels") + (() if no_probabilities else ("prediction/probabilities",)):
+        meta = storage.node_metadata(f"{store}/{path}")
+        if meta is None or meta.get("node_type") != "array":
+            raise ScanError(store, f"{'prediction ' if path.startswith('prediction/') else ''}lacks the array '{path}'")
+        shapes[path] = tuple(meta.get("shape", ()))
+    spatial = shapes["image/0"][1:]
+    labels_shape, prob_shape = shapes["prediction/labels"], shapes.get("prediction/probabilities")
+    if labels_shape != spatial or (prob_shape is not None and prob_shape[1:] != spatial):
+        raise ScanError(store, f"prediction shape {labels_shape} differs from the image's {spatial}")
+    classes = list(pred.get("classes") or [f"class_{k}" for k in range(prob_shape[0])])
+    return ExportSource(store, record, pred, spatial, not no_probabilities, classes)
 
 
 def slabs(array: zarr.Array, axis: int = 0, step: int | None = None) -> Iterator[tuple[int, int]]:

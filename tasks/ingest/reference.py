@@ -64,11 +64,8 @@ def write_reference_levels(group: zarr.Group, record: dict[str, Any]) -> None:
 
 def needs_migration(store: str) -> bool:
     """True when the scan group's reference is the plain array stores had before (metadata only)."""
-    group = storage.open_group(store, mode="r")
-    try:
-        return isinstance(group[storage.REFERENCE], zarr.Array)
-    except KeyError:
-        return False
+    meta = storage.node_metadata(f"{str(store).rstrip('/')}/{storage.REFERENCE}")
+    return meta is not None and meta.get("node_type") == "array"
 
 
 def migrate_reference(store: str) -> bool:
