@@ -24,6 +24,7 @@ import zarr
 from typer.testing import CliRunner
 
 from tasks import storage
+from tests.compare import assert_labels_equal_where_decided
 
 EM = "em/isbi2012_train"
 NAME = "em_nightly"
@@ -400,15 +401,21 @@ def test_nightly_killed_during_inference_completes_on_the_next_run(em, home, sam
     record = storage.read_record(str(pred))
     assert record["model"] == version and record["complete"]["tiles"] < 8 * 5 * 5  # 5 x 5 tiles per section
 
-    # an uninterrupted run of the same model over the same scan gives the same prediction
+    # An uninterrupted run of the same model over the same scan gives the same prediction, to
+    # float16 rounding: a resumed run's last batch is shorter, and torch's CPU kernels give a batch of
+    # one tile logits that differ from the same tile's in a batch of four in the last float32 bits
+    # (measured: 3e-6), which flips the float16 rounding of a few pixels (28 of 4 M in one run).
     (spec,) = discover_scans(find_entry("em_slow", catalog))
     reference = str(home / "reference.zarr")
     ingest_scan(spec, reference)
     infer_scan(reference, load_model(version), EngineConfig(tile=(128, 128), overlap=0.25, batch=4))
-    np.testing.assert_array_equal(zarr.open_array(str(pred / "probabilities"))[:],
-                                  zarr.open_array(reference + "/prediction/probabilities")[:])
-    np.testing.assert_array_equal(zarr.open_array(str(pred / "labels"))[:],
-                                  zarr.open_array(reference + "/prediction/labels")[:])
+    probs = zarr.open_array(str(pred / "probabilities"))[:].astype(np.float32)
+    ref_probs = zarr.open_array(reference + "/prediction/probabilities")[:].astype(np.float32)
+    step = float(np.spacing(np.float16(1.0)))  # one float16 step at 1 (the largest below 1: half this)
+    assert np.abs(probs - ref_probs).max() <= step and (probs != ref_probs).mean() < 1e-4
+    assert_labels_equal_where_decided(zarr.open_array(str(pred / "labels"))[:],
+                                      zarr.open_array(reference + "/prediction/labels")[:], ref_probs,
+                                      tol=2 * step, max_undecided=0.01)  # an untrained net: 0.5 % near-ties
 
 
 @pytest.mark.slow
