@@ -593,7 +593,8 @@ def cpu_seconds(pid: int) -> float:
 def test_nightly_on_the_cluster_with_the_model_from_an_mlflow_server_equals_one_process(env, mlflow_server):
     """``tilewise run nightly --dask tcp://...`` over a catalog whose scans and stores are on S3,
     the model registered on an MLflow server (HTTP): the workers load it from the server and do the
-    inference; the prediction and the export equal the same nightly in one process."""
+    inference; the prediction and the export equal the same nightly in one process. Then
+    ``tilewise backfill --force --dask tcp://...`` recomputes it on the workers, equal again."""
     import resource
 
     started, children0 = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -692,6 +693,31 @@ def test_nightly_on_the_cluster_with_the_model_from_an_mlflow_server_equals_one_
         for key in ("store", "exported_at", "prediction_digest"):
             sidecar.pop(key)
     assert sidecars[0] == sidecars[1]
+    phases["compared"] = time.monotonic() - started
+
+    # ``tilewise backfill --dask``: --force recomputes the scan, on the workers again, to the same result.
+    with env.cluster.client() as c:
+        regions_before = sum(len(keys) for keys in c.run(region_keys).values())
+    cmd = [str(BIN / "tilewise"), "backfill", DATASET, "--catalog", str(catalog), "--force",
+           "--dask", env.cluster.address]
+    rc, out = finished(env.procs.start("backfill-cluster", cmd, clean_env(
+        TILEWISE_HOME=str(homes["cluster"]), TILEWISE_STORE_ROOT=roots["cluster"], MLFLOW_TRACKING_URI=url,
+        OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))), timeout=240)
+    assert rc == 0 and "Traceback" not in out, out
+    assert re.search(rf"{DATASET}\b.*\bem_a\b.*\binferred\b", out), out
+    again = storage.read_record(f"{stores['cluster']}/prediction")
+    mark = again[storage.COMPLETE_KEY]
+    assert mark["at"] != marks["cluster"]["at"] and again["model"] == version  # a new prediction, same model
+    assert mark.get("regions", 0) > 1, mark
+    with env.cluster.client() as c:
+        regions_after = sum(len(keys) for keys in c.run(region_keys).values())
+    assert regions_after - regions_before == mark["regions"]  # every region of the backfill ran on a worker
+    probs_again = zarr.open_array(f"{stores['cluster']}/prediction/probabilities")[:]
+    assert np.abs(probs_again.astype(np.float32) - probs_ref.astype(np.float32)).max() <= F16_STEP
+    assert_labels_equal_where_decided(zarr.open_array(f"{stores['cluster']}/prediction/labels")[:], labels_ref,
+                                      probs_ref, tol=2 * F16_STEP, max_undecided=0.01)
+    phases["backfill cluster"] = time.monotonic() - started
+
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     print(f"nightly on the cluster: {time.monotonic() - started:.0f} s; the two drivers' CPU "
           f"{cpu.ru_utime + cpu.ru_stime - children0.ru_utime - children0.ru_stime:.0f} s; workers' CPU "
