@@ -20,10 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_many_scans_quick(tmp_path):
     out = tmp_path / "figures.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "many_scans.py"), "--quick", "--json", str(out),
-                           "--workdir", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True, timeout=900)
+                           "--workdir", str(tmp_path / "work"), "--reference-sample", "10"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["n"]: r for r in json.loads(out.read_text())}
     assert sorted(results) == [10, 30]
+    assert "measured_scans" not in results[10]["reference"] and results[10]["reference"]["scans"] == 10
+    assert results[30]["reference"]["measured_scans"] == 10  # 10 of 30 measured, scaled to 30
+    assert results[30]["reference"]["seconds"] == pytest.approx(3 * results[30]["reference"]["measured_seconds"])
     for n, r in results.items():
         first, again = r["first"], r["unchanged"]
         assert first["completed"] and first["failed"] == [] and first["scans"] == n
