@@ -251,6 +251,22 @@ def test_tiff_pages_resolution_and_voxels(stores, tmp_path):
     assert sidecar["model"] == "models:/test/1" and sidecar["calibrator"]["method"] == "cubic"
 
 
+def test_tiff_export_is_reproducible_and_its_uuid_names_its_content(stores, tmp_path):
+    """tifffile gives each file a time-based OME UUID unless told one: the same prediction exported
+    twice (here to two names, a second apart) must give the same bytes; other content, another UUID."""
+    import re
+    import time
+
+    a, b, p = tmp_path / "a.ome.tif", tmp_path / "b.ome.tif", tmp_path / "p.ome.tif"
+    export(stores["em"], "tiff", a)
+    time.sleep(1.1)
+    export(stores["em"], "tiff", b)
+    export(stores["em"], "tiff", p, what="probabilities")
+    assert a.read_bytes() == b.read_bytes()
+    uuids = [re.findall(r'UUID="urn:uuid:([0-9a-f-]{36})"', tifffile.TiffFile(f).ome_metadata) for f in (a, p)]
+    assert all(len(u) == 1 for u in uuids) and uuids[0] != uuids[1]
+
+
 # ---------------------------------------------------------------------------------------------
 # GeoJSON
 # ---------------------------------------------------------------------------------------------

@@ -9,10 +9,16 @@ Physical size: ``attrs.tilewise.spacing`` (Z, Y, X) in ``unit`` becomes the TIFF
 tilewise's own TIFF reader read them) and the OME-XML PhysicalSizeX/Y/Z with their unit, so the
 section spacing survives too. A scan without a known spacing gets no resolution tags.
 Provenance: the Software tag and the ``.tilewise.json`` sidecar (OME-XML owns ImageDescription).
+The OME UUID names what the file holds (a name-based UUID of the scan's content digest, the
+prediction's model and parameters, the calibrator and the export's options), not the moment it was
+written: the same prediction exported twice, or by a cluster and by one process, gives the same
+bytes.
 """
 
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,6 +31,13 @@ CENTIMETRES = {"angstrom": 1e-8, "nanometer": 1e-7, "micrometer": 1e-4, "millime
                "meter": 100.0}
 OME_UNITS = {"angstrom": "Å", "nanometer": "nm", "micrometer": "µm", "millimeter": "mm", "centimeter": "cm",
              "meter": "m"}
+
+
+def content_uuid(src: ExportSource, what: str) -> str:
+    """The OME UUID of an export of ``what`` from ``src``: a name for its content (module docstring)."""
+    name = json.dumps({"store_digest": src.store_digest(), "prediction": src.prediction.get("digest"),
+                       "calibrator": src.prediction.get("calibrator"), "what": what}, sort_keys=True, default=str)
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, 'tilewise:' + name)}"
 
 
 def check_fits(src: ExportSource) -> None:
@@ -64,7 +77,7 @@ def export_tiff(src: ExportSource, tmp: Path, what: str, provenance: dict[str, A
         array, shape = src.probabilities, tuple(src.probabilities.shape)
         axes = "C" + axes
     leading = shape[:-2]
-    metadata: dict[str, Any] = {"axes": axes, "Name": str(record.get("scan_id") or "")}
+    metadata: dict[str, Any] = {"axes": axes, "Name": str(record.get("scan_id") or ""), "UUID": content_uuid(src, what)}
     if what == "probabilities":
         metadata["Channel"] = {"Name": list(src.classes)}
     res = resolution(spacing, unit)
