@@ -31,6 +31,9 @@ _os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _os.environ.setdefault("DO_NOT_TRACK", "1")  # nor does the client report usage (Prefect 3.8 prints a notice otherwise)
 _os.environ.setdefault("PREFECT_UI_ENABLED", "false")
 _os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.5")
+# With an HTTP tracking URI MLflow writes "View run ... at: URL" to stdout at the end of each run:
+# a nightly's stdout would no longer be its table (or, with --json, valid JSON).
+_os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 class _CurrentStderr:
