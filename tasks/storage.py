@@ -310,6 +310,11 @@ def write_chunk_bytes(array: zarr.Array, coords: tuple[int, ...], data) -> None:
         _zarr_sync(key.set(data))
 
 
+def local_bytes(array: zarr.Array) -> bool:
+    """The array's stored bytes are a local read away (a folder), not a network round trip (S3 ...)."""
+    return _sync_bytes(array.store)
+
+
 def _sync_bytes(store) -> bool:
     """Local stores read and write bytes without zarr's event loop; fsspec's (S3 ...) only through it."""
     from zarr.abc.store import SupportsGetSync, SupportsSetSync

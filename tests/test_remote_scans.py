@@ -504,3 +504,14 @@ def test_a_store_on_s3_is_inferred_resumed_and_equal_to_a_local_one(s3, tmp_path
                  "labels/prediction/1"):
         np.testing.assert_array_equal(level0(remote, name), level0(local, name), err_msg=name)
     assert level0(remote, "prediction/done").all()
+
+    # A whole run on S3 writes the label pyramid as chunks finish, without reading a chunk back.
+    fresh = f"{s3.url}/stores/em-fresh.zarr"
+    ingest_scan(spec, fresh)
+    s3.forget_requests()
+    assert infer_scan(fresh, model, config).status == "inferred"
+    got = [(m, p) for m, p, _ in s3.server.requests if "/prediction/" in p and "/c/" in p]
+    assert not [r for r in got if r[0] in ("GET", "HEAD")], got  # no chunk of the prediction read
+    assert sum(1 for m, p in got if m == "PUT" and "/labels/prediction/0/c/" in p) == 4  # level 0's 4 chunks
+    for name in ("labels/prediction/0", "labels/prediction/1"):
+        np.testing.assert_array_equal(level0(fresh, name), level0(local, name), err_msg=name)

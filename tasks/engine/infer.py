@@ -369,10 +369,12 @@ class _ChunkWriter:
 
     def _mark_done(self, index: Chunk) -> None:
         """``done[index] = 1``: the first through zarr, the others as that chunk's stored bytes (the
-        same one-byte chunk, encoded once)."""
+        same one-byte chunk, encoded once); on object storage each through zarr (no GET to read
+        the first back)."""
         if self._done_bytes is None:
             self.done[index] = 1
-            self._done_bytes = storage.read_chunk_bytes(self.done, index)
+            if storage.local_bytes(self.done):
+                self._done_bytes = storage.read_chunk_bytes(self.done, index)
         else:
             storage.write_chunk_bytes(self.done, index, self._done_bytes)
 

@@ -1,7 +1,8 @@
 """The prediction's NGFF label pyramid (``labels/prediction``), written as label chunks finish.
 
 Each finished output chunk's labels are encoded once, for ``prediction/labels``; the label image's
-level 0 gets the same encoded bytes (same shape, chunks and codec: no second encode), and the
+level 0 gets the same encoded bytes (same shape, chunks and codec: no second encode; on object
+storage the buffer is encoded again rather than read back, a GET per chunk saved), and the
 chunk's block mode goes into the level-1 chunk it belongs to, which is written (and pushed on to
 level 2) when its last part is in. The values are those of ``write_label_levels`` (each level the
 block mode of the one above), computed once from the finished buffer instead of re-reading level 0
@@ -59,7 +60,9 @@ class LabelPyramid:
                 str(n), shape=tuple(image[str(n)].shape[1:]), dtype=level0.dtype,
                 chunks=tuple(image[str(n)].chunks[1:]), compressors=COMPRESSOR, fill_value=0,
                 dimension_names=dims, overwrite=True))
-        self.copy_bytes = _same_encoding(level0, self.levels[0])
+        # the same bytes copied where reading them back is local; on object storage a second encode
+        # of the finished buffer costs less than a GET per chunk
+        self.copy_bytes = _same_encoding(level0, self.levels[0]) and storage.local_bytes(level0)
         self._lock = threading.Lock()
         # (level, chunk) -> [buffer, parts still to come]: only chunks begun and not yet written
         self._pending: dict[tuple[int, tuple[int, ...]], list] = {}
