@@ -514,7 +514,8 @@ def test_prefect_yaml_deploys_to_a_tilewise_work_pool(servers, em_model, tmp_pat
     """``prefect deploy --all`` from the repository accepts prefect.yaml: the same deployments, on a
     ``tilewise`` process work pool, with the catalog's schedules and time zones; then a
     ``prefect worker start --pool tilewise`` process executes ``backfill/backfill`` run on demand with
-    parameters (another catalog), and its outputs are read back from the servers (last in this
+    parameters (another catalog), then a nightly deployment with its parameters overridden (that
+    catalog's dataset: nothing new), and their outputs are read back from the servers (last in this
     module: these deployments share their names with the served ones)."""
     from data_catalog import DEFAULT_CATALOG_DIR, load_catalog
     from mlflow import MlflowClient
@@ -568,20 +569,30 @@ def test_prefect_yaml_deploys_to_a_tilewise_work_pool(servers, em_model, tmp_pat
                                "-p", f"catalog={catalog}", "--watch", "--watch-timeout", "240"], env=env, cwd=tmp_path,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log_tail(worker)
+        # ... and a nightly deployment, its parameters overridden: the same dataset, nothing new
+        nightly = f"nightly/{load_catalog(DEFAULT_CATALOG_DIR)[0].entry.name}"
+        done = subprocess.run([str(BIN / "prefect"), "deployment", "run", nightly, "-p", f"catalog={catalog}",
+                               "-p", 'datasets=["pooled"]', "--watch", "--watch-timeout", "240"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log_tail(worker)
     finally:
         procs.stop(worker)
     with prefect_client(servers) as pc:
-        runs = pc.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["backfill"])), limit=10,
-                                 sort=FlowRunSort.START_TIME_DESC)
-        pooled = [r for r in runs if r.parameters.get("dataset") == "pooled"]
-        assert len(pooled) == 1, [(r.name, r.parameters) for r in runs]
-        run = pooled[0]
-        assert run.state.is_completed(), (run.state.name, run.state.message)
-        assert run.work_pool_name == "tilewise" and run.parameters["catalog"] == str(catalog)
-        assert run.infrastructure_pid, "no worker process ran it"
-        summary = [a for a in pc.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])), limit=20) if a.key == "backfill-summary"]
-        assert summary and "isbi_w" in summary[0].data
+        for flow, key in (("backfill", "backfill-summary"), ("nightly", "nightly-summary")):
+            runs = pc.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])), limit=10,
+                                     sort=FlowRunSort.START_TIME_DESC)
+            pooled = [r for r in runs if r.parameters.get("dataset") == "pooled"
+                      or r.parameters.get("datasets") == ["pooled"]]
+            assert len(pooled) == 1, [(r.name, r.parameters) for r in runs]
+            run = pooled[0]
+            assert run.state.is_completed(), (run.state.name, run.state.message)
+            assert run.work_pool_name == "tilewise" and run.parameters["catalog"] == str(catalog)
+            assert run.infrastructure_pid, "no worker process ran it"
+            summary = [a for a in pc.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])), limit=20) if a.key == key]
+            assert summary and "isbi_w" in summary[0].data, (flow, [a.key for a in summary])
+            if flow == "nightly":  # after the backfill: every step of the scan unchanged
+                assert "unchanged" in summary[0].data and "inferred" not in summary[0].data, summary[0].data
     # The worker's process wrote the prediction under its TILEWISE_HOME; MLflow has the run's summary.
     store = home / "stores" / "pooled" / "isbi_w.zarr"
     assert storage.is_complete(str(store)) and storage.is_complete(f"{store}/prediction")
