@@ -16,9 +16,10 @@ process:
 * ``unchanged``: ``nightly_flow`` again in the same home, nothing new.
 
 Printed per N: the first run's seconds and its per-scan cost beyond the reference
-((first - reference) / N), the unchanged run's seconds and per scan, the flow process's peak RSS
-(VmHWM) per run, the MLflow runs the night left, and the ratios of each per-scan cost to the
-smallest N's (flat: about 1). Targets: unchanged over 1,000 scans <= 60 s; per-scan costs flat
+((first - reference) / N: negative where the flow's batches, run in threads, use both cores
+while the reference runs one scan after another), the unchanged run's seconds and per scan, each
+run's marginal cost per scan added since the previous N (flat: nothing quadratic), the flow
+process's peak RSS (VmHWM) per run against the smallest N's, and the MLflow runs the night left. Targets: unchanged over 1,000 scans <= 60 s; per-scan costs flat
 from 100 to 5,000; flow memory flat. ``--quick``: N = 10, 30 (what tests/test_many_scans.py runs).
 """
 
@@ -232,22 +233,31 @@ def measure(n: int, workdir: Path, timeout: float, sample: int = 1000) -> dict:
 
 
 def table(results: list[dict]) -> str:
+    """The figures per N. ``marginal``: what each scan added since the previous N costs, seconds of
+    the run per added scan: flat with N when nothing is quadratic (the fixed start-up cost, about
+    10 s here, drops out of it)."""
     base = results[0]
-    lines = ["| N | reference s | first nightly s | first: beyond compute, s/scan (× smallest N) | "
-             "unchanged s | unchanged s/scan (× smallest N) | peak RSS first / unchanged MB (× smallest N) | "
-             "MLflow runs | unchanged promise |", "|" + "---|" * 9]
+    lines = ["| N | reference s | first nightly s | first − reference, per scan | first, marginal per scan | "
+             "unchanged s | unchanged per scan | unchanged, marginal per scan | "
+             "peak RSS first / unchanged MB (× smallest N) | MLflow runs | unchanged promise |", "|" + "---|" * 11]
+    previous = None
     for r in results:
         f, u = r["first"], r["unchanged"]
         ok = u["steps_did_work"] == 0 and not u["failed"] and f["completed"] and u["completed"]
+        if previous is None:
+            marginal_first = marginal_unchanged = "–"
+        else:
+            added = r["n"] - previous["n"]
+            marginal_first = f"{(f['seconds'] - previous['first']['seconds']) / added * 1000:.0f} ms"
+            marginal_unchanged = f"{(u['seconds'] - previous['unchanged']['seconds']) / added * 1000:.1f} ms"
         lines.append(
             f"| {r['n']:,} | {'~' if 'measured_scans' in r['reference'] else ''}{r['reference']['seconds']:.1f} | "
-            f"{f['seconds']:.1f} | "
-            f"{r['first_overhead_per_scan'] * 1000:.0f} ms ({r['first_overhead_per_scan'] / base['first_overhead_per_scan']:.2f}×) | "
-            f"{u['seconds']:.1f} | {r['unchanged_per_scan'] * 1000:.0f} ms "
-            f"({r['unchanged_per_scan'] / base['unchanged_per_scan']:.2f}×) | "
+            f"{f['seconds']:.1f} | {r['first_overhead_per_scan'] * 1000:.0f} ms | {marginal_first} | "
+            f"{u['seconds']:.1f} | {r['unchanged_per_scan'] * 1000:.1f} ms | {marginal_unchanged} | "
             f"{f['peak_rss'] / 1e6:.0f} / {u['peak_rss'] / 1e6:.0f} "
             f"({f['peak_rss'] / base['first']['peak_rss']:.2f}× / {u['peak_rss'] / base['unchanged']['peak_rss']:.2f}×) | "
             f"{f['mlflow_runs']} | {'kept' if ok else 'BROKEN: ' + '; '.join(u['failed'] or [str(u['steps_did_work'])])} |")
+        previous = r
     return "\n".join(lines)
 
 
