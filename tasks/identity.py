@@ -73,7 +73,10 @@ HISTORY: dict[str, tuple[Change, ...]] = {
     "panoptic": (),
     "crf": (),
     "evaluate": (),
-    "export": (),
+    "export": (
+        Change(2, "an OME-TIFF's UUID names its content instead of the time it was written: the same "
+                  "prediction gives the same bytes", lambda record: record.get("format") == "tiff"),
+    ),
 }
 
 

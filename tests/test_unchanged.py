@@ -197,6 +197,30 @@ def test_a_new_export_version_rewrites_the_export(tmp_path, code_change):
     assert export() == "unchanged"
 
 
+def test_a_tiff_export_from_before_the_content_uuid_is_rewritten_other_formats_are_not(tmp_path):
+    """Export version 2 names an OME-TIFF's UUID after its content: a TIFF exported by version 1
+    (a time-based UUID) is written again; the other formats (no OME UUID) did not change."""
+    store = raster(tmp_path)
+    infer(store, scripted(tmp_path / "net.pt"))
+    out = tmp_path / "mask.ome.tif"
+
+    def export() -> str:
+        result = runner.invoke(app, ["export", "--store", store, "--format", "tiff", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        return status(result.output)
+
+    assert export() == "exported"
+    sidecar = Path(f"{out}.tilewise.json")
+    record = json.loads(sidecar.read_text())
+    assert record[identity.VERSION_KEY] == identity.code_version("export") >= 2
+    record.pop(identity.VERSION_KEY)  # as version 1 wrote it
+    sidecar.write_text(json.dumps(record))
+    assert export() == "exported"
+    assert export() == "unchanged"
+    for fmt in ("nifti", "geotiff", "geojson", "gpkg"):
+        assert identity.outdated("export", {"format": fmt}) == []
+
+
 def test_outputs_labels_writes_no_probabilities_and_is_part_of_the_prediction(tmp_path):
     """``--outputs labels``: the same labels as the default run, no probability array, recorded in
     the digest (switching recomputes, repeating says unchanged); what needs probabilities says so."""
