@@ -134,10 +134,21 @@ def is_complete(url: str) -> bool:
     """True when the group has its completion mark and every array the mark lists is there with
     the listed shape (metadata only: one small read per array). Errors other than "not there"
     propagate (see :func:`read_record`)."""
+    return complete_record(url) is not None
+
+
+def complete_record(url: str) -> dict[str, Any] | None:
+    """The group's record when it is complete (:func:`is_complete`), else None."""
     record = read_record(url)
     if not (record and record.get(COMPLETE_KEY)):
-        return False
-    return arrays_match(url, _promised(record))
+        return None
+    return record if arrays_match(url, _promised(record)) else None
+
+
+def array_shape(url: str) -> tuple[int, ...] | None:
+    """The shape of the array at ``url`` (metadata only), None when there is no array there."""
+    meta = node_metadata(url)
+    return tuple(meta.get("shape", ())) if meta is not None and meta.get("node_type") == "array" else None
 
 
 def arrays_match(url: str, arrays: dict[str, list[int] | None]) -> bool:
@@ -148,9 +159,8 @@ def arrays_match(url: str, arrays: dict[str, list[int] | None]) -> bool:
     if group is None or group.get("node_type") != "group":
         return False
     for path, shape in arrays.items():
-        node = node_metadata(f"{url}/{path}")
-        if node is None or node.get("node_type") != "array" or (
-                shape is not None and list(node.get("shape", ())) != list(shape)):
+        found = array_shape(f"{url}/{path}")
+        if found is None or (shape is not None and list(found) != list(shape)):
             return False
     return True
 

@@ -62,9 +62,9 @@ def open_source(store: str) -> ExportSource:
     store = str(store).rstrip("/")
     if not storage.exists(store):
         raise ScanError(store, "does not exist")
-    if not storage.is_complete(store):
+    record = storage.complete_record(store)
+    if record is None:
         raise ScanError(store, "is not a complete scan group (no completion mark): ingest it first")
-    record = storage.read_record(store) or {}
     pred = storage.read_record(f"{store}/prediction")
     if pred is None:
         raise ScanError(store, "has no prediction: run tilewise infer first")
@@ -75,10 +75,9 @@ def open_source(store: str) -> ExportSource:
     no_probabilities = pred.get("mode") == "instances" or pred.get("outputs") == ["labels"]
     shapes = {}  # metadata only: the arrays themselves are opened when an export reads them
     for path in ("image/0", "prediction/labels") + (() if no_probabilities else ("prediction/probabilities",)):
-        meta = storage.node_metadata(f"{store}/{path}")
-        if meta is None or meta.get("node_type") != "array":
+        shapes[path] = storage.array_shape(f"{store}/{path}")
+        if shapes[path] is None:
             raise ScanError(store, f"{'prediction ' if path.startswith('prediction/') else ''}lacks the array '{path}'")
-        shapes[path] = tuple(meta.get("shape", ()))
     spatial = shapes["image/0"][1:]
     labels_shape, prob_shape = shapes["prediction/labels"], shapes.get("prediction/probabilities")
     if labels_shape != spatial or (prob_shape is not None and prob_shape[1:] != spatial):

@@ -64,8 +64,7 @@ def write_reference_levels(group: zarr.Group, record: dict[str, Any]) -> None:
 
 def needs_migration(store: str) -> bool:
     """True when the scan group's reference is the plain array stores had before (metadata only)."""
-    meta = storage.node_metadata(f"{str(store).rstrip('/')}/{storage.REFERENCE}")
-    return meta is not None and meta.get("node_type") == "array"
+    return storage.array_shape(f"{str(store).rstrip('/')}/{storage.REFERENCE}") is not None
 
 
 def migrate_reference(store: str) -> bool:
