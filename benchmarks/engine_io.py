@@ -14,6 +14,10 @@ Each measurement runs in its own fresh process (imports, then the timer):
   plus a plain chunk-by-chunk write of the same output bytes: every array the tilewise run wrote,
   same shapes, chunks, dtypes and codecs, the same values (read back from the tilewise output
   outside the timer, chunk by chunk).
+* ``io`` again with each chunk encoded / decoded in the calling thread and stored with the store's
+  synchronous calls (``tasks.chunk_io``, what the engine does on a local store), not through
+  zarr's event loop: printed beside the plain one, so the engine's gain from that path is not
+  counted as its own.
 * ``monai``: MONAI's in-memory pipeline: the whole image read from Zarr into memory,
   ``sliding_window_inference`` (same tile, overlap, Gaussian blending, 4 tiles per call), softmax,
   then float16 probabilities and uint8 labels written to Zarr with the same chunks and codec.
@@ -200,19 +204,33 @@ def run_io(job: dict) -> dict:
                                        chunks=src.chunks, compressors=src.compressors, filters=src.filters,
                                        fill_value=src.fill_value, zarr_format=3)
 
+    direct = bool(job.get("direct"))
+    if direct:  # each chunk encoded / decoded in this thread (tasks.chunk_io), as the engine does
+        from tasks.chunk_io import ChunkCodec
+
+        codecs = {a: ChunkCodec.for_array(t) for a, t in targets.items()}
+
     def run():
         image = zarr.open_array(f"{store}/image/0", mode="r")
+        reader = ChunkCodec.for_array(image) if direct else None
         t_read = time.perf_counter()
         for box in _chunk_boxes(image.shape, image.chunks):
-            image[box]
+            if reader is not None:
+                reader.read(tuple(b.start // c for b, c in zip(box, image.chunks)))
+            else:
+                image[box]
         t_read = time.perf_counter() - t_read
         t_write = 0.0
         for a, src in sources.items():
             dst = targets[a]
+            codec = codecs.get(a) if direct else None
             for box in _chunk_boxes(src.shape, src.chunks):
                 data = src[box]  # outside the write's timer: the same values the engine wrote
                 t = time.perf_counter()
-                dst[box] = data
+                if codec is not None:
+                    codec.write(tuple(b.start // c for b, c in zip(box, src.chunks)), data)
+                else:
+                    dst[box] = data
                 t_write += time.perf_counter() - t
         return {"read_seconds": t_read, "write_seconds": t_write, "read_bytes": image.nbytes,
                 "written_bytes": sum(s.nbytes for s in sources.values())}
@@ -321,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
         io = run_worker({**job, "mode": "io"})
         _say(f"{case} {size}: I/O limit {io['seconds']:.1f} s (read {io['detail']['read_seconds']:.1f} s, "
              f"write {io['detail']['write_seconds']:.1f} s; CPU of the whole worker run {io['cpu_seconds']:.1f} s)")
+        iod = run_worker({**job, "mode": "io", "direct": True})
+        _say(f"{case} {size}: I/O limit, chunks coded in the calling thread {iod['seconds']:.1f} s "
+             f"(read {iod['detail']['read_seconds']:.1f} s, write {iod['detail']['write_seconds']:.1f} s)")
+        io["direct"] = iod
         mo = run_worker({**job, "mode": "monai"}) if args.monai else None
         if mo:
             _say(f"{case} {size}: MONAI {mo['seconds']:.1f} s")
@@ -341,6 +363,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'':10s} I/O limit: read {d['read_bytes'] / MB / d['read_seconds']:.0f} MB/s, write "
               f"{d['written_bytes'] / MB / max(d['write_seconds'], 1e-9):.0f} MB/s; arrays: "
               f"{', '.join(tw['detail']['arrays'])}")
+        dd = io["direct"]
+        print(f"{'':10s} I/O limit with each chunk coded in the calling thread (tasks.chunk_io, as the engine "
+              f"does): {dd['seconds']:.1f} s, tilewise ÷ it {tw['seconds'] / dd['seconds']:.2f}")
     print(f"codec pipeline (TILEWISE_ZARR_PIPELINE): {pipeline}; load average {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -357,3 +357,48 @@ def test_a_finished_prediction_is_an_ngff_label_image_readers_find_from_the_scan
     assert len(label_nodes) == 1
     level0 = np.asarray(label_nodes[0].data[0]).reshape(array.shape[1:])
     np.testing.assert_array_equal(level0, zarr.open_array(f"{store}/prediction/labels")[:])
+
+
+@pytest.mark.parametrize("shape,tile,chunks,region", [
+    ((700, 530), (128, 96), (64, 100), None),  # steps that do not divide the chunks: many patterns
+    ((90, 70, 64), (32, 32, 32), (16, 32, 20), None),
+    ((300, 300), (64, 64), (50, 50), ((40, 210), (0, 300))),  # a region: chunks outside it uncovered
+])
+def test_chunk_weights_each_pattern_once_equal_the_tiles_painted_over_the_scan(shape, tile, chunks, region):
+    """The blending denominators ChunkWeights hands out (cached by pattern, an LRU small enough to
+    evict) equal the importance maps painted tile by tile over the whole scan; voxels no tile
+    covers are flagged and given weight 1; tiles marked skipped are left out."""
+    from tasks.engine.blend import ChunkWeights
+    from tasks.engine.plan import plan_tiles
+
+    plan = plan_tiles(shape, tile, 0.5, chunks, "even", region)
+    imp = importance_map(tile)
+    origins = list(plan.tiles())
+    skipped = set(origins[1::7])
+    for skip in (frozenset(), skipped):
+        painted = np.zeros(shape, np.float64)
+        for o in origins:
+            if o in skip:
+                continue
+            dst = tuple(slice(max(a, 0), min(a + t, n)) for a, t, n in zip(o, tile, shape))
+            src = tuple(slice(d.start - a, d.stop - a) for d, a in zip(dst, o))
+            painted[dst] += imp[src]
+        weights = ChunkWeights(plan, imp, skip, budget_bytes=4 * int(np.prod(chunks)) * 5)
+        for _ in range(2):  # the second pass reads what the first cached (or evicted)
+            for index in itertools.product(*(range(g) for g in plan.chunk_grid)):
+                box = plan.chunk_box(index)
+                w, uncovered = weights(index)
+                want = painted[box]
+                np.testing.assert_allclose(w[want > 0], want[want > 0], rtol=1e-5)
+                assert (uncovered is None) == bool((want > 0).all())
+                if uncovered is not None:
+                    assert np.array_equal(uncovered, want == 0) and (w[uncovered] == 1).all()
+                assert not w.flags.writeable or skip  # shared, read-only where cached
+
+
+def test_two_class_labels_take_class_1_only_where_strictly_larger():
+    from tasks.engine.blend import labels_from
+
+    probs = np.array([[0.5, 0.2, 0.9, np.nan], [0.5, 0.8, 0.1, 0.3]], np.float32)
+    np.testing.assert_array_equal(labels_from(probs), np.argmax(np.nan_to_num(probs, nan=-1), axis=0) * [1, 1, 1, 0])
+    assert labels_from(probs).dtype == np.uint8 and labels_from(probs).tolist() == [0, 1, 0, 0]

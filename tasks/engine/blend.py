@@ -44,6 +44,55 @@ def chunk_weights(plan, index: tuple[int, ...], importance: np.ndarray, skipped=
     return out
 
 
+class ChunkWeights:
+    """:func:`chunk_weights` of a plan's chunks, each with the mask of its voxels that no tile
+    covers (weight 0, set to 1 so the division stays finite), computed once per pattern: the
+    weights depend only on the chunk's extent and where its tiles start relative to it, and on a
+    regular grid few patterns repeat (16384² at 256² tiles, step 192, chunks 512²: 9 inside the
+    scan). Chunks under a skipped tile are computed each time. The arrays handed out are shared and
+    read-only. Thread-safe; holds at most ``budget_bytes`` of patterns (least recently used out)."""
+
+    def __init__(self, plan, importance: np.ndarray, skipped=frozenset(), budget_bytes: int = 32 << 20):
+        import threading
+        from collections import OrderedDict
+
+        self.plan, self.importance, self.skipped = plan, importance, skipped
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        per_entry = int(np.prod(plan.chunks)) * 5  # float32 weights + bool mask
+        self._entries = max(4, budget_bytes // max(per_entry, 1))
+
+    def __call__(self, index: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(weights, uncovered or None) of chunk ``index``."""
+        box = self.plan.chunk_box(index)
+        origins = list(self.plan.tiles_of_chunk(index))
+        key = None
+        if not (self.skipped and any(o in self.skipped for o in origins)):
+            key = (tuple(b.stop - b.start for b in box),
+                   tuple(tuple(o[a] - box[a].start for o in origins) for a in range(len(box))))
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
+        weights = chunk_weights(self.plan, index, self.importance, self.skipped)
+        uncovered = weights == 0  # outside the planned region, or under skipped tiles only
+        if uncovered.any():
+            weights[uncovered] = 1.0  # their logits are 0: no NaN; the caller overwrites them
+        else:
+            uncovered = None
+        entry = (weights, uncovered)
+        if key is not None:
+            weights.setflags(write=False)
+            if uncovered is not None:
+                uncovered.setflags(write=False)
+            with self._lock:
+                self._cache[key] = entry
+                while len(self._cache) > self._entries:
+                    self._cache.popitem(last=False)
+        return entry
+
+
 def probabilities(summed_logits: np.ndarray, summed_weights: np.ndarray, inplace: bool = False) -> np.ndarray:
     """Blended logits (K, ...) / weights (...) → class probabilities (K, ...), float32.
 
@@ -86,6 +135,8 @@ def labels_from(probs: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Class index per voxel: argmax over K, or probability >= threshold for one class."""
     if probs.shape[0] == 1:
         return (probs[0] >= threshold).astype(np.uint8)
+    if probs.shape[0] == 2:  # class 1 where it is strictly larger: a tie keeps class 0, as argmax does
+        return np.greater(probs[1], probs[0]).view(np.uint8)
     # argmax over a leading axis of a few classes, as K - 1 vectorised comparisons (numpy's argmax
     # along axis 0 is several times slower); a tie keeps the lower class, as argmax does
     labels = np.zeros(probs.shape[1:], np.uint8)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -45,10 +45,11 @@ import numpy as np
 import zarr
 
 from tasks import identity, storage
+from tasks.chunk_io import ChunkCodec
 from tasks.engine.accumulate import BufferPool, Chunk, ChunkAccumulator
-from tasks.engine.blend import (BlendMode, chunk_weights, importance_map, labels_from, probabilities,
+from tasks.engine.blend import (BlendMode, ChunkWeights, importance_map, labels_from, probabilities,
                                 two_class_probabilities)
-from tasks.engine.label_pyramid import LabelPyramid
+from tasks.engine.label_pyramid import NOT_GIVEN, LabelPyramid
 from tasks.engine.model_io import LoadedModel
 from tasks.engine.plan import ChunkSet, Placement, TilePlan, plan_tiles
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
@@ -65,7 +66,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TILE = {2: (256, 256), 3: (96, 96, 96)}
 WRITERS = 2  # threads encoding and writing finished chunks
-WRITES_PENDING = 4  # finished chunks waiting for a writer before the model waits: bounds their memory
+WRITES_PENDING = 4  # finished chunks waiting for a writer before blending waits: bounds their memory
+BLENDS_PENDING = 1  # batches of logits run and waiting to be blended before the model waits
 Outputs = Literal["labels,probabilities", "labels"]
 OUTPUTS = ("labels,probabilities", "labels")
 
@@ -355,9 +357,13 @@ class _ChunkWriter:
         self.classes = classes
         self.pool = pool
         self.pyramid = pyramid
+        self.weights = ChunkWeights(plan, importance, skipped)
         self.probs = zarr.open_array(f"{pred_url}/probabilities", mode="r+") if config.writes_probabilities else None
         self.labels = zarr.open_array(f"{pred_url}/labels", mode="r+")
         self.done = zarr.open_array(f"{pred_url}/done", mode="r+")
+        # whole chunks of a local prediction are encoded in the writer's own thread (tasks.chunk_io)
+        self._probs_codec = ChunkCodec.for_array(self.probs) if self.probs is not None else None
+        self._labels_codec = ChunkCodec.for_array(self.labels)
         self._done_bytes = None
 
     def _background(self, probs: np.ndarray, where: np.ndarray | None = None) -> None:
@@ -384,12 +390,7 @@ class _ChunkWriter:
             probs = np.empty((self.classes, *(b.stop - b.start for b in box)), np.float32)
             self._background(probs)
         else:
-            weights = chunk_weights(self.plan, index, self.importance, self.skipped)
-            uncovered = weights == 0  # outside the planned region, or under skipped tiles only
-            if uncovered.any():
-                weights[uncovered] = 1.0  # their logits are 0: no NaN; overwritten below
-            else:
-                uncovered = None
+            weights, uncovered = self.weights(index)  # uncovered: under no tile that ran; overwritten below
             # K > 1: summed holds the logits relative to class 0 (K - 1 channels); class 0's are 0
             if self.classes == 2:
                 probs = two_class_probabilities(summed, weights)
@@ -401,11 +402,19 @@ class _ChunkWriter:
             if uncovered is not None:
                 self._background(probs, uncovered)
         if self.probs is not None:
-            self.probs[(slice(None),) + box] = _as_dtype(probs, self.config.output_dtype)
+            out = _as_dtype(probs, self.config.output_dtype)
+            if self._probs_codec is not None:
+                self._probs_codec.write_box((slice(0, out.shape[0]),) + box, out)
+            else:
+                self.probs[(slice(None),) + box] = out
         labels = labels_from(probs, self.config.threshold)
-        self.labels[box] = labels
+        if self._labels_codec is not None:
+            encoded = self._labels_codec.write(index, labels)
+        else:
+            self.labels[box] = labels
+            encoded = NOT_GIVEN
         if self.pyramid is not None:
-            self.pyramid.add(box, labels)
+            self.pyramid.add(box, labels, encoded)
         self._mark_done(index)  # after the data: a done chunk is always a whole chunk
         if summed is not None and self.pool is not None:
             self.pool.give(summed)
@@ -482,16 +491,34 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
         return norm.apply(np.stack([read_tile(image, o, plan.tile, config.pad) for o in batch]))
 
     written = ran = empty_chunks = 0
-    pending: list[Future] = []
+    pending: list[Future] = []  # writes: the blend stage's alone once the first batch is in
+
+    def drain_writes(keep: int) -> None:
+        nonlocal written
+        while len(pending) > keep:
+            pending.pop(0).result()
+            written += 1
+
+    def blend(batch: list[tuple[int, ...]], logits: np.ndarray) -> None:
+        """The blend stage (one thread, batches in order): weighted logits into their chunks, and
+        every chunk they finish handed to a writer."""
+        if logits.shape[1] > 1:
+            logits = logits[:, 1:] - logits[:, :1]
+        for origin, tile_logits in zip(batch, logits):
+            tile_logits *= weights
+            for index, summed in acc.add(origin, tile_logits):
+                pending.append(writers.submit(writer.write, index, summed))
+        drain_writes(WRITES_PENDING)  # few finished chunks wait for the encoder: memory stays bounded
+
+    blends: deque[Future] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="tilewise-read") as readers, \
+            ThreadPoolExecutor(1, thread_name_prefix="tilewise-blend") as blender, \
             ThreadPoolExecutor(WRITERS, thread_name_prefix="tilewise-write") as writers:
         try:
             for index in sorted(c for c in wanted if not count(c)):  # only empty tiles over it
                 pending.append(writers.submit(writer.write, index, None))
                 empty_chunks += 1
-                while len(pending) > WRITES_PENDING:
-                    pending.pop(0).result()
-                    written += 1
+                drain_writes(WRITES_PENDING)
             batch = next(batches, None)
             nxt = readers.submit(read, batch) if batch else None
             while batch:
@@ -505,21 +532,20 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 if logits.shape[1] != len(prep.classes):
                     raise _fail(prep.store, f"model gives {logits.shape[1]} classes, the prediction has "
                                             f"{len(prep.classes)}")
-                if logits.shape[1] > 1:
-                    logits = logits[:, 1:] - logits[:, :1]
-                for origin, tile_logits in zip(batch, logits):
-                    tile_logits *= weights
-                    for index, summed in acc.add(origin, tile_logits):
-                        pending.append(writers.submit(writer.write, index, summed))
-                # Keep few finished chunks waiting for the encoder: memory stays bounded.
-                while len(pending) > WRITES_PENDING:
-                    pending.pop(0).result()
-                    written += 1
+                # the model goes on with the next batch while this one is blended (on a GPU the
+                # device never waits for the CPU's blending); one batch waits at most
+                blends.append(blender.submit(blend, batch, logits))
+                while len(blends) > BLENDS_PENDING:
+                    blends.popleft().result()
                 ran += len(batch)
                 if progress is not None:
                     progress(ran, total)
                 batch = following
+            while blends:
+                blends.popleft().result()
         finally:
+            for b in blends:  # the blend stage stops before its writes are counted
+                b.exception()
             for f in pending:  # let started writes finish so every done mark sits on whole data
                 if f.exception() is None:
                     written += 1

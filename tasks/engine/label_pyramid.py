@@ -24,9 +24,11 @@ import numpy as np
 import zarr
 
 from tasks import storage
+from tasks.chunk_io import ChunkCodec
 from tasks.export.ngff import COMPRESSOR, spatial_levels, downsample_mode
 
 Box = tuple[slice, ...]
+NOT_GIVEN = object()  # LabelPyramid.add: the caller did not say which bytes it stored
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -62,7 +64,10 @@ class LabelPyramid:
                 dimension_names=dims, overwrite=True))
         # the same bytes copied where reading them back is local; on object storage a second encode
         # of the finished buffer costs less than a GET per chunk
-        self.copy_bytes = _same_encoding(level0, self.levels[0]) and storage.local_bytes(level0)
+        self.same_encoding = _same_encoding(level0, self.levels[0])
+        self.copy_bytes = self.same_encoding and storage.local_bytes(level0)
+        # local levels: each chunk encoded in the writing thread (tasks.chunk_io), else through zarr
+        self._codecs = [ChunkCodec.for_array(level) for level in self.levels]
         self._lock = threading.Lock()
         # (level, chunk) -> [buffer, parts still to come]: only chunks begun and not yet written
         self._pending: dict[tuple[int, tuple[int, ...]], list] = {}
@@ -88,10 +93,14 @@ class LabelPyramid:
                     return False
         return True
 
-    def add(self, box: Box, labels: np.ndarray) -> None:
-        """Level-0 chunk ``box`` of ``prediction/labels`` has been written with ``labels``."""
+    def add(self, box: Box, labels: np.ndarray, encoded: bytes | None | object = NOT_GIVEN) -> None:
+        """Level-0 chunk ``box`` of ``prediction/labels`` has been written with ``labels``;
+        ``encoded``: the bytes stored for it (``ChunkCodec.write``; None: not stored, all fill
+        value), stored again as they are, when level 0 is encoded alike."""
         coords = tuple(b.start // c for b, c in zip(box, self.source.chunks))
-        if self.copy_bytes:
+        if encoded is not NOT_GIVEN and self.same_encoding and self._codecs[0] is not None:
+            self._codecs[0].put(coords, encoded)
+        elif self.copy_bytes:
             _copy_chunk(self.source, self.levels[0], coords)
         else:
             self.levels[0][box] = labels
@@ -123,7 +132,10 @@ class LabelPyramid:
                 if entry[1] == 0:
                     ready.append((cbox, self._pending.pop(key)[0]))
         for cbox, buffer in ready:
-            level[cbox] = buffer
+            if self._codecs[n] is not None:
+                self._codecs[n].write(tuple(b.start // c for b, c in zip(cbox, level.chunks)), buffer)
+            else:
+                level[cbox] = buffer
             self._push(n + 1, cbox, buffer)
 
     @property

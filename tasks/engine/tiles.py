@@ -7,6 +7,9 @@ import math
 from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
+import zarr
+
+from tasks.chunk_io import ChunkCodec
 
 if TYPE_CHECKING:
     from tasks.engine.plan import TilePlan
@@ -96,6 +99,8 @@ class ChunkCache:
         from collections import OrderedDict
 
         self.array = array
+        # a local Zarr array's chunks decoded in this thread, not through zarr's event loop (tasks.chunk_io)
+        self._codec = ChunkCodec.for_array(array) if isinstance(array, zarr.Array) else None
         self.shape = array.shape
         self.chunks = array.chunks
         self.budget = budget_bytes
@@ -132,7 +137,7 @@ class ChunkCache:
             self._cache.move_to_end(index)
             return self._cache[index]
         box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(index, self.chunks, self.shape))
-        data = np.asarray(self.array[box])
+        data = self._codec.read(index) if self._codec is not None else np.asarray(self.array[box])
         self.reads += 1
         if self._grid_uses is not None and index not in self._uses:
             self._uses[index] = self._grid_uses(index)
