@@ -21,6 +21,7 @@ be read front to back (.nii.gz, compressed pages, slice folders) also holds one 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from tasks import identity, storage
+from tasks.chunk_io import ChunkCodec
 from tasks.memory import return_large_buffers_to_the_system
 from tasks.errors import ScanError
 from tasks.export.ngff import write_root_multiscales
@@ -352,6 +354,7 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int
 
 
 WRITE_PIECE_BYTES = 4 << 20
+ENCODERS = 2  # threads encoding whole chunks of a local store (numcodecs' Blosc releases the GIL)
 
 
 def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray, lo: int = 0) -> None:
@@ -374,6 +377,25 @@ def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray, lo: int = 
     for x0 in range(0, rows.shape[-1], columns * step):
         x1 = min(x0 + columns * step, rows.shape[-1])
         array[head + (Ellipsis, slice(offset + x0, offset + x1))] = rows[..., x0:x1]
+
+
+def _write_chunks(codec: ChunkCodec, pool: ThreadPoolExecutor, start: int, rows: np.ndarray, lo: int = 0) -> bool:
+    """The same write as :func:`_write_in_pieces`, each chunk encoded on ``pool`` and stored by the
+    store's synchronous call (``tasks.chunk_io``), when ``rows`` is made of whole chunks (clipped at
+    the array's edges); False, writing nothing, when it is not."""
+    array = codec.array
+    origin = (0, start, lo, *([0] * (rows.ndim - 3))) if rows.ndim > 3 else (0, start, lo)
+    for o, n, c, size in zip(origin, rows.shape, array.chunks, array.shape):
+        if o % c or ((o + n) % c and o + n != size):
+            return False
+    jobs = []
+    for rel in itertools.product(*(range(0, n, c) for n, c in zip(rows.shape, array.chunks))):
+        coords = tuple((o + r) // c for o, r, c in zip(origin, rel, array.chunks))
+        part = rows[tuple(slice(r, r + c) for r, c in zip(rel, array.chunks))]
+        jobs.append(pool.submit(codec.write, coords, part))
+    for job in jobs:
+        job.result()
+    return True
 
 
 class _LevelReader:
@@ -403,7 +425,7 @@ class _PyramidWriter:
     """
 
     def __init__(self, image: zarr.Group, channels: int, dtype: np.dtype, plan: PyramidPlan,
-                 chunks: tuple[int, ...], dimension_names: tuple[str, ...]):
+                 chunks: tuple[int, ...], dimension_names: tuple[str, ...], encoders: ThreadPoolExecutor | None = None):
         self.plan = plan
         self.arrays = [
             image.create_array(
@@ -417,6 +439,16 @@ class _PyramidWriter:
         ]
         # (level, chunk row, chunk column) -> [buffer, values filled]
         self._buffers: dict[tuple[int, int, int], list] = {}
+        # a local store's chunks encoded on two threads of ours (tasks.chunk_io), else through zarr
+        self._codecs = [ChunkCodec.for_array(a) for a in self.arrays]
+        self._pool = encoders
+        if encoders is None:
+            self._codecs = [None] * len(self.arrays)
+
+    def _put(self, level: int, start: int, rows: np.ndarray, lo: int = 0) -> None:
+        codec = self._codecs[level]
+        if codec is None or not _write_chunks(codec, self._pool, start, rows, lo):
+            _write_in_pieces(self.arrays[level], start, rows, lo)
 
     def window_multiple(self, source: int = 0, last: int | None = None) -> int:
         """Windows of level ``source`` must be a multiple of this along the second spatial axis:
@@ -431,7 +463,7 @@ class _PyramidWriter:
         """``block`` holds rows ``start..`` and columns ``lo..`` (second spatial axis) of level
         ``source``; write it if it is level 0, and its block means to levels ``source + 1 .. last``."""
         if source == 0:
-            _write_in_pieces(self.arrays[0], start, block, lo)
+            self._put(0, start, block, lo)
         last = len(self.arrays) - 1 if last is None else last
         for level in range(source + 1, last + 1):
             factors = self.plan.factors[level - 1]
@@ -466,14 +498,14 @@ class _PyramidWriter:
                 entry[1] += take * (b - a)
                 if entry[1] == held * (c1 - c0):
                     del self._buffers[key]
-                    _write_in_pieces(array, first, entry[0], c0)
+                    self._put(level, first, entry[0], c0)
             rows, start = rows[:, take:], start + take
 
     def flush(self) -> None:
         """Write what is left (there is nothing left once every window was written)."""
         for (level, row, col), (buffer, _) in sorted(self._buffers.items(), key=lambda kv: kv[0]):
             array = self.arrays[level]
-            _write_in_pieces(array, row * array.chunks[1], buffer, col * (array.chunks[2] if array.ndim > 2 else 1))
+            self._put(level, row * array.chunks[1], buffer, col * (array.chunks[2] if array.ndim > 2 else 1))
         self._buffers.clear()
 
 
@@ -663,12 +695,13 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
 
     # Hash the sources beside the ingest (hashlib releases the GIL); provenance needs the bytes'
     # identity and reading them again afterwards would cost a second pass.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-hash") as hasher:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-hash") as hasher, \
+            ThreadPoolExecutor(ENCODERS, thread_name_prefix="tilewise-encode") as encoders:
         digests = [hasher.submit(sha256_file, Path(f.get("local", f["path"]))) for f in stats_files]
 
         group = storage.open_group(store, mode="w")
         image = group.create_group("image")
-        writer = _PyramidWriter(image, reader.shape[0], reader.dtype, plan, chunks, tuple(reader.axes))
+        writer = _PyramidWriter(image, reader.shape[0], reader.dtype, plan, chunks, tuple(reader.axes), encoders)
         stats = _SlabStats(np.issubdtype(reader.dtype, np.floating))
         total = reader.shape[1]
 
