@@ -55,8 +55,9 @@ class ChunkCodec:
             return None
         if array.order != "C" or array.fill_value is None or np.dtype(array.dtype).kind not in "biuf":
             return None
-        if getattr(array._async_array.config, "write_empty_chunks", False):
-            return None
+        config = getattr(getattr(array, "_async_array", None), "config", None)
+        if config is None or getattr(config, "write_empty_chunks", True):
+            return None  # zarr stores all-fill chunks there (or we cannot tell): leave it to zarr
         codec = cls(array, codecs[1].get("configuration") or {})
         if codec.typesize != codec.dtype.itemsize:
             return None
@@ -78,9 +79,15 @@ class ChunkCodec:
         """The stored bytes of chunk ``coords`` holding ``data`` (clipped at the array's edge), or
         None when it is all fill value (not stored)."""
         full = self._full(coords, data)
-        if not np.any(full != self.fill):
+        if self._all_fill(full):
             return None
         return self.blosc.encode(full)
+
+    def _all_fill(self, full: np.ndarray) -> bool:
+        """Every value is the fill value (NaN counts as equal to a NaN fill, as zarr counts it)."""
+        if self.fill.dtype.kind == "f" and np.isnan(self.fill):
+            return bool(np.isnan(full).all())
+        return not np.any(full != self.fill)
 
     def put(self, coords: tuple[int, ...], encoded: bytes | None) -> None:
         """Store ``encoded`` (from :meth:`encode`, of this array or one encoded alike) as chunk

@@ -67,6 +67,25 @@ def test_direct_chunks_are_zarrs_own_bytes(tmp_path, dtype, chunks, shape, compr
         np.testing.assert_array_equal(got_chunk, data[box])
 
 
+def test_a_nan_filled_array_leaves_its_all_nan_chunks_unstored_as_zarr_does(tmp_path):
+    data = np.full((2, 100, 100), np.nan, np.float32)
+    data[1, 70:, 70:] = 1.5
+    for name, direct in (("ref", False), ("out", True)):
+        arr = zarr.create_array(store=str(tmp_path / name), shape=data.shape, chunks=(1, 64, 64), dtype="float32",
+                                compressors=COMPRESSOR, fill_value=np.nan)
+        if direct:
+            codec = ChunkCodec.for_array(arr)
+            for coords in itertools.product(range(2), range(2), range(2)):
+                box = tuple(slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(coords, (1, 64, 64), data.shape))
+                codec.write(coords, data[box])
+        else:
+            arr[...] = data
+    want, got = _files(tmp_path / "ref"), _files(tmp_path / "out")
+    assert got == want and len(want) == 1
+    np.testing.assert_array_equal(ChunkCodec.for_array(zarr.open_array(str(tmp_path / "out"))).read((0, 0, 0)),
+                                  data[:1, :64, :64])
+
+
 def test_write_box_covers_every_class_and_an_emptied_chunk_is_removed(tmp_path):
     out = zarr.create_array(store=str(tmp_path / "p"), shape=(3, 100, 100), chunks=(1, 64, 64), dtype="float16",
                             compressors=COMPRESSOR, fill_value=0)
