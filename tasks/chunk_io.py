@@ -120,14 +120,23 @@ class ChunkCodec:
         self.blosc.decode(stored.to_bytes(), out=full)
         return full[want]
 
-    def write_box(self, box: tuple[slice, ...], data: np.ndarray) -> None:
-        """Store ``data`` over ``box``, a union of whole chunks along the leading axes (e.g. every
-        class of one spatial chunk): each chunk is written with :meth:`write`."""
+    def parts(self, origin: tuple[int, ...], data: np.ndarray) -> list[tuple[tuple[int, ...], np.ndarray]] | None:
+        """``data`` placed at ``origin`` cut into (chunk coords, part), or None when it is not made
+        of whole chunks (clipped at the array's edges)."""
         import itertools
 
-        starts = [b.start or 0 for b in box]
-        for rel in itertools.product(*(range(0, n, c) for n, c in zip(data.shape, self.chunks))):
-            coords = tuple((s + r) // c for s, r, c in zip(starts, rel, self.chunks))
-            if any((s + r) % c for s, r, c in zip(starts, rel, self.chunks)):
-                raise ValueError(f"{box} is not made of whole chunks of {self.array.path}")
-            self.write(coords, data[tuple(slice(r, r + c) for r, c in zip(rel, self.chunks))])
+        for o, n, c, size in zip(origin, data.shape, self.chunks, self.shape):
+            if o % c or ((o + n) % c and o + n != size):
+                return None
+        return [(tuple((o + r) // c for o, r, c in zip(origin, rel, self.chunks)),
+                 data[tuple(slice(r, r + c) for r, c in zip(rel, self.chunks))])
+                for rel in itertools.product(*(range(0, n, c) for n, c in zip(data.shape, self.chunks)))]
+
+    def write_box(self, box: tuple[slice, ...], data: np.ndarray) -> None:
+        """Store ``data`` over ``box``, a union of whole chunks (e.g. every class of one spatial
+        chunk): each chunk is written with :meth:`write`."""
+        parts = self.parts(tuple(b.start or 0 for b in box), data)
+        if parts is None:
+            raise ValueError(f"{box} is not made of whole chunks of {self.array.path}")
+        for coords, part in parts:
+            self.write(coords, part)

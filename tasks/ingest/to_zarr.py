@@ -21,7 +21,6 @@ be read front to back (.nii.gz, compressed pages, slice folders) also holds one 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import math
@@ -383,16 +382,11 @@ def _write_chunks(codec: ChunkCodec, pool: ThreadPoolExecutor, start: int, rows:
     """The same write as :func:`_write_in_pieces`, each chunk encoded on ``pool`` and stored by the
     store's synchronous call (``tasks.chunk_io``), when ``rows`` is made of whole chunks (clipped at
     the array's edges); False, writing nothing, when it is not."""
-    array = codec.array
     origin = (0, start, lo, *([0] * (rows.ndim - 3))) if rows.ndim > 3 else (0, start, lo)
-    for o, n, c, size in zip(origin, rows.shape, array.chunks, array.shape):
-        if o % c or ((o + n) % c and o + n != size):
-            return False
-    jobs = []
-    for rel in itertools.product(*(range(0, n, c) for n, c in zip(rows.shape, array.chunks))):
-        coords = tuple((o + r) // c for o, r, c in zip(origin, rel, array.chunks))
-        part = rows[tuple(slice(r, r + c) for r, c in zip(rel, array.chunks))]
-        jobs.append(pool.submit(codec.write, coords, part))
+    parts = codec.parts(origin, rows)
+    if parts is None:
+        return False
+    jobs = [pool.submit(codec.write, coords, part) for coords, part in parts]
     for job in jobs:
         job.result()
     return True
