@@ -39,7 +39,7 @@ from zarr.codecs import BloscCodec
 
 from tasks import identity, storage
 from tasks.chunk_io import ChunkCodec
-from tasks.memory import return_large_buffers_to_the_system
+from tasks.memory import release_free_memory
 from tasks.errors import ScanError
 from tasks.export.ngff import write_root_multiscales
 from tasks.ingest import remote
@@ -566,7 +566,6 @@ def ingest_scan(
     """
     store = str(store)
     t0 = time.perf_counter()
-    return_large_buffers_to_the_system()
     stats_files = _scan_files(spec)
     if spec.remote is not None or (spec.labels is not None and spec.labels.remote is not None):
         if not force:
@@ -704,6 +703,8 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
             writer.write(start, lo, block, last=first_pass)
             if progress is not None and hi >= extent:
                 progress(stop, total)
+            if hi >= extent:  # a slab done: what its buffers left free in glibc's arenas goes back
+                release_free_memory()
 
         # Windows of whole chunks along the second spatial axis: the slab is never held whole
         # (where the reader reads windows) and every copy made of it is a window's size.
