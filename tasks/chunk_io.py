@@ -18,10 +18,47 @@ gives None and the caller writes through zarr.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import zarr
 
 from tasks import storage
+
+
+def _folder(array: zarr.Array) -> str | None:
+    """The folder of ``array``'s chunk files when it lives in a local folder (zarr's LocalStore)."""
+    from zarr.storage import LocalStore
+
+    store_path = array.store_path
+    if not isinstance(store_path.store, LocalStore):
+        return None
+    return os.path.join(str(store_path.store.root), *filter(None, store_path.path.split("/")))
+
+
+def _put_file(path: str, encoded: bytes | None) -> None:
+    """Write (or, for None, remove) one chunk file in place.
+
+    zarr's LocalStore writes every chunk to a temporary file in the chunk's folder and renames it:
+    two directory entries and a rename under the folder's lock per chunk, and the two encoding
+    threads then queue on that lock. tilewise writes a chunk only into an array no reader takes
+    as done (a new ingest group, an output before its completion mark) and marks a chunk done only
+    after its write returned, so a chunk cut short by a crash is written again by the next run;
+    the rename bought nothing here.
+    """
+    if encoded is None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        return
+    try:
+        f = open(path, "wb")
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        f = open(path, "wb")
+    with f:
+        f.write(encoded)
 
 
 class ChunkCodec:
@@ -39,6 +76,7 @@ class ChunkCodec:
         self.blosc = Blosc(cname=blosc["cname"], clevel=int(blosc["clevel"]), shuffle=shuffle[blosc["shuffle"]],
                            blocksize=int(blosc.get("blocksize") or 0))
         self.typesize = int(blosc.get("typesize") or self.dtype.itemsize)
+        self.folder = _folder(array)
 
     @classmethod
     def for_array(cls, array: zarr.Array) -> "ChunkCodec | None":
@@ -94,7 +132,11 @@ class ChunkCodec:
         ``coords``; None removes the chunk (all fill value)."""
         from zarr.core.buffer import default_buffer_prototype
 
-        key = self.array.store_path / self.array.metadata.encode_chunk_key(coords)
+        name = self.array.metadata.encode_chunk_key(coords)
+        if self.folder is not None:
+            _put_file(os.path.join(self.folder, name), encoded)
+            return
+        key = self.array.store_path / name
         if encoded is None:
             key.delete_sync()
         else:

@@ -100,6 +100,21 @@ def test_write_box_covers_every_class_and_an_emptied_chunk_is_removed(tmp_path):
         codec.write_box((slice(0, 3), slice(32, 96), slice(0, 64)), np.ones((3, 64, 64), "float16"))
 
 
+def test_a_chunk_written_again_is_replaced_whole(tmp_path):
+    """Chunk files are written in place (no temporary file and rename, see ``_put_file``): a
+    shorter encoding over a longer one leaves nothing of the old bytes, and no stray file."""
+    out = zarr.create_array(store=str(tmp_path / "g" / "a"), shape=(64, 64), chunks=(64, 64), dtype="float32",
+                            compressors=COMPRESSOR, fill_value=0)
+    codec = ChunkCodec.for_array(out)
+    noisy = np.random.default_rng(2).random((64, 64)).astype("float32")
+    long = codec.write((0, 0), noisy)
+    short = codec.write((0, 0), np.full((64, 64), 0.5, "float32"))
+    assert len(short) < len(long) // 10
+    assert (tmp_path / "g" / "a" / "c" / "0" / "0").read_bytes() == short
+    np.testing.assert_array_equal(out[...], 0.5)
+    assert sorted(p.name for p in (tmp_path / "g" / "a").rglob("*") if p.is_file()) == ["0", "zarr.json"]
+
+
 def test_arrays_zarr_must_write_get_no_direct_codec(tmp_path):
     other = zarr.create_array(store=str(tmp_path / "z"), shape=(10, 10), chunks=(5, 5), dtype="uint8",
                               compressors=ZstdCodec(), fill_value=0)
