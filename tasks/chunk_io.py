@@ -27,11 +27,12 @@ from tasks import storage
 
 
 def _folder(array: zarr.Array) -> str | None:
-    """The folder of ``array``'s chunk files when it lives in a local folder (zarr's LocalStore)."""
+    """The folder of ``array``'s chunk files when it lives in a local folder (zarr's LocalStore)
+    opened for writing; None leaves the writes to the store (which refuses them when read-only)."""
     from zarr.storage import LocalStore
 
     store_path = array.store_path
-    if not isinstance(store_path.store, LocalStore):
+    if not isinstance(store_path.store, LocalStore) or store_path.store.read_only:
         return None
     return os.path.join(str(store_path.store.root), *filter(None, store_path.path.split("/")))
 

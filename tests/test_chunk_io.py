@@ -115,6 +115,15 @@ def test_a_chunk_written_again_is_replaced_whole(tmp_path):
     assert sorted(p.name for p in (tmp_path / "g" / "a").rglob("*") if p.is_file()) == ["0", "zarr.json"]
 
 
+def test_a_read_only_array_is_not_written(tmp_path):
+    zarr.create_array(store=str(tmp_path / "r"), shape=(64, 64), chunks=(64, 64), dtype="uint8",
+                      compressors=COMPRESSOR, fill_value=0)
+    codec = ChunkCodec.for_array(zarr.open_array(str(tmp_path / "r"), mode="r"))
+    with pytest.raises(ValueError, match="read-only"):
+        codec.write((0, 0), np.ones((64, 64), "uint8"))
+    assert not (tmp_path / "r" / "c").exists()
+
+
 def test_arrays_zarr_must_write_get_no_direct_codec(tmp_path):
     other = zarr.create_array(store=str(tmp_path / "z"), shape=(10, 10), chunks=(5, 5), dtype="uint8",
                               compressors=ZstdCodec(), fill_value=0)
