@@ -39,8 +39,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -207,7 +207,6 @@ def _chunk_boxes(shape, chunks):
 
 
 def run_io(job: dict) -> dict:
-
     import zarr
 
     store, scratch = job["store"], Path(job["scratch"])
@@ -259,7 +258,6 @@ def run_io(job: dict) -> dict:
 
 
 def run_monai(job: dict) -> dict:
-
     import numpy as np
     import torch
     import zarr
@@ -343,7 +341,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.size2d, args.size3d = 2048, 192
-    rows = []
     trash = args.workdir / "trash"  # what the runs set aside (see _set_aside), removed at the end
     shutil.rmtree(trash, ignore_errors=True)
     try:
