@@ -9,7 +9,8 @@ synchronous ``set``). ``ChunkCodec`` does the same work where zarr would: the ``
 (little endian, C order) then Blosc, with numcodecs' Blosc, whose bytes are zarr's own (tested
 byte for byte, ``tests/test_chunk_io.py``); an edge chunk is padded with the fill value to the
 full chunk shape, and a chunk that is all fill value is not stored (its key removed), as zarr does
-with ``write_empty_chunks=False``.
+with ``write_empty_chunks=False``. A chunk of a local folder is written as its file, in place
+(``_put_file``).
 
 It applies only where that is all the array asks for: a local store, the regular chunk grid, codecs
 exactly ``bytes`` + ``blosc`` (no filters, no sharding), C order, a fill value; else ``for_array``
@@ -131,12 +132,12 @@ class ChunkCodec:
     def put(self, coords: tuple[int, ...], encoded: bytes | None) -> None:
         """Store ``encoded`` (from :meth:`encode`, of this array or one encoded alike) as chunk
         ``coords``; None removes the chunk (all fill value)."""
-        from zarr.core.buffer import default_buffer_prototype
-
         name = self.array.metadata.encode_chunk_key(coords)
         if self.folder is not None:
             _put_file(os.path.join(self.folder, name), encoded)
             return
+        from zarr.core.buffer import default_buffer_prototype
+
         key = self.array.store_path / name
         if encoded is None:
             key.delete_sync()

@@ -379,8 +379,8 @@ def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray, lo: int = 
 
 
 def _write_chunks(codec: ChunkCodec, pool: ThreadPoolExecutor, start: int, rows: np.ndarray, lo: int = 0) -> bool:
-    """The same write as :func:`_write_in_pieces`, each chunk encoded on ``pool`` and stored by the
-    store's synchronous call (``tasks.chunk_io``), when ``rows`` is made of whole chunks (clipped at
+    """The same write as :func:`_write_in_pieces`, each chunk encoded and stored on ``pool``
+    (``tasks.chunk_io``), when ``rows`` is made of whole chunks (clipped at
     the array's edges); False, writing nothing, when it is not."""
     origin = (0, start, lo, *([0] * (rows.ndim - 3))) if rows.ndim > 3 else (0, start, lo)
     parts = codec.parts(origin, rows)
@@ -701,10 +701,10 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         def consume(start: int, stop: int, lo: int, hi: int, block: np.ndarray) -> None:
             stats.update(block)
             writer.write(start, lo, block, last=first_pass)
-            if progress is not None and hi >= extent:
-                progress(stop, total)
             if hi >= extent:  # a slab done: what its buffers left free in glibc's arenas goes back
                 release_free_memory()
+                if progress is not None:
+                    progress(stop, total)
 
         # Windows of whole chunks along the second spatial axis: the slab is never held whole
         # (where the reader reads windows) and every copy made of it is a window's size.
