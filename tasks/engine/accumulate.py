@@ -4,9 +4,10 @@ Each output chunk owns a float32 sum of weighted logits (K, *chunk); the matchin
 depends on the tile plan only and is computed when the chunk is written (``blend.chunk_weights``),
 so it is never held for the live chunks. A tile adds into every chunk it overlaps; a chunk whose
 last overlapping tile has been added is final and is handed back to the caller. With tiles in
-raster order only the chunks around the moving window are live; if they still exceed
-``budget_bytes`` (very wide scans), the least recently touched ones are spilled to a scratch folder
-and read back when a tile needs them, so memory stays bounded whatever the scan size.
+raster order only the chunks around the moving window are live (a wide scan runs in stripes,
+``TilePlan.stripes``, each adding only into its own chunks); if they still exceed
+``budget_bytes``, the least recently touched ones are spilled to a scratch folder and read back
+when a tile needs them, so memory stays bounded whatever the scan size.
 
 Buffers are recycled (``BufferPool``): the caller gives a finished chunk's array back once it is
 written, and the next chunk reuses it, so the steady state allocates nothing and freed blocks do
@@ -105,10 +106,13 @@ class ChunkAccumulator:
             self._bytes -= logits.nbytes
             self.spills += 1
 
-    def add(self, origin: tuple[int, ...], weighted_logits: np.ndarray) -> Iterator[tuple[Chunk, np.ndarray]]:
+    def add(self, origin: tuple[int, ...], weighted_logits: np.ndarray, wanted: Container[Chunk] | None = None
+            ) -> Iterator[tuple[Chunk, np.ndarray]]:
         """Add one tile's (K, *tile) weighted logits; yield the chunks it completes as (index, summed
-        logits). Give each yielded array back to ``pool`` once it is written."""
-        touched = [c for c in self.plan.chunks_of_tile(origin) if c in self.remaining or c in self.wanted]
+        logits). Give each yielded array back to ``pool`` once it is written. ``wanted``: the chunks
+        this tile adds into (a stripe's), else the run's."""
+        wanted = self.wanted if wanted is None else wanted
+        touched = [c for c in self.plan.chunks_of_tile(origin) if c in self.remaining or c in wanted]
         for index in touched:
             if index not in self.remaining:  # its first tile (a finished chunk gets no more tiles)
                 self.remaining[index] = self.count(index)

@@ -39,7 +39,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Container, Iterable, Iterator, Literal
 
 import numpy as np
 import zarr
@@ -51,7 +51,7 @@ from tasks.engine.blend import (BlendMode, ChunkWeights, importance_map, labels_
                                 two_class_probabilities)
 from tasks.engine.label_pyramid import NOT_GIVEN, LabelPyramid
 from tasks.engine.model_io import LoadedModel
-from tasks.engine.plan import ChunkSet, Placement, TilePlan, plan_tiles
+from tasks.engine.plan import ChunkSet, Placement, TilePlan, plan_tiles, stripe_width
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
 from tasks.engine.scan_stats import for_scan as normalization_for_scan
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
@@ -91,6 +91,7 @@ class EngineConfig:
     output_dtype: Literal["float16", "float32"] = "float16"
     threshold: float = 0.5
     memory_budget_mb: int = 512  # partial output chunks held before spilling to disk
+    stripe_mb: int = 64  # open output chunks of a row of tiles; a wider scan runs in stripes (plan.stripe_width)
     input_cache_mb: int = 256  # decoded input chunks kept for the overlapping tiles that reuse them
     calibration: bool = True  # apply the model version's calibrator, if it has one
     crf: dict | None = None  # dense CRF after the prediction (tasks.refine.crf.CrfParams fields); its own output
@@ -105,8 +106,8 @@ class EngineConfig:
         """The options that change the numbers written (not device, batch or memory budget; the
         calibrator itself, not the ``calibration`` switch, enters the digest, and so does the resolved
         empty-tile rule, not the ``skip_empty`` setting; the backend stays within 1e-3 of eager)."""
-        skip = {"device", "batch", "memory_budget_mb", "input_cache_mb", "channels_last", "backend", "calibration",
-                "crf", "skip_empty"}  # the CRF writes prediction/crf with a digest of its own
+        skip = {"device", "batch", "memory_budget_mb", "stripe_mb", "input_cache_mb", "channels_last", "backend",
+                "calibration", "crf", "skip_empty"}  # the CRF writes prediction/crf with a digest of its own
         if self.outputs == "labels,probabilities":  # the default: predictions made before the option keep their digest
             skip.add("outputs")
         return {k: v for k, v in asdict(self).items() if k not in skip}
@@ -449,13 +450,29 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
         runner.squeeze_axis = prep.squeeze_axis
     less: Counter = Counter()  # per chunk, its tiles not run (empty)
     skipped: set = set()
+    # Softmax is unchanged by a shift of all logits, and blending is linear: summing each tile's
+    # logits minus its class-0 logit keeps K - 1 channels per live chunk instead of K.
+    kept = max(len(prep.classes) - 1, 1)
+    # the run in parts, one after the other: (tile origins, the chunks they add into, the stripe's
+    # plan when the part announces its own input reads)
+    parts: list[tuple[Iterable[tuple[int, ...]], Container[Chunk], TilePlan | None]]
     if chunks is None and prep.empty_rule is None and prep.todo.is_all():
         # The whole grid: tiles straight from the plan, every count a product of per-axis counts,
-        # so memory does not grow with the scan (no list of tiles, no table of chunks).
-        origins: Iterable[tuple[int, ...]] = plan.tiles()
-        total = plan.tile_count()
+        # so memory does not grow with the scan (no list of tiles, no table of chunks). A scan
+        # wider than a row of open chunks may hold runs in stripes (``stripe_width``): the open
+        # chunks then span a stripe, not the scan, whatever its width.
         uses, needed = source_reads(plan, image.chunks[1:], config.pad)
         image.expect_grid(uses, needed * -(-image.shape[0] // image.chunks[0]))
+        width = stripe_width(plan, kept, config.stripe_mb << 20)
+        if width is None:
+            parts = [(plan.tiles(), wanted, None)]
+            total = plan.tile_count()
+        else:
+            stripes = plan.stripes(width)
+            parts = [(sub.tiles(), cols, sub) for sub, cols in stripes]
+            total = sum(sub.tile_count() for sub, _ in stripes)
+            log.info("%s: %d tiles in %d stripes of %d voxels (%d tiles over two stripes run twice)", prep.store,
+                     total, len(stripes), width, total - plan.tile_count())
     else:  # a region, a resumed run or empty tiles to find: the tiles over the chunks wanted, listed
         origins = [o for o in plan.tiles() if any(c in wanted for c in plan.chunks_of_tile(o))]
         if prep.empty_rule is not None:
@@ -471,23 +488,30 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
         for origin in origins:
             image.expect((slice(None),) + source_box(origin, plan.tile, plan.shape, config.pad))
         total = len(origins)
+        parts = [(origins, wanted, None)]
 
     def count(index: Chunk) -> int:
         return plan.tiles_in_chunk(index) - less[index] if less else plan.tiles_in_chunk(index)
 
-    batches = _batches(origins, config.batch)
+    batches = ((i, batch) for i, (origins, _, _) in enumerate(parts) for batch in _batches(origins, config.batch))
     weights = importance_map(plan.tile, config.blend, config.sigma_scale)
     pool = BufferPool()
-    # Softmax is unchanged by a shift of all logits, and blending is linear: summing each tile's
-    # logits minus its class-0 logit keeps K - 1 channels per live chunk instead of K.
-    kept = max(len(prep.classes) - 1, 1)
     acc = ChunkAccumulator(plan, kept, wanted, count, budget_bytes=config.memory_budget_mb << 20, pool=pool)
     writer = _ChunkWriter(_prediction(prep.store), plan, config, prep.calibrator, weights, skipped,
                           len(prep.classes), pool, pyramid)
     norm = prep.normalization if prep.normalization is not None else model.card.normalization
     calls_before = runner.calls
 
-    def read(batch):
+    reading = [-1]  # the part being read (the read stage alone moves it on)
+
+    def read(item):
+        part, batch = item
+        if part != reading[0]:
+            reading[0] = part
+            stripe = parts[part][2]
+            if stripe is not None:  # its own reads (its first tiles re-read the last stripe's border chunks)
+                image.clear()
+                image.expect_grid(source_reads(stripe, image.chunks[1:], config.pad)[0], image.needed)
         return norm.apply(np.stack([read_tile(image, o, plan.tile, config.pad) for o in batch]))
 
     written = ran = empty_chunks = 0
@@ -499,14 +523,15 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
             pending.pop(0).result()
             written += 1
 
-    def blend(batch: list[tuple[int, ...]], logits: np.ndarray) -> None:
-        """The blend stage (one thread, batches in order): weighted logits into their chunks, and
-        every chunk they finish handed to a writer."""
+    def blend(item: tuple[int, list[tuple[int, ...]]], logits: np.ndarray) -> None:
+        """The blend stage (one thread, batches in order): weighted logits into their chunks (their
+        part's), and every chunk they finish handed to a writer."""
+        part, batch = item
         if logits.shape[1] > 1:
             logits = logits[:, 1:] - logits[:, :1]
         for origin, tile_logits in zip(batch, logits):
             tile_logits *= weights
-            for index, summed in acc.add(origin, tile_logits):
+            for index, summed in acc.add(origin, tile_logits, parts[part][1]):
                 pending.append(writers.submit(writer.write, index, summed))
         drain_writes(WRITES_PENDING)  # few finished chunks wait for the encoder: memory stays bounded
 
@@ -526,7 +551,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 following = next(batches, None)
                 nxt = readers.submit(read, following) if following else None
                 try:
-                    logits = runner(x, where=f" (tiles from {batch[0]})")
+                    logits = runner(x, where=f" (tiles from {batch[1][0]})")
                 except ModelOutputError as exc:
                     raise _fail(prep.store, str(exc)) from None
                 if logits.shape[1] != len(prep.classes):
@@ -537,7 +562,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 blends.append(blender.submit(blend, batch, logits))
                 while len(blends) > BLENDS_PENDING:
                     blends.popleft().result()
-                ran += len(batch)
+                ran += len(batch[1])
                 if progress is not None:
                     progress(ran, total)
                 batch = following

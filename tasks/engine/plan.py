@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Iterator, Literal
 
@@ -127,9 +127,53 @@ class TilePlan:
         product of per-axis starts, so this is a product of per-axis counts (no table per chunk)."""
         return math.prod(axis[i] for axis, i in zip(self._tiles_per_chunk_axes, index))
 
+    def stripes(self, width: int) -> list[tuple["TilePlan", "ChunkColumns"]]:
+        """The plan cut along its last axis into stripes of ``width`` voxels (whole chunks): per stripe,
+        a plan of the tiles that overlap its chunks (every tile over a chunk of the stripe, so a
+        chunk's count is the same; a tile over two stripes is in both) and the stripe's chunks."""
+        c, n = self.chunks[-1], self.shape[-1]
+        if width % c:
+            raise ValueError(f"stripe width {width} is not a multiple of the chunk {c}")
+        out = []
+        for lo in range(0, n, width):
+            hi = min(lo + width, n)
+            starts = tuple(s for s in self.starts[-1]
+                           if max(s - self.pad_before[-1], 0) < hi and s - self.pad_before[-1] + self.tile[-1] > lo)
+            out.append((replace(self, starts=self.starts[:-1] + (starts,)),
+                        ChunkColumns(self.chunk_grid, lo // c, -(-hi // c))))
+        return out
+
     def tiles_per_chunk(self) -> dict[tuple[int, ...], int]:
         """:meth:`tiles_in_chunk` of every chunk, as a table."""
         return {idx: self.tiles_in_chunk(idx) for idx in itertools.product(*(range(g) for g in self.chunk_grid))}
+
+
+@dataclass(frozen=True)
+class ChunkColumns:
+    """The chunks of ``grid`` whose last index is in [lo, hi): one stripe of :meth:`TilePlan.stripes`."""
+
+    grid: tuple[int, ...]
+    lo: int
+    hi: int
+
+    def __contains__(self, index) -> bool:
+        return (len(index) == len(self.grid) and self.lo <= index[-1] < self.hi
+                and all(0 <= i < g for i, g in zip(index, self.grid)))
+
+
+def stripe_width(plan: TilePlan, classes: int, budget_bytes: int, min_tiles: int = 32) -> int | None:
+    """The width (whole chunks along the last axis) of the stripes to run ``plan`` in, so that the
+    output chunks a row of tiles keeps open -- ``classes`` float32 sums over the chunk rows a tile
+    spans plus one, across the width -- stay within ``budget_bytes``; None when the whole width fits.
+    A stripe is at least ``min_tiles`` tiles wide: the tiles over a stripe's border run in both
+    stripes (about tile / width more tiles), and its input chunks are decoded twice."""
+    rows = min(plan.chunk_grid[0], -(-plan.tile[0] // plan.chunks[0]) + 1)
+    per_voxel = rows * plan.chunks[0] * math.prod(plan.shape[1:-1]) * classes * 4  # bytes per voxel of width
+    if per_voxel * plan.shape[-1] <= budget_bytes:
+        return None
+    c = plan.chunks[-1]
+    width = max(budget_bytes // per_voxel, min_tiles * plan.tile[-1], c) // c * c
+    return width if width < plan.shape[-1] else None
 
 
 class ChunkSet:

@@ -129,8 +129,10 @@ class ChunkCache:
         self.needed = needed
 
     def clear(self) -> None:
+        """Drop every decoded chunk and every announced read."""
         self._cache.clear()
         self._bytes = 0
+        self._uses.clear()
 
     def _chunk(self, index: tuple[int, ...]) -> np.ndarray:
         if index in self._cache:
