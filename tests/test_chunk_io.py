@@ -86,6 +86,31 @@ def test_a_nan_filled_array_leaves_its_all_nan_chunks_unstored_as_zarr_does(tmp_
                                   data[:1, :64, :64])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_a_zero_filled_float_array_stores_what_zarr_stores(tmp_path, dtype):
+    """A zero fill is compared by its bits, as zarr compares it: a chunk of -0.0 is stored, and so
+    is a chunk holding one subnormal, -inf or NaN among zeros; only all +0.0 chunks are not."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    data = np.zeros((1, 64, 320), dtype)
+    data[0, :, 64:128] = -0.0
+    data[0, 5, 130] = tiny
+    data[0, 9, 200] = -np.inf
+    data[0, 3, 300] = np.nan
+    files = {}
+    for name, direct in (("ref", False), ("out", True)):
+        arr = zarr.create_array(store=str(tmp_path / name), shape=data.shape, chunks=(1, 64, 64), dtype=dtype,
+                                compressors=COMPRESSOR, fill_value=0)
+        if direct:
+            codec = ChunkCodec.for_array(arr)
+            for x in range(5):
+                codec.write((0, 0, x), data[:, :, x * 64:(x + 1) * 64])
+        else:
+            arr[...] = data
+        files[name] = _files(tmp_path / name)
+    assert files["out"] == files["ref"]
+    assert sorted(files["ref"]) == ["c/0/0/1", "c/0/0/2", "c/0/0/3", "c/0/0/4"]
+
+
 def test_write_box_covers_every_class_and_an_emptied_chunk_is_removed(tmp_path):
     out = zarr.create_array(store=str(tmp_path / "p"), shape=(3, 100, 100), chunks=(1, 64, 64), dtype="float16",
                             compressors=COMPRESSOR, fill_value=0)
