@@ -150,13 +150,60 @@ class NiftiReader(ScanReader):
         self.axes = "czyx"
         self.shape = (sum(self._channels_per_file), k, j, i)
         # The scaled dtype (scl_slope/inter applied) is only known by reading: one voxel is enough.
+        self._direct: list[tuple[int, int, np.dtype] | None] = [None] * len(self._images)
+        self._files: list = []
         dtypes = [self._read_file(n, 0, 1)[:, :1, :1, :1].dtype for n in range(len(self._images))]
         self.dtype = np.result_type(*dtypes)
+        if self.windowed:
+            self._direct = [self._direct_layout(p, img, dt) for p, img, dt in zip(self.paths, self._images, dtypes)]
         zooms = first.header.get_zooms()[:3]
         self.spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
         self.unit = NIFTI_UNITS.get(first.header.get_xyzt_units()[0])
 
+    def _direct_layout(self, path: Path, img, dtype: np.dtype) -> tuple[int, int, np.dtype] | None:
+        """(file descriptor, byte offset of the voxels, dtype) of a plain .nii whose voxels are
+        stored as read: native byte order and no scaling. Its bands are then read straight into
+        the window with ``os.preadv``, one run of the file per slice: nibabel's slicing costs ~13x
+        the CPU (a fresh buffer per read, 262k page faults per GiB)."""
+        raw = np.dtype(img.header.get_data_dtype())
+        slope, inter = img.header.get_slope_inter()
+        if (raw != dtype or not raw.isnative or raw.kind not in "biuf" or slope not in (None, 1.0)
+                or inter not in (None, 0.0)):
+            return None
+        if getattr(img.dataobj, "order", "F") != "F":
+            return None
+        try:
+            self._files.append(open(path, "rb"))  # kept open, as nibabel keeps its own
+        except OSError:
+            return None
+        return self._files[-1].fileno(), int(img.dataobj.offset), raw
+
+    def _read_direct(self, index: int, start: int, stop: int, lo: int, hi: int | None) -> np.ndarray:
+        """Slices [start, stop) x rows [lo, hi) of file ``index`` as (C, Z, Y, X), read in place."""
+        fd, offset, dtype = self._direct[index]
+        shape = self._images[index].shape
+        ni, nj, nk = shape[:3]
+        nt = shape[3] if len(shape) == 4 else 1
+        hi = nj if hi is None else hi
+        out = np.empty((nt, stop - start, hi - lo, ni), dtype)
+        run = (hi - lo) * ni * dtype.itemsize
+        for t in range(nt):
+            for kk, k in enumerate(range(start, stop)):
+                at = offset + ((t * nk + k) * nj + lo) * ni * dtype.itemsize
+                if os.preadv(fd, [memoryview(out[t, kk]).cast("B")], at) != run:
+                    raise ScanError(self.paths[index], f"cannot read slices {start}-{stop - 1} (the file ends "
+                                                       f"before byte {at + run}: truncated?)")
+        return out
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files.clear()
+        self._direct = [None] * len(self._images)
+
     def _read_file(self, index: int, start: int, stop: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        if self._direct[index] is not None:
+            return self._read_direct(index, start, stop, lo, hi)
         img = self._images[index]
         j = slice(None) if (lo, hi) == (0, None) else slice(lo, hi)
         try:
