@@ -172,6 +172,29 @@ def test_signed_integers_round_half_up_towards_plus_infinity():
     _same(out, np.array([-3, -4], dtype=np.int16))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.int32])
+@pytest.mark.parametrize("shape, factors", [
+    ((1, 7, 33, 65), (1, 2, 2)),  # an EM stack: sections halved, odd edges
+    ((2, 5, 9, 4), (2, 2, 2)),  # a volume, two channels
+    ((3, 11), (2,)),
+    ((1, 6, 8), (1, 1)),  # nothing halved
+])
+def test_integer_means_equal_each_block_worked_out_in_python_ints(dtype, shape, factors):
+    """Every block's mean, rounded half up, from Python integers block by block (a short trailing
+    block averages the pixels it has)."""
+    info = np.iinfo(dtype)
+    x = np.random.default_rng(7).integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+    out = downsample_mean(x, factors)
+    lead = x.ndim - len(factors)
+    want = np.empty(out.shape, dtype=dtype)
+    for index in np.ndindex(*out.shape):
+        box = index[:lead] + tuple(slice(i * f, (i + 1) * f) for i, f in zip(index[lead:], factors))
+        values = [int(v) for v in x[box].ravel()]
+        total, count = sum(values), len(values)
+        want[index] = (2 * total + count) // (2 * count)  # floor(mean + 1/2)
+    _same(out, want)
+
+
 def test_int32_extremes_do_not_overflow():
     big = np.iinfo(np.int32).max
     small = np.iinfo(np.int32).min
