@@ -436,7 +436,8 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                runner: ModelRunner | None = None,
                progress: Callable[[int, int], None] | None = None,
                pyramid: LabelPyramid | None = None) -> InferResult:
-    """Compute the output chunks ``chunks`` (default: every chunk not done yet), each tile once.
+    """Compute the output chunks ``chunks`` (default: every chunk not done yet), each tile once (a
+    tile over two stripes of a wide scan twice, once for each stripe's chunks).
     ``pyramid``: the label image levels to feed as label chunks are written (all chunks, one process)."""
     t0 = time.perf_counter()
     config, plan = prep.config, prep.plan
@@ -459,8 +460,8 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     if chunks is None and prep.empty_rule is None and prep.todo.is_all():
         # The whole grid: tiles straight from the plan, every count a product of per-axis counts,
         # so memory does not grow with the scan (no list of tiles, no table of chunks). A scan
-        # wider than a row of open chunks may hold runs in stripes (``stripe_width``): the open
-        # chunks then span a stripe, not the scan, whatever its width.
+        # too wide for the open chunks of a row of tiles to fit ``stripe_mb`` runs in stripes
+        # (``stripe_width``): the open chunks then span a stripe, not the scan, whatever its width.
         uses, needed = source_reads(plan, image.chunks[1:], config.pad)
         image.expect_grid(uses, needed * -(-image.shape[0] // image.chunks[0]))
         width = stripe_width(plan, kept, config.stripe_mb << 20)
