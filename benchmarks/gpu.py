@@ -2,6 +2,7 @@
 """Benchmark: the engine on one accelerator, ready for the first lent GPU (under 5 minutes).
 
     .venv/bin/python benchmarks/gpu.py [--device cuda|cpu] [--quick] [--models unet3d,unet2d,deeplab] [--json]
+                                       [--repeats N]
 
 For each of the zoo's networks (random weights from seed 0; the cost of a forward does not depend
 on them), in its own process, on the same device:
@@ -15,19 +16,22 @@ on them), in its own process, on the same device:
   MONAI ÷ tilewise.
 * ``bf16`` / ``fp16``: ``infer_scan`` under autocast; seconds and the largest probability difference
   from the float32 run (fp16 only on CUDA).
+* ``--repeats N``: N bare / tilewise float32 pairs, alternating which goes first; the medians
+  count and every run is printed (a shared machine's speed drifts by tens of percent).
 * peak device memory of the float32 tilewise run (``torch.cuda.max_memory_allocated``; on the CPU
   the peak RSS above the worker's RSS after imports).
 
 Scans are synthetic (smooth fields, built once per run in a temporary folder through the real
 ingest): 3D 256³ (``--quick`` 48³) float32 for the 3D U-Net, 2D 4096² (``--quick`` 160²) 3-band
 for the 2D networks. Tiles: the engine defaults (96³ overlap 0.5; 256² overlap 0.25), ``--quick``
-32³ / 64². ``tests/test_gpu_benchmark.py`` runs ``--device cpu --quick``.
+32³ / 64². ``tests/test_gpu_benchmark.py`` runs ``--device cpu --quick --repeats 2``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -136,14 +140,19 @@ def worker(job: dict) -> dict:
     plan = plan_tiles(tuple(image.shape[1:]), tile, overlap, tuple(image.chunks[1:]), "even")
     n = plan.tile_count()
     x = torch.randn((batch, channels, *tile), device=device)
+
+    def bare_forward() -> float:
+        with torch.inference_mode():
+            _sync(torch, device)
+            t0 = time.perf_counter()
+            for start in range(0, n, batch):
+                net(x[: min(batch, n - start)])
+            _sync(torch, device)
+        return time.perf_counter() - t0
+
     with torch.inference_mode():
         net(x)  # warm-up: kernels chosen, memory pools filled
-        _sync(torch, device)
-        t0 = time.perf_counter()
-        for start in range(0, n, batch):
-            net(x[: min(batch, n - start)])
-        _sync(torch, device)
-    bare = time.perf_counter() - t0
+    bare = bare_forward()
     out.update(tiles=n, bare_seconds=bare, bare_tiles_per_s=n / bare)
 
     def tilewise(target: str, amp: str) -> tuple[float, object]:
@@ -159,9 +168,20 @@ def worker(job: dict) -> dict:
     base_rss = proc_status("VmRSS")
     reset_peak()
     seconds, res = tilewise(store, "none")
-    out.update(tilewise_seconds=seconds, engine_tiles=res.tiles, bare_over_tilewise=bare / seconds)
     out["peak_device_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                              else (proc_status("VmHWM") - base_rss) / 2**20)
+    # --repeats: more bare / tilewise pairs, alternating which goes first; medians count (a shared
+    # machine's speed drifts by tens of percent within minutes)
+    bares, tilewises = [bare], [seconds]
+    for r in range(1, job.get("repeats", 1)):
+        for step in (("tilewise", "bare") if r % 2 else ("bare", "tilewise")):
+            if step == "bare":
+                bares.append(bare_forward())
+            else:
+                tilewises.append(tilewise(store, "none")[0])
+    bare, seconds = statistics.median(bares), statistics.median(tilewises)
+    out.update(bare_runs=bares, tilewise_runs=tilewises, bare_seconds=bare, bare_tiles_per_s=n / bare,
+               tilewise_seconds=seconds, engine_tiles=res.tiles, bare_over_tilewise=bare / seconds)
     for amp in ("bf16", "fp16") if device.startswith("cuda") else ("bf16",):
         other = workdir / f"{Path(store).stem}-{amp}.zarr"
         shutil.rmtree(other, ignore_errors=True)
@@ -203,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny scans and tiles: checks the script runs")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="bare / tilewise float32 pairs per model, alternating which goes first; medians count")
     ap.add_argument("--json", action="store_true", help="one JSON line per model instead of the table")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -224,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tilewise-gpu-", dir=args.workdir) as tmp:
         for name in names:
             _say(f"{name} on {device} ...")
+            repeats = max(args.repeats, 1)
             rows.append(run_worker({"model": name, "device": device, "quick": args.quick, "batch": args.batch,
-                                    "workdir": tmp}, timeout=900))
+                                    "workdir": tmp, "repeats": repeats}, timeout=900 * repeats))
     if args.json:
         for r in rows:
             print(json.dumps(r))
@@ -240,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['bf16_max_dp']:9.2e} {fp16} {r['peak_device_mb']:11.0f}")
     print(f"device: {device}; scans: " + ", ".join(f"{r['model']} {r['size']}^{3 if len(r['tile']) == 3 else 2}"
                                               for r in rows) + "; target on a GPU: bare ÷ tilewise ≥ 0.8")
+    if args.repeats > 1:
+        for r in rows:
+            print(f"{r['model']}: medians of {len(r['tilewise_runs'])} runs; bare s "
+                  + " ".join(f"{v:.2f}" for v in r["bare_runs"]) + ", tilewise s "
+                  + " ".join(f"{v:.2f}" for v in r["tilewise_runs"]))
     return 0
 
 
