@@ -140,7 +140,7 @@ class TilePlan:
             starts = tuple(s for s in self.starts[-1]
                            if max(s - self.pad_before[-1], 0) < hi and s - self.pad_before[-1] + self.tile[-1] > lo)
             out.append((replace(self, starts=self.starts[:-1] + (starts,)),
-                        ChunkColumns(self.chunk_grid, lo // c, -(-hi // c))))
+                        ChunkColumns(lo // c, -(-hi // c))))
         return out
 
     def tiles_per_chunk(self) -> dict[tuple[int, ...], int]:
@@ -150,15 +150,14 @@ class TilePlan:
 
 @dataclass(frozen=True)
 class ChunkColumns:
-    """The chunks of ``grid`` whose last index is in [lo, hi): one stripe of :meth:`TilePlan.stripes`."""
+    """The chunks whose last index is in [lo, hi): one stripe of :meth:`TilePlan.stripes`. Asked
+    only of chunks of the plan's grid (``chunks_of_tile``), so the last index is all it checks."""
 
-    grid: tuple[int, ...]
     lo: int
     hi: int
 
     def __contains__(self, index) -> bool:
-        return (len(index) == len(self.grid) and self.lo <= index[-1] < self.hi
-                and all(0 <= i < g for i, g in zip(index, self.grid)))
+        return self.lo <= index[-1] < self.hi
 
 
 def stripe_width(plan: TilePlan, classes: int, budget_bytes: int, min_tiles: int = 32) -> int | None:

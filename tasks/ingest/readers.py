@@ -150,8 +150,7 @@ class NiftiReader(ScanReader):
         self.axes = "czyx"
         self.shape = (sum(self._channels_per_file), k, j, i)
         # The scaled dtype (scl_slope/inter applied) is only known by reading: one voxel is enough.
-        self._direct: list[tuple[int, int, np.dtype] | None] = [None] * len(self._images)
-        self._files: list = []
+        self._direct: list[tuple[Any, int, np.dtype] | None] = [None] * len(self._images)
         dtypes = [self._read_file(n, 0, 1)[:, :1, :1, :1].dtype for n in range(len(self._images))]
         self.dtype = np.result_type(*dtypes)
         if self.windowed:
@@ -160,8 +159,8 @@ class NiftiReader(ScanReader):
         self.spacing = (float(zooms[2]), float(zooms[1]), float(zooms[0]))
         self.unit = NIFTI_UNITS.get(first.header.get_xyzt_units()[0])
 
-    def _direct_layout(self, path: Path, img, dtype: np.dtype) -> tuple[int, int, np.dtype] | None:
-        """(file descriptor, byte offset of the voxels, dtype) of a plain .nii whose voxels are
+    def _direct_layout(self, path: Path, img, dtype: np.dtype) -> tuple[Any, int, np.dtype] | None:
+        """(open file, byte offset of the voxels, dtype) of a plain .nii whose voxels are
         stored as read: native byte order and no scaling. Its bands are then read straight into
         the window with ``os.preadv``, one run of the file per slice: nibabel's slicing costs ~13x
         the CPU (a fresh buffer per read, 262k page faults per GiB)."""
@@ -173,14 +172,14 @@ class NiftiReader(ScanReader):
         if getattr(img.dataobj, "order", "F") != "F":
             return None
         try:
-            self._files.append(open(path, "rb"))  # kept open, as nibabel keeps its own
+            f = open(path, "rb")  # kept open, as nibabel keeps its own
         except OSError:
             return None
-        return self._files[-1].fileno(), int(img.dataobj.offset), raw
+        return f, int(img.dataobj.offset), raw
 
     def _read_direct(self, index: int, start: int, stop: int, lo: int, hi: int | None) -> np.ndarray:
         """Slices [start, stop) x rows [lo, hi) of file ``index`` as (C, Z, Y, X), read in place."""
-        fd, offset, dtype = self._direct[index]
+        f, offset, dtype = self._direct[index]
         shape = self._images[index].shape
         ni, nj, nk = shape[:3]
         nt = shape[3] if len(shape) == 4 else 1
@@ -190,15 +189,15 @@ class NiftiReader(ScanReader):
         for t in range(nt):
             for kk, k in enumerate(range(start, stop)):
                 at = offset + ((t * nk + k) * nj + lo) * ni * dtype.itemsize
-                if os.preadv(fd, [memoryview(out[t, kk]).cast("B")], at) != run:
+                if os.preadv(f.fileno(), [memoryview(out[t, kk]).cast("B")], at) != run:
                     raise ScanError(self.paths[index], f"cannot read slices {start}-{stop - 1} (the file ends "
                                                        f"before byte {at + run}: truncated?)")
         return out
 
     def close(self) -> None:
-        for f in self._files:
-            f.close()
-        self._files.clear()
+        for direct in self._direct:
+            if direct is not None:
+                direct[0].close()
         self._direct = [None] * len(self._images)
 
     def _read_file(self, index: int, start: int, stop: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
