@@ -8,12 +8,14 @@ input chunk is decoded once, counted by a proxy in front of the Zarr array, not 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
 import subprocess
 import sys
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,8 @@ import zarr
 from tasks.engine import infer
 from tasks.engine.infer import EngineConfig, infer_scan
 from tasks.engine.model_io import LoadedModel, ModelCard
-from tasks.engine.plan import plan_tiles, stripe_width
-from tasks.engine.tiles import ChunkCache, source_reads
+from tasks.engine.plan import open_rows, plan_tiles, stripe_width
+from tasks.engine.tiles import ChunkCache, source_band, source_reads
 from tests.test_engine import assert_labels_equal_where_decided, conv_net, make_scan, monai_probs, predicted
 
 PLANS = [  # shape, tile, overlap, chunks, placement
@@ -110,15 +112,66 @@ def test_each_stripe_holds_every_tile_over_its_chunks(shape, tile, overlap, chun
         assert all(any(c in cols for c in plan.chunks_of_tile(o)) for o in mine)
 
 
+def test_open_rows_hand_worked():
+    """Chunk rows of 512 under tile rows of 256: a row is open from the first tile row over it to
+    the last, so two are open at once only where two consecutive tile rows both cross a boundary."""
+    assert open_rows([(0, 256), (192, 448), (384, 640), (576, 832), (768, 1024)], 512) == 1  # step 192
+    # rows 0 and 1 both under (300, 556) and (491, 747): while the second crosses the scan, row 0 is
+    # open to its right (its tiles there still to come) and row 1 to its left (wanted by (682, 938))
+    assert open_rows([(0, 256), (192, 448), (300, 556), (491, 747), (682, 938)], 512) == 2
+    assert open_rows([(0, 256)], 512) == 1
+    assert open_rows([(0, 96), (48, 144), (96, 192)], 32) == 2  # consecutive tiles share 48 voxels: 2 rows of 32
+
+
+def _most_open_by_simulation(plan) -> int:
+    """The most output chunks open at once when every tile of ``plan`` adds into the chunks it
+    covers in raster order, a chunk closing with its last tile: counted tile by tile."""
+    boxes = list(tile_boxes(plan))
+    remaining = Counter()
+    for box in boxes:
+        remaining.update(itertools.product(*(range(max(lo, 0) // c, (min(hi, n) - 1) // c + 1)
+                                             for (lo, hi), c, n in zip(box, plan.chunks, plan.shape))))
+    opened, most = set(), 0
+    for box in boxes:
+        for index in itertools.product(*(range(max(lo, 0) // c, (min(hi, n) - 1) // c + 1)
+                                         for (lo, hi), c, n in zip(box, plan.chunks, plan.shape))):
+            opened.add(index)
+            remaining[index] -= 1
+            if not remaining[index]:
+                opened.discard(index)
+        most = max(most, len(opened))
+    return most
+
+
+@pytest.mark.parametrize("height, rows", [(16384, 1), (16640, 2)])
+def test_open_rows_is_what_a_raster_run_keeps_open(height, rows):
+    """Tile rows 256 high, 25 % overlap, on chunk rows of 512: the step is 192 at 16384 (1 row open
+    at a time) and 191.4 at 16640 (2). The most chunks a raster-order run keeps open, counted by
+    simulation over 32 chunk columns, is that many rows across the width, give or take the chunks
+    under one tile."""
+    plan = plan_tiles((height, 16384), (256, 256), 0.25, (512, 512))
+    p, t = plan.pad_before[0], plan.tile[0]
+    assert open_rows([(s - p, s - p + t) for s in plan.starts[0]], 512) == rows
+    assert rows * 32 <= _most_open_by_simulation(plan) <= rows * 32 + 2
+
+
 def test_stripe_width_hand_worked():
-    """One float32 sum per kept class over the chunk rows a tile spans plus one, across the width."""
-    raster = plan_tiles((32768, 32768), (256, 256), 0.25, (512, 512))  # 2 rows x 512 x 4 B = 4 KB per column
-    assert stripe_width(raster, 1, 64 << 20) == 16384  # 64 MB / 4 KB
+    """Float32 sums per kept class over the output chunk rows open at once, plus the input chunks
+    kept decoded, across the width, within the budget."""
+    raster = plan_tiles((32768, 32768), (256, 256), 0.25, (512, 512))  # step 191.25: 2 rows open
+    float32_input = source_band(raster, (512, 512), 4)
+    assert float32_input == 2 * 512 * 4  # 2 rows of 512 float32 voxels per voxel of width
+    assert stripe_width(raster, 1, 64 << 20) == 16384  # 2 rows x 512 x 4 B = 4 KB per column: 64 MB / 4 KB
+    assert stripe_width(raster, 1, 64 << 20, float32_input) == 8192  # 8 KB per column
     assert stripe_width(raster, 2, 64 << 20) == 8192  # 2 kept classes: 8 KB per column, 32 tiles wide
     assert stripe_width(raster, 4, 64 << 20) == 8192  # never narrower than 32 tiles
-    assert stripe_width(plan_tiles((16384, 16384), (256, 256), 0.25, (512, 512)), 1, 64 << 20) is None  # 64 MB fits
-    assert stripe_width(plan_tiles((1024, 4096, 4096), (1, 256, 256), 0.25, (1, 512, 512)), 1, 64 << 20) is None
-    assert stripe_width(plan_tiles((512, 512, 512), (96, 96, 96), 0.5, (32, 64, 64)), 1, 64 << 20) is None
+    half = plan_tiles((16384, 16384), (256, 256), 0.25, (512, 512))  # step 192: 1 row open
+    assert source_band(half, (512, 512), 4) == 512 * 4
+    assert stripe_width(half, 1, 64 << 20, source_band(half, (512, 512), 4)) is None  # 64 MB fits
+    em = plan_tiles((1024, 4096, 4096), (1, 256, 256), 0.25, (1, 512, 512))
+    assert stripe_width(em, 1, 64 << 20, source_band(em, (1, 512, 512), 1)) is None
+    cube = plan_tiles((512, 512, 512), (96, 96, 96), 0.5, (32, 64, 64))
+    assert stripe_width(cube, 1, 64 << 20, source_band(cube, (32, 64, 64), 4)) is None  # 32 tiles: wider than the scan
 
 
 def test_a_run_in_stripes_equals_monai_and_the_run_without_them(tmp_path, monkeypatch):
@@ -134,7 +187,7 @@ def test_a_run_in_stripes_equals_monai_and_the_run_without_them(tmp_path, monkey
     infer_scan(whole, LoadedModel(net, ModelCard(classes=["a", "b", "c"]), "net"), config)
     striped = make_scan(tmp_path, array, (16, 16), "striped")
     widths, boxes = [], []
-    monkeypatch.setattr(infer, "stripe_width", lambda plan, kept, budget: widths.append(kept) or 48)
+    monkeypatch.setattr(infer, "stripe_width", lambda plan, kept, budget, band: widths.append(kept) or 48)
 
     class Counting(ChunkCache):
         def __init__(self, array, budget_bytes):
@@ -259,6 +312,31 @@ def test_a_wider_scan_in_stripes_takes_no_more_memory(wide_scans, stripe, most):
         assert wide >= 1.5 * narrow, peaks
 
 
+@pytest.fixture
+def aligned_scans(tmp_path) -> list[str]:
+    """Two 2D scans each 1024 and 1040 high (4096 wide, chunks 256², after one to warm up): tiles
+    of 64 step 32 at 1024, one chunk row open at a time, and 31.5 at 1040, two."""
+    stores = []
+    for n, height in enumerate((256, 1024, 1024, 1040, 1040)):
+        array = np.random.default_rng(7).random((1, height, 4096), dtype=np.float32)
+        stores.append(make_scan(tmp_path, array, (256, 256), f"h{n}-{height}"))
+    return stores
+
+
+def test_where_tile_rows_fall_on_chunk_rows_takes_no_more_memory(aligned_scans):
+    """The stripes budget what a row of tiles keeps open: the output chunk rows open at once (one
+    where tile rows fall on chunk rows, two where they do not) and the input chunks kept decoded.
+    With an 8 MB budget the scan that keeps two rows open runs in two stripes, the other in one:
+    no more traced peak (measured 0.80-0.84x). Budgeting the output's worst case alone, as before,
+    left both unstriped and the second took 1.16x: the check fails. Each height the lower of two runs."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, __file__, "--stripe-mb", *aligned_scans], cwd=root,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    peaks = [m["peak"] for m in json.loads(done.stdout.strip().splitlines()[-1])]
+    assert min(peaks[3:5]) <= min(peaks[1:3]), peaks
+
+
 def _traced_peaks(stores: list[str], config: EngineConfig) -> list[dict]:
     """Each store inferred in turn (this process), with the traced peak above what was allocated before."""
     out = []
@@ -275,7 +353,9 @@ def _traced_peaks(stores: list[str], config: EngineConfig) -> list[dict]:
 
 if __name__ == "__main__":  # the measurements of the two tests above, in a fresh process
     if sys.argv[1] == "--stripe":
-        infer.stripe_width = lambda plan, kept, budget: int(sys.argv[2]) or None
+        infer.stripe_width = lambda plan, kept, budget, band: int(sys.argv[2]) or None
         print(json.dumps(_traced_peaks(sys.argv[3:], WIDE)))
+    elif sys.argv[1] == "--stripe-mb":
+        print(json.dumps(_traced_peaks(sys.argv[2:], dataclasses.replace(WIDE, stripe_mb=8))))
     else:
         print(json.dumps(_traced_peaks(sys.argv[1:], BOOKKEEPING)))

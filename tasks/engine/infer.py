@@ -55,7 +55,7 @@ from tasks.engine.plan import ChunkSet, Placement, TilePlan, plan_tiles, stripe_
 from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
 from tasks.engine.scan_stats import for_scan as normalization_for_scan
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
-from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_box, source_reads
+from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_band, source_box, source_reads
 from tasks.errors import ScanError
 from tasks.export.ngff import COMPRESSOR as LABEL_COMPRESSOR
 from tasks.export.ngff import remove_label_image, remove_prediction, unlist_label_image, write_prediction_labels_ngff
@@ -91,7 +91,7 @@ class EngineConfig:
     output_dtype: Literal["float16", "float32"] = "float16"
     threshold: float = 0.5
     memory_budget_mb: int = 512  # partial output chunks held before spilling to disk
-    stripe_mb: int = 64  # open output chunks of a row of tiles; a wider scan runs in stripes (plan.stripe_width)
+    stripe_mb: int = 64  # open output and input chunks of a row of tiles; a wider scan runs in stripes
     input_cache_mb: int = 256  # decoded input chunks kept for the overlapping tiles that reuse them
     calibration: bool = True  # apply the model version's calibrator, if it has one
     crf: dict | None = None  # dense CRF after the prediction (tasks.refine.crf.CrfParams fields); its own output
@@ -464,7 +464,9 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
         # (``stripe_width``): the open chunks then span a stripe, not the scan, whatever its width.
         uses, needed = source_reads(plan, image.chunks[1:], config.pad)
         image.expect_grid(uses, needed * -(-image.shape[0] // image.chunks[0]))
-        width = stripe_width(plan, kept, config.stripe_mb << 20)
+        channels = -(-image.shape[0] // image.chunks[0]) * image.chunks[0]  # every channel chunk is read
+        band = source_band(plan, image.chunks[1:], channels * np.dtype(image.array.dtype).itemsize, config.pad)
+        width = stripe_width(plan, kept, config.stripe_mb << 20, band)
         if width is None:
             parts = [(plan.tiles(), wanted, None)]
             total = plan.tile_count()

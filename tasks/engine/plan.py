@@ -27,7 +27,7 @@ import itertools
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 
@@ -160,14 +160,39 @@ class ChunkColumns:
         return self.lo <= index[-1] < self.hi
 
 
-def stripe_width(plan: TilePlan, classes: int, budget_bytes: int, min_tiles: int = 32) -> int | None:
-    """The width (whole chunks along the last axis) of the stripes to run ``plan`` in, so that the
-    output chunks a row of tiles keeps open -- ``classes`` float32 sums over the chunk rows a tile
-    spans plus one, across the width -- stay within ``budget_bytes``; None when the whole width fits.
-    A stripe is at least ``min_tiles`` tiles wide: the tiles over a stripe's border run in both
-    stripes (about tile / width more tiles), and its input chunks are decoded twice."""
-    rows = min(plan.chunk_grid[0], -(-plan.tile[0] // plan.chunks[0]) + 1)
-    per_voxel = rows * plan.chunks[0] * math.prod(plan.shape[1:-1]) * classes * 4  # bytes per voxel of width
+def open_rows(boxes: Iterable[tuple[int, int]], chunk: int) -> int:
+    """The most chunk rows (along the first axis, ``chunk`` voxels each) a raster-order run keeps
+    open at once, ``boxes`` being each tile row's [lo, hi) along that axis, in order. A chunk row is
+    open from the first tile row over it to the last; while tile row i crosses the scan, the rows
+    still wanted by row i + 1 are open to its left and those row i still wants to its right, so the
+    most open at once is the most rows that both of two consecutive tile rows cover (at least one)."""
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    count = 0
+    for i, (lo, hi) in enumerate(boxes):
+        count = i + 1
+        for r in range(lo // chunk, (hi - 1) // chunk + 1):
+            first.setdefault(r, i)
+            last[r] = i
+    spans = [0] * count
+    for r, i in first.items():
+        for k in range(i, last[r]):
+            spans[k] += 1
+    return max(spans + [1])
+
+
+def stripe_width(plan: TilePlan, classes: int, budget_bytes: int, source_bytes: int = 0,
+                 min_tiles: int = 32) -> int | None:
+    """The width (whole chunks along the last axis) of the stripes to run ``plan`` in, so that what
+    a row of tiles keeps open across the width stays within ``budget_bytes``: ``classes`` float32
+    sums over the output chunk rows open at once (:func:`open_rows`), plus ``source_bytes`` per voxel
+    of width for the input chunks kept decoded (``tiles.source_band``); None when the whole width
+    fits. A stripe is at least ``min_tiles`` tiles wide: the tiles over a stripe's border run in
+    both stripes (about tile / width more tiles), and its input chunks are decoded twice."""
+    p, t, n = plan.pad_before[0], plan.tile[0], plan.shape[0]
+    rows = open_rows(((max(s - p, 0), min(s - p + t, n)) for s in plan.starts[0]), plan.chunks[0])
+    middle = math.prod(-(-n // c) * c for n, c in zip(plan.shape[1:-1], plan.chunks[1:-1]))
+    per_voxel = rows * plan.chunks[0] * middle * classes * 4 + source_bytes  # bytes per voxel of width
     if per_voxel * plan.shape[-1] <= budget_bytes:
         return None
     c = plan.chunks[-1]
