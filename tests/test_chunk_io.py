@@ -193,8 +193,8 @@ def test_ingest_writes_the_chunks_zarr_writes(tmp_path, monkeypatch, kind):
         for z in range(5):
             tifffile.imwrite(src / f"s{z:02d}.tif", rng.integers(0, 255, (300, 410), dtype=np.uint8))
     calls = []
-    real = to_zarr._write_chunks
-    monkeypatch.setattr(to_zarr, "_write_chunks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = to_zarr._submit_chunks
+    monkeypatch.setattr(to_zarr, "_submit_chunks", lambda *a, **k: calls.append(1) or real(*a, **k))
     to_zarr.ingest_scan(ScanSpec("direct", kind, (src,)), str(tmp_path / "direct.zarr"))
     assert calls  # the direct path ran
     monkeypatch.setattr(to_zarr.ChunkCodec, "for_array", classmethod(lambda cls, array: None))

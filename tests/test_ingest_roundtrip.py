@@ -641,6 +641,42 @@ def test_crash_mid_ingest_leaves_nothing_complete_and_retry_is_correct(catalog_s
     _assert_mri_correct(store)
 
 
+def test_a_crash_while_chunks_encode_leaves_nothing_behind(catalog_specs, tmp_path, monkeypatch):
+    """Level 0's chunks encode on the pool while the ingest thread computes the pyramid: a crash
+    there (the third window's means) must still leave no group, not one that a chunk written late
+    re-creates after the clean-up (chunk writes slowed down so that some are still running)."""
+    import time
+
+    from tasks.chunk_io import ChunkCodec
+    from tasks.ingest import to_zarr
+
+    spec = _mri_spec(catalog_specs)
+    store = tmp_path / "mri.zarr"
+    real_write, real_mean, calls, writes = ChunkCodec.write, to_zarr.downsample_mean, [], []
+
+    def slow_write(self, coords, data):
+        writes.append(coords)
+        time.sleep(0.02)
+        return real_write(self, coords, data)
+
+    def crashing_mean(block, factors):
+        calls.append(1)
+        if len(calls) == 3:
+            raise SimulatedCrash("crash in the pyramid")
+        return real_mean(block, factors)
+
+    monkeypatch.setattr(ChunkCodec, "write", slow_write)
+    monkeypatch.setattr(to_zarr, "downsample_mean", crashing_mean)
+    with pytest.raises(SimulatedCrash):
+        ingest_scan(spec, store)
+    time.sleep(0.3)  # longer than any chunk write: none is left running
+    assert writes  # the chunks went through the pool
+    assert not store.exists(), "the partial group was left behind or written again"
+    monkeypatch.undo()
+    assert ingest_scan(spec, store).status == "ingested"
+    _assert_mri_correct(store)
+
+
 @pytest.mark.parametrize("existing", [False, True], ids=["fresh", "replacing-complete"])
 def test_killed_mid_ingest_without_cleanup_is_not_complete(catalog_specs, tmp_path, monkeypatch, existing):
     # A kill -9 runs no cleanup: whatever was written stays. The completion mark alone must say

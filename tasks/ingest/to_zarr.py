@@ -28,6 +28,7 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -378,18 +379,24 @@ def _write_in_pieces(array: zarr.Array, start: int, rows: np.ndarray, lo: int = 
         array[head + (Ellipsis, slice(offset + x0, offset + x1))] = rows[..., x0:x1]
 
 
-def _write_chunks(codec: ChunkCodec, pool: ThreadPoolExecutor, start: int, rows: np.ndarray, lo: int = 0) -> bool:
+def _submit_chunks(codec: ChunkCodec, pool: ThreadPoolExecutor, start: int, rows: np.ndarray,
+                   lo: int = 0) -> list[Future] | None:
     """The same write as :func:`_write_in_pieces`, each chunk encoded and stored on ``pool``
-    (``tasks.chunk_io``), when ``rows`` is made of whole chunks (clipped at
-    the array's edges); False, writing nothing, when it is not."""
+    (``tasks.chunk_io``), when ``rows`` is made of whole chunks (clipped at the array's edges): the
+    chunks' jobs, to wait for; None, submitting nothing, when it is not."""
     origin = (0, start, lo, *([0] * (rows.ndim - 3))) if rows.ndim > 3 else (0, start, lo)
     parts = codec.parts(origin, rows)
     if parts is None:
-        return False
-    jobs = [pool.submit(codec.write, coords, part) for coords, part in parts]
+        return None
+    return [pool.submit(codec.write, coords, part) for coords, part in parts]
+
+
+def _wait_all(jobs: list[Future]) -> None:
+    """Wait for every job (all of them, even after one failed: none is left writing), then raise
+    the first failure."""
+    wait_futures(jobs)
     for job in jobs:
         job.result()
-    return True
 
 
 class _LevelReader:
@@ -439,10 +446,18 @@ class _PyramidWriter:
         if encoders is None:
             self._codecs = [None] * len(self.arrays)
 
-    def _put(self, level: int, start: int, rows: np.ndarray, lo: int = 0) -> None:
+    def _put(self, level: int, start: int, rows: np.ndarray, lo: int = 0, wait: bool = True) -> list[Future]:
+        """Write ``rows`` to ``level``; with ``wait`` False, the chunk jobs still running (``rows``
+        must stay unchanged until they are done)."""
         codec = self._codecs[level]
-        if codec is None or not _write_chunks(codec, self._pool, start, rows, lo):
+        jobs = _submit_chunks(codec, self._pool, start, rows, lo) if codec is not None else None
+        if jobs is None:
             _write_in_pieces(self.arrays[level], start, rows, lo)
+            return []
+        if wait:
+            _wait_all(jobs)
+            return []
+        return jobs
 
     def window_multiple(self, source: int = 0, last: int | None = None) -> int:
         """Windows of level ``source`` must be a multiple of this along the second spatial axis:
@@ -453,18 +468,25 @@ class _PyramidWriter:
             m *= f[1] if len(f) > 1 else 1
         return math.lcm(m, self.arrays[source].chunks[2]) if self.arrays[source].ndim > 2 else 1
 
-    def write(self, start: int, lo: int, block: np.ndarray, source: int = 0, last: int | None = None) -> None:
+    def write(self, start: int, lo: int, block: np.ndarray, source: int = 0, last: int | None = None,
+              beside: Callable[[np.ndarray], None] | None = None) -> None:
         """``block`` holds rows ``start..`` and columns ``lo..`` (second spatial axis) of level
-        ``source``; write it if it is level 0, and its block means to levels ``source + 1 .. last``."""
-        if source == 0:
-            self._put(0, start, block, lo)
-        last = len(self.arrays) - 1 if last is None else last
-        for level in range(source + 1, last + 1):
-            factors = self.plan.factors[level - 1]
-            block = downsample_mean(block, factors)
-            start //= factors[0]
-            lo //= factors[1] if len(factors) > 1 else 1
-            self._append(level, start, lo, block)
+        ``source``; write it if it is level 0, and its block means to levels ``source + 1 .. last``.
+        Level 0's chunks encode on the pool while this thread computes the means and ``beside``
+        (e.g. the statistics of ``block``): an encoder is not left idle meanwhile."""
+        jobs = self._put(0, start, block, lo, wait=False) if source == 0 else []
+        try:
+            if beside is not None:
+                beside(block)
+            last = len(self.arrays) - 1 if last is None else last
+            for level in range(source + 1, last + 1):
+                factors = self.plan.factors[level - 1]
+                block = downsample_mean(block, factors)
+                start //= factors[0]
+                lo //= factors[1] if len(factors) > 1 else 1
+                self._append(level, start, lo, block)
+        finally:
+            _wait_all(jobs)
 
     def _append(self, level: int, start: int, lo: int, rows: np.ndarray) -> None:
         """Gather ``rows`` (rows ``start..``, columns ``lo..`` of the second spatial axis) into one
@@ -699,8 +721,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         total = reader.shape[1]
 
         def consume(start: int, stop: int, lo: int, hi: int, block: np.ndarray) -> None:
-            stats.update(block)
-            writer.write(start, lo, block, last=first_pass)
+            writer.write(start, lo, block, last=first_pass, beside=stats.update)
             if hi >= extent:  # a slab done: what its buffers left free in glibc's arenas goes back
                 release_free_memory()
                 if progress is not None:
