@@ -195,6 +195,39 @@ def test_integer_means_equal_each_block_worked_out_in_python_ints(dtype, shape, 
     _same(out, want)
 
 
+@pytest.mark.parametrize("block_bytes", [1, 700, 1 << 20])  # one output row at a time, a few, all
+@pytest.mark.parametrize("shape, factors", [
+    ((1, 9, 33, 65), (2, 2, 2)),  # a volume, odd edges: short trailing blocks on every axis
+    ((2, 7, 33, 65), (1, 2, 2)),  # an EM-like stack, two channels
+    ((1, 31, 45), (2, 2)),
+])
+def test_float_means_sum_each_block_in_offset_order_in_float64(monkeypatch, shape, factors, block_bytes):
+    """Each float32 block summed in float64 one pixel after another in offset order (first axis's
+    offset slowest), from 0.0, divided by its count and rounded once: the bytes written before the
+    sums were taken a few rows at a time. Values over 60 orders of magnitude, so the float64 sums
+    themselves differ with the order of the additions (halving one axis at a time changes 149 of
+    2805 in the first case, though none survives the rounding to float32): they are compared too."""
+    from tasks.ingest import pyramid
+
+    monkeypatch.setattr(pyramid, "HALVING_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-30, 30, shape)).astype(np.float32)
+    out = downsample_mean(x, factors)
+    lead = x.ndim - len(factors)
+    want = np.empty(out.shape, dtype=np.float32)
+    sums = np.empty(out.shape, dtype=np.float64)
+    for index in np.ndindex(*out.shape):
+        total, count = np.float64(0.0), 0
+        for offsets in np.ndindex(*factors):
+            pixel = index[:lead] + tuple(i * f + o for i, f, o in zip(index[lead:], factors, offsets))
+            if all(p < n for p, n in zip(pixel[lead:], x.shape[lead:])):
+                total = total + np.float64(x[pixel])
+                count += 1
+        sums[index], want[index] = total, np.float32(total / count)
+    _same(pyramid._halving_sum(x, factors, np.float64), sums)
+    _same(out, want)
+
+
 def test_int32_extremes_do_not_overflow():
     big = np.iinfo(np.int32).max
     small = np.iinfo(np.int32).min

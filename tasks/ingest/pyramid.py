@@ -78,6 +78,9 @@ _ACCUMULATOR = {
 }
 
 
+HALVING_BLOCK_BYTES = 1 << 20  # input summed at a time by the float path of _halving_sum
+
+
 def _block_counts(spatial: tuple[int, ...], factors: tuple[int, ...]) -> np.ndarray | int:
     """Pixels per output block (short trailing blocks have fewer); an int when all are full."""
     if all(n % f == 0 for n, f in zip(spatial, factors)):
@@ -100,10 +103,19 @@ def _halving_sum(block: np.ndarray, factors: tuple[int, ...], acc) -> np.ndarray
     lead = block.ndim - len(factors)
     out_shape = block.shape[:lead] + tuple(-(-n // f) for n, f in zip(block.shape[lead:], factors))
     total = np.zeros(out_shape, dtype=acc)
-    for offsets in itertools.product(*(range(f) for f in factors)):
-        view = block[(Ellipsis,) + tuple(slice(o, None, f) for o, f in zip(offsets, factors))]
-        target = total[(Ellipsis,) + tuple(slice(0, n) for n in view.shape[lead:])]
-        np.add(target, view, out=target, casting="unsafe")
+    # A few output rows (first halved axis) at a time: their ~1 MB of input stays in cache over the
+    # 2**d strided adds (float32 means 2x faster than adding each offset over the whole window).
+    # Every output value still sums its pixels in the same order: the same bytes.
+    f0, rest = factors[0], (slice(None),) * (len(factors) - 1)
+    row_bytes = block[(Ellipsis, slice(0, f0)) + rest].nbytes
+    step = max(1, HALVING_BLOCK_BYTES // max(row_bytes, 1))
+    for r in range(0, out_shape[lead], step):
+        sub = block[(Ellipsis, slice(r * f0, (r + step) * f0)) + rest]
+        part = total[(Ellipsis, slice(r, r + step)) + rest]
+        for offsets in itertools.product(*(range(f) for f in factors)):
+            view = sub[(Ellipsis,) + tuple(slice(o, None, f) for o, f in zip(offsets, factors))]
+            target = part[(Ellipsis,) + tuple(slice(0, n) for n in view.shape[lead:])]
+            np.add(target, view, out=target, casting="unsafe")
     return total
 
 
