@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/engine_io.py [--cases 2d,3d] [--size2d 16384] [--size3d 512]
                                              [--quick] [--outputs labels] [--profile]
+                                             [--repeats N] [--json]
 
 On a GPU the network is nearly free; what is left is the pipeline's own work. The network here
 is ``cat([x, -x])`` (two "logits" per voxel, a copy), so every run's time is its pipeline alone.
@@ -30,6 +31,10 @@ cached under ``--workdir``. Printed: seconds, MB/s read and written, tilewise ÷
 worker's RSS after imports), and input chunks decoded ÷ the distinct chunks the tiles need (aim
 ≤ 1.1; 1.00 when each is decoded once).
 
+``--repeats N``: tilewise and the I/O limit run in turns, N times each, and their medians count
+(a shared machine's speed drifts by tens of percent within minutes); each pair's ratio is printed.
+``--json``: one line per case.
+
 ``--profile``: the tilewise run under cProfile; the top functions by cumulative and own time go
 to stderr.
 """
@@ -40,6 +45,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -330,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-monai", dest="monai", action="store_false")
     ap.add_argument("--profile", action="store_true", help="cProfile the tilewise run (stderr)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="tilewise and I/O-limit runs in turns, N each; their medians count")
+    ap.add_argument("--json", action="store_true", help="one JSON line per case instead of the table")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/tilewise-engine-io"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -347,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = _run_cases(args, trash)
     finally:
         shutil.rmtree(trash, ignore_errors=True)
+    if args.json:
+        for row in _json_rows(rows):
+            print(json.dumps(row))
+        return 0
     _print_table(rows)
     return 0
 
@@ -358,11 +371,17 @@ def _run_cases(args, trash: Path) -> list:
         store = ensure_input(args.workdir, case, size)
         job = {"case": case, "store": store, "threads": args.threads, **CASES[case],
                "scratch": str(args.workdir / "scratch"), "trash": str(trash)}
-        tw = run_worker({**job, "mode": "tilewise", "outputs": args.outputs, "profile": args.profile})
-        _say(f"{case} {size}: tilewise {tw['seconds']:.1f} s (CPU {tw['cpu_seconds']:.1f} s)")
-        io = run_worker({**job, "mode": "io"})
-        _say(f"{case} {size}: I/O limit {io['seconds']:.1f} s (read {io['detail']['read_seconds']:.1f} s, "
-             f"write {io['detail']['write_seconds']:.1f} s; CPU of the whole worker run {io['cpu_seconds']:.1f} s)")
+        tws, ios = [], []
+        for repeat in range(args.repeats):  # tilewise and the I/O limit in turns: the machine's speed drifts
+            tw = run_worker({**job, "mode": "tilewise", "outputs": args.outputs, "profile": args.profile})
+            _say(f"{case} {size}: tilewise {tw['seconds']:.1f} s (CPU {tw['cpu_seconds']:.1f} s)")
+            io = run_worker({**job, "mode": "io"})
+            _say(f"{case} {size}: I/O limit {io['seconds']:.1f} s (read {io['detail']['read_seconds']:.1f} s, "
+                 f"write {io['detail']['write_seconds']:.1f} s; CPU of the whole worker run {io['cpu_seconds']:.1f} s)")
+            tws.append(tw)
+            ios.append(io)
+        tw, io = _median_run(tws), _median_run(ios)
+        tw["runs"], io["runs"] = [r["seconds"] for r in tws], [r["seconds"] for r in ios]
         iod = run_worker({**job, "mode": "io", "direct": True})
         _say(f"{case} {size}: I/O limit, chunks coded in the calling thread {iod['seconds']:.1f} s "
              f"(read {iod['detail']['read_seconds']:.1f} s, write {iod['detail']['write_seconds']:.1f} s)")
@@ -372,6 +391,32 @@ def _run_cases(args, trash: Path) -> list:
             _say(f"{case} {size}: MONAI {mo['seconds']:.1f} s")
         rows.append((case, size, tw, io, mo))
     return rows
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median time (the lower middle one of an even count), with the median seconds."""
+    ordered = sorted(runs, key=lambda r: r["seconds"])
+    out = dict(ordered[(len(ordered) - 1) // 2])
+    out["seconds"] = statistics.median(r["seconds"] for r in runs)
+    return out
+
+
+def _json_rows(rows: list) -> list[dict]:
+    out = []
+    for case, size, tw, io, mo in rows:
+        d = io["detail"]
+        out.append({
+            "case": case, "size": size, "tilewise_seconds": tw["seconds"], "io_seconds": io["seconds"],
+            "tilewise_runs": tw["runs"], "io_runs": io["runs"],
+            "tilewise_over_io": tw["seconds"] / io["seconds"],
+            "io_direct_seconds": io["direct"]["seconds"],
+            "monai_seconds": mo["seconds"] if mo else None,
+            "tilewise_over_monai": tw["seconds"] / mo["seconds"] if mo else None,
+            "read_bytes": d["read_bytes"], "written_bytes": tw["detail"]["written_bytes"],
+            "io_written_bytes": d["written_bytes"], "arrays": tw["detail"]["arrays"],
+            "working_bytes": tw["working"], "decoded_ratio": tw["detail"].get("decoded_ratio"),
+        })
+    return out
 
 
 def _print_table(rows: list) -> None:
@@ -391,6 +436,9 @@ def _print_table(rows: list) -> None:
         print(f"{'':10s} I/O limit: read {d['read_bytes'] / MB / d['read_seconds']:.0f} MB/s, write "
               f"{d['written_bytes'] / MB / max(d['write_seconds'], 1e-9):.0f} MB/s; arrays: "
               f"{', '.join(tw['detail']['arrays'])}")
+        if len(tw.get("runs", [])) > 1:
+            pairs = ", ".join(f"{t / i:.2f}" for t, i in zip(tw["runs"], io["runs"]))
+            print(f"{'':10s} medians of {len(tw['runs'])} alternating runs each; tilewise ÷ I/O per pair: {pairs}")
         dd = io["direct"]
         print(f"{'':10s} I/O limit with each chunk coded in the calling thread (tasks.chunk_io, as the engine "
               f"does): {dd['seconds']:.1f} s, tilewise ÷ it {tw['seconds'] / dd['seconds']:.2f}")
