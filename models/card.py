@@ -49,8 +49,9 @@ class Normalization(BaseModel):
         high = [h if h > lo else lo + 1.0 for lo, h in zip(low, high)]
         return Normalization(kind="minmax", low=[float(v) for v in low], high=[float(v) for v in high])
 
-    def apply(self, batch: np.ndarray) -> np.ndarray:
-        """``batch`` is (B, C, *spatial) float32; returns it normalised (in place where possible)."""
+    def apply(self, batch: np.ndarray, inplace: bool = False) -> np.ndarray:
+        """``batch`` is (B, C, *spatial) float32; returns it normalised (overwritten with ``inplace``,
+        for a batch its caller made for this: the same values, no new arrays)."""
         if self.kind == "none":
             return batch
         if self.per_scan:
@@ -58,12 +59,15 @@ class Normalization(BaseModel):
                              "Normalization.for_scan(...) of the scan (tasks.engine.scan_stats)")
         shape = (1, -1) + (1,) * (batch.ndim - 2)
         if self.kind == "zscore":
-            mean = np.asarray(self.mean, np.float32).reshape(shape)
-            std = np.asarray(self.std, np.float32).reshape(shape)
-            return (batch - mean) / std
-        low = np.asarray(self.low, np.float32).reshape(shape)
-        high = np.asarray(self.high, np.float32).reshape(shape)
-        return (batch - low) / (high - low)
+            shift = np.asarray(self.mean, np.float32).reshape(shape)
+            scale = np.asarray(self.std, np.float32).reshape(shape)
+        else:
+            shift = np.asarray(self.low, np.float32).reshape(shape)
+            scale = np.asarray(self.high, np.float32).reshape(shape) - shift
+        if not inplace or batch.dtype != np.float32:
+            return (batch - shift) / scale
+        np.subtract(batch, shift, out=batch)  # the same two float32 operations
+        return np.divide(batch, scale, out=batch)
 
 
 class ModelCard(BaseModel):

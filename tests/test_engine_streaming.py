@@ -227,6 +227,28 @@ class _TwoLogits(torch.nn.Module):
         return torch.cat([x, -x], 1)
 
 
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+def test_tiles_read_into_a_batch_equal_numpy_padding(tmp_path, mode):
+    """Tiles read from a chunk cache straight into a float32 batch (cast as each chunk's part is
+    copied) equal numpy's ``np.pad`` of the uint8 scan, cut and cast: inside, on each border and
+    corner, over 1 to 4 chunks."""
+    from tasks.engine.tiles import read_tile
+
+    array = np.random.default_rng(9).integers(0, 256, (3, 37, 45), dtype=np.uint8)
+    z = zarr.create_array(str(tmp_path / "a.zarr"), shape=array.shape, chunks=(3, 16, 16), dtype="uint8")
+    z[...] = array
+    cache = ChunkCache(zarr.open_array(str(tmp_path / "a.zarr")))
+    tile, pad = (20, 20), 10
+    padded = np.pad(array, [(0, 0), (pad, pad), (pad, pad)], mode="reflect" if mode == "reflect" else "constant")
+    origins = [(y, x) for y in (-10, 0, 7, 17) for x in (-10, 0, 13, 25, 35)]
+    batch = np.full((len(origins), 3, *tile), np.nan, np.float32)
+    for out, origin in zip(batch, origins):
+        read_tile(cache, origin, tile, mode, out=out)
+    for out, (y, x) in zip(batch, origins):
+        want = padded[:, y + pad:y + pad + tile[0], x + pad:x + pad + tile[1]].astype(np.float32)
+        assert np.array_equal(out, want), (y, x)
+
+
 def two_logits():
     return LoadedModel(_TwoLogits(), ModelCard(classes=["a", "b"]), "two-logits")
 

@@ -515,7 +515,10 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
             if stripe is not None:  # its own reads (its first tiles re-read the last stripe's border chunks)
                 image.clear()
                 image.expect_grid(source_reads(stripe, image.chunks[1:], config.pad)[0], image.needed)
-        return norm.apply(np.stack([read_tile(image, o, plan.tile, config.pad) for o in batch]))
+        x = np.empty((len(batch), image.shape[0], *plan.tile), np.float32)
+        for tile, origin in zip(x, batch):  # each tile from its chunks straight into the batch
+            read_tile(image, origin, plan.tile, config.pad, out=tile)
+        return norm.apply(x, inplace=True)
 
     written = ran = empty_chunks = 0
     pending: list[Future] = []  # writes: the blend stage's alone once the first batch is in

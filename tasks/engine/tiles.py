@@ -65,13 +65,24 @@ def source_band(plan: TilePlan, chunks: tuple[int, ...], voxel_bytes: int, mode:
     return open_rows(boxes, chunks[0]) * chunks[0] * middle * voxel_bytes
 
 
-def read_tile(array, origin: tuple[int, ...], tile: tuple[int, ...], mode: PadMode = "reflect") -> np.ndarray:
-    """The tile at ``origin`` (scan coordinates, may be negative) of ``array`` (C, *spatial), as float32."""
+def read_tile(array, origin: tuple[int, ...], tile: tuple[int, ...], mode: PadMode = "reflect",
+              out: np.ndarray | None = None) -> np.ndarray:
+    """The tile at ``origin`` (scan coordinates, may be negative) of ``array`` (C, *spatial), as float32;
+    into ``out`` (float32, (C, *tile)) when given: a tile inside the scan read from a
+    :class:`ChunkCache` goes from its chunks straight into it, cast on the way (no tile-sized copies)."""
     shape = array.shape[1:]
     inside = all(o >= 0 and o + t <= n for o, t, n in zip(origin, tile, shape))
     if inside:
         box = (slice(None),) + tuple(slice(o, o + t) for o, t in zip(origin, tile))
+        if out is not None and isinstance(array, ChunkCache):
+            return array.read(box, out)
+        if out is not None:
+            out[...] = array[box]
+            return out
         return np.asarray(array[box], dtype=np.float32)
+    if out is not None:
+        out[...] = read_tile(array, origin, tile, mode)
+        return out
     if mode == "constant":
         lo = [max(o, 0) for o in origin]
         hi = [min(o + t, n) for o, t, n in zip(origin, tile, shape)]
@@ -159,8 +170,13 @@ class ChunkCache:
         return data
 
     def __getitem__(self, box: tuple[slice, ...]) -> np.ndarray:
+        return self.read(box)
+
+    def read(self, box: tuple[slice, ...], out: np.ndarray | None = None) -> np.ndarray:
+        """``self[box]``, into ``out`` when given (of the box's shape, any dtype: cast as copied)."""
         bounds, indices = self._chunks_of(box)
-        out = np.empty([b - a for a, b in bounds], dtype=self.array.dtype)
+        if out is None:
+            out = np.empty([b - a for a, b in bounds], dtype=self.array.dtype)
         for index in indices:
             data = self._chunk(index)
             src, dst = [], []
