@@ -337,6 +337,20 @@ def test_downsample_mode_matches_a_loop():
         np.testing.assert_array_equal(downsample_mode(a, factors), _block_mode_reference(a, factors))
 
 
+@pytest.mark.parametrize("low, high", [(0, 1), (3, 7)])
+@pytest.mark.parametrize("shape, factors", [((8, 12), (2, 2)), ((4, 8, 6), (2, 2, 2)), ((6, 9), (1, 3)),
+                                            ((7, 9), (2, 2))])  # the last ragged: the general path
+def test_downsample_mode_of_two_values_matches_a_loop(low, high, shape, factors):
+    """Two values (a two-class label map): each block's majority, ties (2 of 4, 4 of 8) to the
+    smaller, given the values or finding them."""
+    rng = np.random.default_rng(4)
+    a = np.where(rng.random(shape) < 0.5, high, low).astype(np.uint8)
+    a[(slice(0, 2),) * a.ndim] = np.indices((2,) * a.ndim).sum(axis=0) % 2 * (high - low) + low  # a tie
+    want = _block_mode_reference(a, factors)
+    np.testing.assert_array_equal(downsample_mode(a, factors), want)
+    np.testing.assert_array_equal(downsample_mode(a, factors, np.array([low, high], np.uint8)), want)
+
+
 def test_ome_zarr_reader_at_the_root_finds_image_and_prediction_labels(stores):
     from ome_zarr.io import parse_url
     from ome_zarr.reader import Label, Multiscales, Reader
