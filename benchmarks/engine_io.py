@@ -372,7 +372,7 @@ def _run_cases(args, trash: Path) -> list:
         job = {"case": case, "store": store, "threads": args.threads, **CASES[case],
                "scratch": str(args.workdir / "scratch"), "trash": str(trash)}
         tws, ios = [], []
-        for repeat in range(args.repeats):  # tilewise and the I/O limit in turns: the machine's speed drifts
+        for _ in range(args.repeats):  # tilewise and the I/O limit in turns: the machine's speed drifts
             tw = run_worker({**job, "mode": "tilewise", "outputs": args.outputs, "profile": args.profile})
             _say(f"{case} {size}: tilewise {tw['seconds']:.1f} s (CPU {tw['cpu_seconds']:.1f} s)")
             io = run_worker({**job, "mode": "io"})

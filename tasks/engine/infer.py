@@ -463,9 +463,10 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
         # too wide for the open chunks of a row of tiles to fit ``stripe_mb`` runs in stripes
         # (``stripe_width``): the open chunks then span a stripe, not the scan, whatever its width.
         uses, needed = source_reads(plan, image.chunks[1:], config.pad)
-        image.expect_grid(uses, needed * -(-image.shape[0] // image.chunks[0]))
-        channels = -(-image.shape[0] // image.chunks[0]) * image.chunks[0]  # every channel chunk is read
-        band = source_band(plan, image.chunks[1:], channels * np.dtype(image.array.dtype).itemsize, config.pad)
+        channel_chunks = -(-image.shape[0] // image.chunks[0])  # every one is read
+        image.expect_grid(uses, needed * channel_chunks)
+        voxel = channel_chunks * image.chunks[0] * np.dtype(image.array.dtype).itemsize
+        band = source_band(plan, image.chunks[1:], voxel, config.pad)
         width = stripe_width(plan, kept, config.stripe_mb << 20, band)
         if width is None:
             parts = [(plan.tiles(), wanted, None)]

@@ -181,6 +181,14 @@ def open_rows(boxes: Iterable[tuple[int, int]], chunk: int) -> int:
     return max(spans + [1])
 
 
+def band_bytes(shape: tuple[int, ...], boxes: Iterable[tuple[int, int]], chunks: tuple[int, ...],
+               voxel_bytes: int) -> int:
+    """What a raster-order run keeps open per voxel of the last axis, in bytes: the chunk rows open
+    at once (:func:`open_rows` of the tile rows' ``boxes``) across the middle axes, whole chunks."""
+    middle = math.prod(-(-n // c) * c for n, c in zip(shape[1:-1], chunks[1:-1]))
+    return open_rows(boxes, chunks[0]) * chunks[0] * middle * voxel_bytes
+
+
 def stripe_width(plan: TilePlan, classes: int, budget_bytes: int, source_bytes: int = 0,
                  min_tiles: int = 32) -> int | None:
     """The width (whole chunks along the last axis) of the stripes to run ``plan`` in, so that what
@@ -190,9 +198,8 @@ def stripe_width(plan: TilePlan, classes: int, budget_bytes: int, source_bytes: 
     fits. A stripe is at least ``min_tiles`` tiles wide: the tiles over a stripe's border run in
     both stripes (about tile / width more tiles), and its input chunks are decoded twice."""
     p, t, n = plan.pad_before[0], plan.tile[0], plan.shape[0]
-    rows = open_rows(((max(s - p, 0), min(s - p + t, n)) for s in plan.starts[0]), plan.chunks[0])
-    middle = math.prod(-(-n // c) * c for n, c in zip(plan.shape[1:-1], plan.chunks[1:-1]))
-    per_voxel = rows * plan.chunks[0] * middle * classes * 4 + source_bytes  # bytes per voxel of width
+    boxes = ((max(s - p, 0), min(s - p + t, n)) for s in plan.starts[0])
+    per_voxel = band_bytes(plan.shape, boxes, plan.chunks, classes * 4) + source_bytes  # bytes per voxel of width
     if per_voxel * plan.shape[-1] <= budget_bytes:
         return None
     c = plan.chunks[-1]

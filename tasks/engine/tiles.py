@@ -10,7 +10,7 @@ import numpy as np
 import zarr
 
 from tasks.chunk_io import ChunkCodec
-from tasks.engine.plan import TilePlan, open_rows
+from tasks.engine.plan import TilePlan, band_bytes
 
 PadMode = Literal["reflect", "constant"]
 
@@ -58,11 +58,10 @@ def source_reads(plan: TilePlan, chunks: tuple[int, ...], mode: PadMode = "refle
 def source_band(plan: TilePlan, chunks: tuple[int, ...], voxel_bytes: int, mode: PadMode = "reflect") -> int:
     """The input chunks (spatial ``chunks``, ``voxel_bytes`` a voxel over all channels) a raster-order
     run of ``plan`` keeps decoded for the tiles that still read them, in bytes per voxel of the last
-    axis: the chunk rows open at once (``open_rows`` of the tile rows' source boxes) across the width."""
+    axis: the chunk rows open at once (``plan.band_bytes`` of the tile rows' source boxes) across the width."""
     n, t, p = plan.shape[0], plan.tile[0], plan.pad_before[0]
     boxes = ((box.start, box.stop) for box in (source_box((s - p,), (t,), (n,), mode)[0] for s in plan.starts[0]))
-    middle = math.prod(-(-m // c) * c for m, c in zip(plan.shape[1:-1], chunks[1:-1]))
-    return open_rows(boxes, chunks[0]) * chunks[0] * middle * voxel_bytes
+    return band_bytes(plan.shape, boxes, chunks, voxel_bytes)
 
 
 def read_tile(array, origin: tuple[int, ...], tile: tuple[int, ...], mode: PadMode = "reflect",
