@@ -307,27 +307,28 @@ WIDE = EngineConfig(tile=(64, 64), overlap=0.5, output_dtype="float32", batch=64
 
 @pytest.fixture
 def wide_scans(tmp_path) -> list[str]:
-    """A 2D scan 256 wide, then two each 2048 and 8192 wide (512 high, chunks 256²)."""
+    """A 2D scan 256 wide, then three each 2048 and 8192 wide (512 high, chunks 256²)."""
     stores = []
-    for n, width in enumerate((256, 2048, 2048, 8192, 8192)):
+    for n, width in enumerate((256, 2048, 2048, 2048, 8192, 8192, 8192)):
         array = np.random.default_rng(6).random((1, 512, width), dtype=np.float32)
         stores.append(make_scan(tmp_path, array, (256, 256), f"w{n}-{width}"))
     return stores
 
 
-@pytest.mark.parametrize("stripe, most", [(1024, 1.1), (0, None)])
+@pytest.mark.parametrize("stripe, most", [(1024, 1.15), (0, None)])
 def test_a_wider_scan_in_stripes_takes_no_more_memory(wide_scans, stripe, most):
-    """A 2D scan 4x as wide, in stripes of 1024: the same traced peak (within 10 %; measured 1.02-1.09x
-    one run each) of a whole run, the open output chunks and cached input chunks spanning a stripe.
-    Without stripes (0) the same measurement grows with the width (2.0x; asserted >= 1.5x): the
-    check can fail. The first scan warms the process up; each width is the lower of two runs (the
-    chunks in flight to the writers vary by ~0.8 MB with the threads' timing)."""
+    """A 2D scan 4x as wide, in stripes of 1024: the same traced peak (within 15 %) of a whole run,
+    the open output chunks and cached input chunks spanning a stripe. Without stripes (0) the same
+    measurement grows with the width (2.0x; asserted >= 1.5x): the check can fail. The first scan
+    warms the process up; each width is the lowest of three runs: one run's peak varies by up to
+    2 MB of ~10 with the threads' timing (the chunks in flight to the writers), and the lower of
+    two runs each measured 0.95-1.12x over seven repetitions (one over the 1.1 asserted before)."""
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, __file__, "--stripe", str(stripe), *wide_scans], cwd=root,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     peaks = [m["peak"] for m in json.loads(done.stdout.strip().splitlines()[-1])]
-    narrow, wide = min(peaks[1:3]), min(peaks[3:5])
+    narrow, wide = min(peaks[1:4]), min(peaks[4:7])
     if most:
         assert wide <= most * narrow, peaks
     else:
