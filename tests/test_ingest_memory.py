@@ -136,3 +136,37 @@ def test_geotiff_block_cache_is_dropped_after_whole_block_reads(tmp_path):
         assert gdal.GDALGetCacheMax64() == 64 << 20
         reader.read_window(100, 300, 0, 700)  # not whole tiles: they stay cached for the next read
         assert gdal.GDALGetCacheUsed64() > 0
+
+
+def _raster(path: Path, height: int, width: int) -> ScanSpec:
+    """One band of uint16, tiled 64 (the chunks asked for), stored chunks of 64 x 64."""
+    rng = np.random.default_rng(3)
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=1, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(0, 0, 10, 10), tiled=True,
+                       blockxsize=64, blockysize=64) as dst:
+        dst.write(rng.integers(1, 4000, (1, height, width), dtype=np.uint16))
+    return ScanSpec(path.stem, "satellite", (path,), chunks=(64, 64))
+
+
+def test_raster_pyramid_holds_one_unfinished_chunk_per_level_however_wide(tmp_path, monkeypatch):
+    """Levels 2.. of a raster finish their chunks over several windows. Taken row by row, each held
+    a row of unfinished chunks as wide as the scene (here the 32768-wide scene's traced peak was
+    1.8x the 4096-wide one's of the same pixels); taken chunk within chunk
+    (``PyramidPlan.nested_order``) each holds one, and the width no longer matters (1.01x)."""
+    from tasks.ingest import to_zarr
+
+    monkeypatch.setattr(to_zarr, "WINDOW_BYTES", 64 << 10)  # windows of 128 x 256: the buffers show
+    _warm_up("geotiff", tmp_path / "warm-up")
+    peaks = {}
+    for name, (height, width) in {"wide": (256, 32768), "square": (2048, 4096)}.items():
+        spec = _raster(tmp_path / f"{name}.tif", height, width)
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            result = ingest_scan(spec, tmp_path / f"{name}.zarr")
+            peaks[name] = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+        assert result.status == "ingested" and result.shape == (1, height, width)
+    assert peaks["wide"] <= 1.25 * peaks["square"], {k: round(v / MIB, 2) for k, v in peaks.items()}

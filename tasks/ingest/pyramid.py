@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -40,6 +41,26 @@ class PyramidPlan:
         while last + 1 < self.levels and chunk0 % self.slab_multiple(0, last + 1) == 0:
             last += 1
         return last
+
+    def nested_order(self, chunks: tuple[int, ...], last: int | None = None) -> Callable[[int, int], tuple]:
+        """A sort key for windows of level 0, by their start on the first two spatial axes, that
+        finishes every chunk of levels 1 .. ``last`` before the next one of its level begins: the
+        chunks of the coarsest level in row order, within each the chunks of the next finer level
+        in row order, and so on down to the windows. Written in that order, a level holds one
+        unfinished chunk at a time rather than a whole row of them (for windows that each lie in
+        one chunk of a level or cover whole ones)."""
+        last = self.levels - 1 if last is None else last
+        spans = []  # per level, coarsest first: a chunk's extent in level-0 pixels on both axes
+        for level in range(last, 0, -1):
+            scale = [1, 1]
+            for f in self.factors[:level]:
+                scale = [scale[0] * f[0], scale[1] * f[1]]
+            spans.append(tuple(min(c, n) * s for c, n, s in zip(chunks[:2], self.shapes[level][:2], scale)))
+
+        def key(start: int, lo: int) -> tuple:
+            return (*((start // a, lo // b) for a, b in spans), (start, lo))
+
+        return key
 
 
 def plan_pyramid(

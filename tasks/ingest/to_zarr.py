@@ -298,10 +298,11 @@ def window_width(shape: tuple[int, ...], rows: int, itemsize: int, multiple: int
 
 
 def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int, np.ndarray], None],
-            width: int | None = None) -> None:
+            width: int | None = None, order: Callable[[int, int], Any] | None = None) -> None:
     """``consume(start, stop, lo, hi, block)`` for every window, in order: rows [start, stop) of
     the first spatial axis in slabs of ``step``, and [lo, hi) of the second in windows of ``width``
-    (the whole axis when None); a slab's windows come before the next slab's.
+    (the whole axis when None); a slab's windows come before the next slab's. Where the reader
+    reads windows on their own, ``order(start, lo)`` may sort them instead (a sort key).
 
     A background thread reads ahead while the caller writes, ``READ_AHEAD`` reads at a time. Where
     the reader reads windows on their own (``reader.windowed``) those are windows, so a slab is
@@ -317,6 +318,8 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int
     by_window = reader.windowed and len(windows) > 1
     if by_window:
         jobs = [(start, stop, lo, hi) for start, stop in slabs for lo, hi in windows]
+        if order is not None:
+            jobs.sort(key=lambda job: order(job[0], job[2]))
         read = reader.read_window
     else:
         per_row = shape[0] * math.prod(shape[2:]) * np.dtype(reader.dtype).itemsize
@@ -720,24 +723,35 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
         stats = _SlabStats(np.issubdtype(reader.dtype, np.floating))
         total = reader.shape[1]
 
+        done = [0]  # windows written
+
         def consume(start: int, stop: int, lo: int, hi: int, block: np.ndarray) -> None:
             writer.write(start, lo, block, last=first_pass, beside=stats.update)
-            if hi >= extent:  # a slab done: what its buffers left free in glibc's arenas goes back
+            done[0] += 1
+            if done[0] % per_slab == 0 or done[0] == windows:
+                # a slab's worth done: what its buffers left free in glibc's arenas goes back
                 release_free_memory()
                 if progress is not None:
-                    progress(stop, total)
+                    progress(total * done[0] // windows, total)
 
         # Windows of whole chunks along the second spatial axis: the slab is never held whole
         # (where the reader reads windows) and every copy made of it is a window's size.
         extent = reader.shape[2] if len(reader.shape) > 2 else 1
         step = chunks[0]
+        order = None
         if reader.windowed and len(reader.shape) == 3 and first_pass >= 1 and plan.factors[0][0] == 2:
             # A raster read in windows: windows two chunk rows high finish level 1's chunks as they
-            # go, so of the pyramid only levels 2.. hold chunks across windows.
+            # go, and taken chunk within chunk (plan.nested_order) every level 2.. holds one
+            # unfinished chunk, not a row of them as wide as the scene.
             step = 2 * chunks[0]
-        width = window_width(reader.shape, step, np.dtype(reader.dtype).itemsize,
-                             writer.window_multiple(0, first_pass))
-        _stream(reader, step, consume, width)
+            order = plan.nested_order(chunks, first_pass)
+        multiple = writer.window_multiple(0, first_pass)
+        width = window_width(reader.shape, step, np.dtype(reader.dtype).itemsize, multiple)
+        if order is not None:  # 2**j multiples: in one chunk of a level or over whole ones
+            width = multiple << ((width // multiple).bit_length() - 1)
+        per_slab = -(-extent // width)
+        windows = per_slab * -(-total // step)
+        _stream(reader, step, consume, width, order)
         writer.flush()
         if first_pass < plan.levels - 1:  # the coarse levels, from the last one written
             source = _LevelReader(writer.arrays[first_pass])
