@@ -402,6 +402,31 @@ def test_geotiff_pyramid_odd_sizes(catalog_specs, tmp_path):
     assert scales == [[1.0, e, a], [1.0, 2 * e, 2 * a], [1.0, 4 * e, 4 * a]]
 
 
+@pytest.mark.parametrize("height, width", [(1000, 101), (700, 1250), (600, 2200)],
+                         ids=["narrow-odd", "wide-ragged", "short-wide"])
+def test_tiled_raster_in_nested_window_order_equals_the_block_means(tmp_path, monkeypatch, height, width):
+    """A tiled raster is read window by window chunk within chunk (small windows here, so there are
+    many); every level equals the block means of rasterio's whole read, whatever the width: one
+    narrower than a chunk and odd (101: narrower than the windows' multiple, lcm(2**levels, 101)),
+    ragged edges."""
+    from tasks.ingest import to_zarr
+
+    monkeypatch.setattr(to_zarr, "WINDOW_BYTES", 16 << 10)
+    path = tmp_path / "scene.tif"
+    data = np.random.default_rng(7).integers(0, 60000, (2, height, width), dtype=np.uint16)
+    with rasterio.open(path, "w", driver="GTiff", height=height, width=width, count=2, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(0, 0, 10, 10), tiled=True,
+                       blockxsize=64, blockysize=64) as dst:
+        dst.write(data)
+    store = tmp_path / "scene.zarr"
+    ingest_scan(ScanSpec("scene", "satellite", (path,), chunks=(128, 128)), store)
+    levels = image_levels(store)
+    expected = ref_pyramid(rasterio_read(path), [(2, 2)] * (len(levels) - 1))
+    assert len(levels) >= 3
+    for n in range(len(levels)):
+        assert_level_equal(level(store, n), expected[n])
+
+
 # ---- OME-NGFF read back by ome-zarr ----------------------------------------------------------
 
 

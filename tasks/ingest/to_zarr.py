@@ -747,7 +747,7 @@ def _write_scan(spec: ScanSpec, store: str, reader: ScanReader, kind: str, chunk
             order = plan.nested_order(chunks, first_pass)
         multiple = writer.window_multiple(0, first_pass)
         width = window_width(reader.shape, step, np.dtype(reader.dtype).itemsize, multiple)
-        if order is not None:  # 2**j multiples: in one chunk of a level or over whole ones
+        if order is not None and width >= multiple:  # 2**j multiples: inside a level's chunk or over whole ones
             width = multiple << ((width // multiple).bit_length() - 1)
         per_slab = -(-extent // width)
         windows = per_slab * -(-total // step)
