@@ -2,7 +2,8 @@
 """Benchmark: tilewise ingest vs. "read it all with the native library, then write Zarr".
 
     .venv/bin/python benchmarks/ingest.py [--size-gb 1.0] [--workdir DIR] [--keep]
-                                          [--kinds nifti,nifti-gz,tiff,geotiff] [--repeats 2]
+                                          [--kinds nifti,nifti-gz,tiff,geotiff,geotiff-striped]
+                                          [--repeats 2]
                                           [--breakdown]
 
 For every input kind it builds a synthetic scan of about ``--size-gb`` GiB (uncompressed voxel
@@ -44,6 +45,8 @@ Inputs (realistic shapes; their size scales with --size-gb):
 * geotiff:  a Sentinel-2-like 4-band (B02 B03 B04 B08) uint16 GeoTIFF, tiled 512 x 512, DEFLATE +
             horizontal predictor, UTM 33N (EPSG:32633), 10 m pixels, nodata 0, written with
             rasterio; about 11776 x 11776 pixels at 1 GiB (a Sentinel-2 tile is 10980 x 10980).
+* geotiff-striped: the same scene striped (GDAL's default strips of a few rows, as many exporters
+            write): it can only be read in whole rows, so ingest holds one slab (a chunk row).
 
 ``--breakdown`` adds one instrumented tilewise run per kind (not part of the table) that wall-
 clocks the pieces of the ingest (slab reads in the read-ahead thread, stats, downsampling, Zarr
@@ -76,8 +79,9 @@ KINDS = {
     "nifti-gz": ("mri", "mri_float32.nii.gz", ".nii.gz (gzip 1) float32"),
     "tiff": ("em", "em_uint8.tif", "TIFF stack uint8"),
     "geotiff": ("satellite", "s2_4band_uint16.tif", "GeoTIFF 4xuint16 deflate"),
+    "geotiff-striped": ("satellite", "s2_4band_uint16_striped.tif", "GeoTIFF striped 4xuint16"),
 }
-DEFAULT_KINDS = ("nifti", "nifti-gz", "tiff", "geotiff")
+DEFAULT_KINDS = ("nifti", "nifti-gz", "tiff", "geotiff", "geotiff-striped")
 EM_SPACING = (40.0, 8.0, 8.0)  # nm: section thickness, pixel size
 EM_UNIT = "nanometer"
 
@@ -221,7 +225,7 @@ def _geotiff_shape(size: int) -> tuple[int, int, int]:
     return bands, side, side
 
 
-def make_geotiff(path: Path, size: int, seed: int = 3) -> dict:
+def make_geotiff(path: Path, size: int, seed: int = 3, tiled: bool = True) -> dict:
     import numpy as np
     import rasterio
     from rasterio.transform import from_origin
@@ -231,10 +235,12 @@ def make_geotiff(path: Path, size: int, seed: int = 3) -> dict:
     rng = np.random.default_rng(seed)
     band_base = np.array([600, 900, 800, 2500], dtype=np.float32)[:, None, None]
     band_gain = np.array([400, 500, 900, 2200], dtype=np.float32)[:, None, None]
+    # tiled 512² (a COG's layout), or striped: GDAL's default strips (a few rows each), as many
+    # exporters write them
+    layout = dict(tiled=True, blockxsize=512, blockysize=512) if tiled else dict(tiled=False)
     profile = dict(driver="GTiff", height=h, width=w, count=bands, dtype="uint16", crs="EPSG:32633",
-                   transform=from_origin(399960.0, 5000040.0, 10.0, 10.0), nodata=0, tiled=True,
-                   blockxsize=512, blockysize=512, compress="deflate", predictor=2,
-                   num_threads="ALL_CPUS", BIGTIFF="IF_SAFER")
+                   transform=from_origin(399960.0, 5000040.0, 10.0, 10.0), nodata=0, **layout,
+                   compress="deflate", predictor=2, num_threads="ALL_CPUS", BIGTIFF="IF_SAFER")
     tmp = path.with_name(path.name + ".part")
     xx = np.arange(w, dtype=np.float32)[None, None, :]
     with rasterio.open(tmp, "w", **profile) as dst:
@@ -251,7 +257,7 @@ def make_geotiff(path: Path, size: int, seed: int = 3) -> dict:
             dst.write(np.clip(val, 1, 10000).astype(np.uint16), window=Window(0, r0, w, rows))
     tmp.rename(path)
     return {"shape_source": [bands, h, w], "dtype": "uint16",
-            "note": "4 bands, tiled 512, deflate+predictor 2, EPSG:32633 10 m"}
+            "note": f"4 bands, {'tiled 512' if tiled else 'striped'}, deflate+predictor 2, EPSG:32633 10 m"}
 
 
 def build_inputs(workdir: Path, kinds: list[str], size: int) -> dict[str, dict]:
@@ -281,7 +287,7 @@ def build_inputs(workdir: Path, kinds: list[str], size: int) -> dict[str, dict]:
         elif kind == "tiff":
             info = make_tiff(path, size)
         else:
-            info = make_geotiff(path, size)
+            info = make_geotiff(path, size, tiled=kind == "geotiff")
         info.update(want, path=str(path), file_bytes=path.stat().st_size)
         marker.write_text(json.dumps(info))
         print(f"  {kind:9s} made {path} ({info['file_bytes'] / GIB:.2f} GiB on disk) "
