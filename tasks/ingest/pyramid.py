@@ -50,12 +50,12 @@ class PyramidPlan:
         unfinished chunk at a time rather than a whole row of them (for windows that each lie in
         one chunk of a level or cover whole ones)."""
         last = self.levels - 1 if last is None else last
-        spans = []  # per level, coarsest first: a chunk's extent in level-0 pixels on both axes
-        for level in range(last, 0, -1):
-            scale = [1, 1]
-            for f in self.factors[:level]:
-                scale = [scale[0] * f[0], scale[1] * f[1]]
-            spans.append(tuple(min(c, n) * s for c, n, s in zip(chunks[:2], self.shapes[level][:2], scale)))
+        spans = []  # per level 1 .. last: a chunk's extent in level-0 pixels on both axes
+        scale = (1, 1)
+        for f, shape in zip(self.factors[:last], self.shapes[1:last + 1]):
+            scale = (scale[0] * f[0], scale[1] * f[1])
+            spans.append(tuple(min(c, n) * s for c, n, s in zip(chunks[:2], shape[:2], scale)))
+        spans.reverse()  # coarsest first
 
         def key(start: int, lo: int) -> tuple:
             return (*((start // a, lo // b) for a, b in spans), (start, lo))
