@@ -13,8 +13,9 @@ Layout written (see README, "Zarr layout"):
 Ingest streams windows: a slab (one chunk row along the first spatial axis, Z or Y for rasters;
 two for a raster read in windows) cut along the second axis into ~4 MB windows of whole chunks.
 Where the reader reads windows on their own (plain .nii, uncompressed TIFF pages, tiled TIFF and
-GeoTIFF) peak memory is a few windows plus the pyramid chunks not yet whole; a source that can only
-be read front to back (.nii.gz, compressed pages, slice folders) also holds one slab, gathered from
+GeoTIFF) peak memory is a few windows plus the pyramid chunks not yet whole (those no window is
+filling now kept LZ4-compressed); a source that can only be read front to back or in whole rows
+(.nii.gz, compressed pages, slice folders, striped GeoTIFF) also holds one slab, gathered from
 ~4 MB pieces. Neither depends on the number of slices or rows.
 """
 
@@ -36,6 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 import zarr
+from numcodecs import Blosc
 from zarr.codecs import BloscCodec
 
 from tasks import identity, storage
@@ -357,6 +359,8 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int
 
 
 WRITE_PIECE_BYTES = 4 << 20
+# Parked pyramid chunks (_PyramidWriter): LZ4 at level 1 with byte shuffle, ~GB/s each way.
+_PARK_CODEC = Blosc(cname="lz4", clevel=1, shuffle=Blosc.SHUFFLE)
 ENCODERS = 2  # threads encoding whole chunks of a local store (numcodecs' Blosc releases the GIL)
 
 
@@ -424,8 +428,11 @@ class _PyramidWriter:
 
     A lower level gets fewer rows per slab than its chunks are deep, and windows narrower than its
     width; writing those directly would decode and re-encode each of its chunks several times, so
-    its rows are gathered into one chunk-row buffer per level and written when every window of
-    that chunk row is in (and at the end).
+    its rows are gathered into one buffer per chunk and written when every window of that chunk is
+    in (and at the end). A chunk a window left unfinished (the next slab completes it: a source
+    read in whole rows, a volume's slabs) is parked: its filled rows kept LZ4-compressed until a
+    later window comes back to it, so the held buffers are the current window's, not a chunk row
+    of every level as wide as the scan.
     """
 
     def __init__(self, image: zarr.Group, channels: int, dtype: np.dtype, plan: PyramidPlan,
@@ -441,8 +448,11 @@ class _PyramidWriter:
             )
             for level, shape in enumerate(plan.shapes)
         ]
-        # (level, chunk row, chunk column) -> [buffer, values filled]
+        # (level, chunk row, chunk column) -> [buffer, values filled, rows filled (lo, hi), last window]
         self._buffers: dict[tuple[int, int, int], list] = {}
+        # the same key -> (entry, its filled rows compressed): chunks no window is filling now
+        self._parked: dict[tuple[int, int, int], tuple[list, bytes]] = {}
+        self._window = 0
         # a local store's chunks encoded on two threads of ours (tasks.chunk_io), else through zarr
         self._codecs = [ChunkCodec.for_array(a) for a in self.arrays]
         self._pool = encoders
@@ -488,8 +498,47 @@ class _PyramidWriter:
                 start //= factors[0]
                 lo //= factors[1] if len(factors) > 1 else 1
                 self._append(level, start, lo, block)
+            self._park_untouched()
         finally:
             _wait_all(jobs)
+        self._window += 1
+
+    def _park_untouched(self) -> None:
+        """Compress the buffers of chunks this window did not fill (see the class docstring)."""
+        for key in [k for k, e in self._buffers.items() if e[3] != self._window]:
+            entry = self._buffers.pop(key)
+            r0, r1 = entry[2]
+            self._parked[key] = (entry, _PARK_CODEC.encode(np.ascontiguousarray(entry[0][:, r0:r1])))
+            entry[0] = None
+
+    def _entry(self, key: tuple[int, int, int], dtype: np.dtype) -> list:
+        """Chunk ``key``'s buffer entry: the one being filled, a parked one brought back, or a new one."""
+        entry = self._buffers.get(key)
+        if entry is None:
+            shape = self._shape_of(key)
+            buffer = np.empty(shape, dtype=dtype)
+            parked = self._parked.pop(key, None)
+            if parked is None:
+                entry = [buffer, 0, (shape[1], 0), self._window]
+            else:
+                entry, data = parked
+                r0, r1 = entry[2]
+                buffer[:, r0:r1] = np.frombuffer(_PARK_CODEC.decode(data), dtype=dtype).reshape(
+                    (shape[0], r1 - r0, *shape[2:]))
+                entry[0] = buffer
+            self._buffers[key] = entry
+        entry[3] = self._window
+        return entry
+
+    def _shape_of(self, key: tuple[int, int, int]) -> tuple[int, ...]:
+        """The buffer of chunk ``key``: (channels, its rows, its columns, ...), clipped at the edges."""
+        level, row, col = key
+        array = self.arrays[level]
+        held = min(array.chunks[1], array.shape[1] - row * array.chunks[1])
+        if array.ndim < 3:
+            return (array.shape[0], held, 1)
+        column = array.chunks[2]
+        return (array.shape[0], held, min(column, array.shape[2] - col * column), *array.shape[3:])
 
     def _append(self, level: int, start: int, lo: int, rows: np.ndarray) -> None:
         """Gather ``rows`` (rows ``start..``, columns ``lo..`` of the second spatial axis) into one
@@ -509,12 +558,11 @@ class _PyramidWriter:
                 c0, c1 = col * column, min((col + 1) * column, extent)
                 a, b = max(lo, c0), min(lo + width, c1)
                 key = (level, row, col)
-                entry = self._buffers.get(key)
-                if entry is None:
-                    entry = self._buffers[key] = [
-                        np.empty((rows.shape[0], held, c1 - c0, *array.shape[3:]), dtype=rows.dtype), 0]
-                entry[0][:, start - first : start - first + take, a - c0 : b - c0] = rows[:, :take, a - lo : b - lo]
+                entry = self._entry(key, rows.dtype)
+                r0, r1 = start - first, start - first + take
+                entry[0][:, r0:r1, a - c0 : b - c0] = rows[:, :take, a - lo : b - lo]
                 entry[1] += take * (b - a)
+                entry[2] = (min(entry[2][0], r0), max(entry[2][1], r1))
                 if entry[1] == held * (c1 - c0):
                     del self._buffers[key]
                     self._put(level, first, entry[0], c0)
@@ -522,10 +570,12 @@ class _PyramidWriter:
 
     def flush(self) -> None:
         """Write what is left (there is nothing left once every window was written)."""
-        for (level, row, col), (buffer, _) in sorted(self._buffers.items(), key=lambda kv: kv[0]):
+        for key in sorted([*self._buffers, *self._parked]):
+            level, row, col = key
             array = self.arrays[level]
+            buffer = self._entry(key, array.dtype)[0]
             self._put(level, row * array.chunks[1], buffer, col * (array.chunks[2] if array.ndim > 2 else 1))
-        self._buffers.clear()
+            del self._buffers[key]
 
 
 def _map_labels(values: np.ndarray, mapping: dict[int, int], path: str) -> np.ndarray:
