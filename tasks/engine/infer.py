@@ -52,7 +52,7 @@ from tasks.engine.blend import (BlendMode, ChunkWeights, importance_map, labels_
 from tasks.engine.label_pyramid import NOT_GIVEN, LabelPyramid
 from tasks.engine.model_io import LoadedModel
 from tasks.engine.plan import ChunkSet, Placement, TilePlan, plan_tiles, stripe_width
-from tasks.engine.runner import AmpMode, ModelOutputError, ModelRunner
+from tasks.engine.runner import AmpMode, Lanes, ModelOutputError, ModelRunner, cpu_lanes
 from tasks.engine.scan_stats import for_scan as normalization_for_scan
 from tasks.engine.skip import EmptyRule, SkipSetting, find_empty_tiles, resolve_rule, valid_region
 from tasks.engine.tiles import ChunkCache, PadMode, read_tile, source_band, source_box, source_reads
@@ -545,7 +545,8 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     blends: deque[Future] = deque()
     with ThreadPoolExecutor(1, thread_name_prefix="tilewise-read") as readers, \
             ThreadPoolExecutor(1, thread_name_prefix="tilewise-blend") as blender, \
-            ThreadPoolExecutor(WRITERS, thread_name_prefix="tilewise-write") as writers:
+            ThreadPoolExecutor(WRITERS, thread_name_prefix="tilewise-write") as writers, \
+            Lanes(runner, cpu_lanes(runner)) as lanes:
         try:
             for index in sorted(c for c in wanted if not count(c)):  # only empty tiles over it
                 pending.append(writers.submit(writer.write, index, None))
@@ -557,8 +558,8 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 x = nxt.result()
                 following = next(batches, None)
                 nxt = readers.submit(read, following) if following else None
-                try:
-                    logits = runner(x, where=f" (tiles from {batch[1][0]})")
+                try:  # on a CPU, the batch split over two lanes (see Lanes)
+                    logits = lanes.submit(x, where=f" (tiles from {batch[1][0]})").result()
                 except ModelOutputError as exc:
                     raise _fail(prep.store, str(exc)) from None
                 if logits.shape[1] != len(prep.classes):

@@ -1,0 +1,114 @@
+"""A batch split over two lanes on a CPU (``tasks.engine.runner.Lanes``): the halves run at once, each
+on half of torch's threads, come back in order, and the engine writes what one lane writes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tasks.engine.infer import EngineConfig, infer_scan
+from tasks.engine.model_io import LoadedModel, ModelCard
+from tasks.engine.runner import CPU_LANES_ENV, Lanes, ModelRunner, cpu_lanes
+from tests.test_engine import conv_net, make_scan
+
+
+class _Recorder(torch.nn.Module):
+    """Scales its input by 2; records when each call ran, in which thread, with how many threads,
+    and holds the call 0.2 s (a sleep releases the GIL, as a forward's kernels do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[float, float, int, int]] = []
+        self._lock = threading.Lock()
+
+    def forward(self, x):
+        t0 = time.perf_counter()
+        threads = torch.get_num_threads()
+        time.sleep(0.2)
+        with self._lock:
+            self.calls.append((t0, time.perf_counter(), threading.get_ident(), threads))
+        return torch.cat([x, 2 * x], 1)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_two_lanes_split_a_batch_over_half_the_threads_each_and_keep_its_order(two_threads):
+    net = _Recorder()
+    runner = ModelRunner(net, device="cpu")
+    assert cpu_lanes(runner) == 2
+    batches = [np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)
+               for n in (4, 3, 1)]
+    with Lanes(runner, 2) as lanes:
+        results = [lanes.submit(b).result() for b in batches]
+    for b, out in zip(batches, results):  # each tile's own logits, in the batch's order
+        assert out.shape == (len(b), 2, 4, 4)
+        np.testing.assert_array_equal(out[:, 1], 2 * b[:, 0])
+    lane_calls = [c for c in net.calls if c[2] != threading.get_ident()]
+    assert len(lane_calls) == 4  # the two batches of several tiles, in halves; the single tile here
+    intervals = sorted((a, b) for a, b, _, _ in lane_calls)
+    assert all(y[0] < x[1] for x, y in zip(intervals[::2], intervals[1::2])), intervals  # halves at once
+    assert len({ident for _, _, ident, _ in lane_calls}) == 2
+    assert {threads for *_, threads in lane_calls} == {1}  # 2 threads shared by 2 lanes
+    assert [c[3] for c in net.calls if c[2] == threading.get_ident()] == [2]  # a lone tile: every thread
+    assert torch.get_num_threads() == 2  # restored
+    assert runner.calls == 8
+
+
+def test_one_lane_runs_in_the_calling_thread_and_a_failure_reaches_the_result(two_threads):
+    """(With two lanes the NaN check runs in a lane: the engine's bad-output tests cover it.)"""
+    net = _Recorder()
+    runner = ModelRunner(net, device="cpu")
+    with Lanes(runner, 1) as lanes:
+        lanes.submit(np.zeros((3, 1, 4, 4), np.float32)).result()
+        bad = lanes.submit(np.full((3, 1, 4, 4), np.nan, np.float32))
+    assert {ident for _, _, ident, _ in net.calls} == {threading.get_ident()}
+    with pytest.raises(Exception, match="NaN or Inf"):
+        bad.result()
+
+
+def test_lanes_only_where_they_help(two_threads, monkeypatch):
+    runner = ModelRunner(torch.nn.Identity(), device="cpu")
+    monkeypatch.setenv(CPU_LANES_ENV, "1")
+    assert cpu_lanes(runner) == 1
+    monkeypatch.setenv(CPU_LANES_ENV, "8")
+    assert cpu_lanes(runner) == 2  # never more lanes than threads
+    monkeypatch.delenv(CPU_LANES_ENV)
+    torch.set_num_threads(1)
+    assert cpu_lanes(runner) == 1
+
+
+@pytest.mark.parametrize("shape, chunks, tile", [
+    pytest.param((2, 70, 90), (32, 32), (24, 24), id="2d"),
+    pytest.param((1, 20, 30, 26), (8, 16, 16), (8, 12, 12), id="3d"),
+])
+def test_engine_with_two_lanes_writes_what_one_lane_writes(tmp_path, monkeypatch, two_threads, shape, chunks, tile):
+    """The blend order is the batches' order whatever lane ran them: the same probabilities (to the
+    float rounding of a forward on one thread against two) and the same labels."""
+    rng = np.random.default_rng(5)
+    array = rng.random(shape, dtype=np.float32)
+    net = conv_net(len(shape) - 1, shape[0], 3)
+    out = {}
+    for lanes in ("1", "2"):
+        monkeypatch.setenv(CPU_LANES_ENV, lanes)
+        (tmp_path / lanes).mkdir()
+        store = make_scan(tmp_path / lanes, array, chunks)
+        config = EngineConfig(tile=tile, overlap=0.5, output_dtype="float32", batch=2, device="cpu")
+        result = infer_scan(store, LoadedModel(net, ModelCard(), "net"), config)
+        assert result.status == "inferred"
+        out[lanes] = (zarr.open_array(f"{store}/prediction/probabilities")[:],
+                      zarr.open_array(f"{store}/prediction/labels")[:])
+    np.testing.assert_allclose(out["2"][0], out["1"][0], atol=1e-6)
+    decided = np.sort(out["1"][0], axis=0)
+    clear = decided[-1] - decided[-2] > 1e-5  # not a near-tie between the two best classes
+    np.testing.assert_array_equal(out["2"][1][clear], out["1"][1][clear])
