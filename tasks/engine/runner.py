@@ -134,11 +134,11 @@ class Lanes:
 
     On a CPU one forward over every core synchronises its threads at each operator, and any other
     thread of the engine (reads, blending, encodes) that takes a core for a moment stalls them all.
-    Halves of the batch on one thread each wait for each other once, at the end: on 2 cores the 2D
-    U-Net's 441 tiles took 5.6-5.9 s against 4.8-6.1 s as one forward on both, alone, and the
-    engine's time fell from 1.18x the bare forward to ~1.0x (``benchmarks/gpu.py``). Splitting the
-    batch, rather than running two batches at once, keeps the activations' memory that of one
-    batch. A batch of one tile, or ``n`` = 1, runs in the calling thread on every thread, as before.
+    Halves of the batch on one thread each wait for each other once, at the end: on 2 cores the
+    engine ran the 2D U-Net over 4096^2 in 6.45-6.58 s against 7.2-7.95 s, the 3D U-Net over 256^3
+    in 17.0 s against 18.4-19.0 s, but its working memory rose (2D 160 -> 226-253 MB, 3D 0.7 -> 1.3
+    GB; docs/limits.md). A batch of one tile, or ``n`` = 1, runs in the calling thread on every
+    thread.
     """
 
     def __init__(self, runner: ModelRunner, n: int):
