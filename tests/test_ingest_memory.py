@@ -95,17 +95,22 @@ def _warm_up(kind: str, folder: Path) -> None:
     ingest_scan(spec, folder / "w.zarr")
 
 
-def test_ingest_working_memory_is_a_few_windows_not_slabs(scan, tmp_path):
-    kind, spec = scan
-    _warm_up(kind, tmp_path / "warm-up")
+def _traced_ingest(spec: ScanSpec, store: Path):
+    """Ingest ``spec`` under tracemalloc: the result and the traced peak above what was held before."""
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         base = tracemalloc.get_traced_memory()[0]
-        result = ingest_scan(spec, tmp_path / "scan.zarr")
-        peak = tracemalloc.get_traced_memory()[1] - base
+        result = ingest_scan(spec, store)
+        return result, tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
+
+
+def test_ingest_working_memory_is_a_few_windows_not_slabs(scan, tmp_path):
+    kind, spec = scan
+    _warm_up(kind, tmp_path / "warm-up")
+    result, peak = _traced_ingest(spec, tmp_path / "scan.zarr")
     assert result.status == "ingested"
     itemsize = {"nifti": 4, "nifti-gz": 4, "tiff": 1, "geotiff": 2}[kind]
     assert int(np.prod(result.shape)) * itemsize == SCAN_BYTES
@@ -160,14 +165,7 @@ def test_raster_pyramid_holds_one_unfinished_chunk_per_level_however_wide(tmp_pa
     peaks = {}
     for name, (height, width) in {"wide": (256, 32768), "square": (2048, 4096)}.items():
         spec = _raster(tmp_path / f"{name}.tif", height, width)
-        tracemalloc.start()
-        try:
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            result = ingest_scan(spec, tmp_path / f"{name}.zarr")
-            peaks[name] = tracemalloc.get_traced_memory()[1] - base
-        finally:
-            tracemalloc.stop()
+        result, peaks[name] = _traced_ingest(spec, tmp_path / f"{name}.zarr")
         assert result.status == "ingested" and result.shape == (1, height, width)
     assert peaks["wide"] <= 1.25 * peaks["square"], {k: round(v / MIB, 2) for k, v in peaks.items()}
 
@@ -192,14 +190,7 @@ def test_rows_only_raster_parks_the_pyramid_chunks_its_windows_leave_unfinished(
     del yy, xx
     spec = ScanSpec("striped", "satellite", (path,), chunks=(64, 64))
     slab = 64 * width * 2
-    tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        result = ingest_scan(spec, tmp_path / "striped.zarr")
-        peak = tracemalloc.get_traced_memory()[1] - base
-    finally:
-        tracemalloc.stop()
+    result, peak = _traced_ingest(spec, tmp_path / "striped.zarr")
     assert result.status == "ingested" and result.shape == (1, height, width)
     import zarr
 
