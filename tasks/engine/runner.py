@@ -115,9 +115,9 @@ CPU_LANES_ENV = "TILEWISE_CPU_LANES"
 
 
 def cpu_lanes(runner: ModelRunner) -> int:
-    """Batches run at once (``Lanes``): on a CPU, with the eager backend and two or more intra-op
-    threads, ``TILEWISE_CPU_LANES`` (default 2); else 1 (a GPU queues its own work; ONNX Runtime and
-    OpenVINO size their own threads)."""
+    """How many lanes a batch is split over (``Lanes``): on a CPU, with the eager backend and two or
+    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 2, at most the threads); else 1 (a GPU
+    queues its own work; ONNX Runtime and OpenVINO size their own threads)."""
     if runner.device.type != "cpu" or runner.backend != "eager" or runner.torch.get_num_threads() < 2:
         return 1
     try:
