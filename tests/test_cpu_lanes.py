@@ -46,7 +46,6 @@ def two_threads():
 def test_two_lanes_split_a_batch_over_half_the_threads_each_and_keep_its_order(two_threads):
     net = _Recorder()
     runner = ModelRunner(net, device="cpu")
-    assert cpu_lanes(runner) == 2
     batches = [np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)
                for n in (4, 3, 1)]
     with Lanes(runner, 2) as lanes:
@@ -79,11 +78,12 @@ def test_one_lane_runs_in_the_calling_thread_and_a_failure_reaches_the_result(tw
 
 def test_lanes_only_where_they_help(two_threads, monkeypatch):
     runner = ModelRunner(torch.nn.Identity(), device="cpu")
-    monkeypatch.setenv(CPU_LANES_ENV, "1")
-    assert cpu_lanes(runner) == 1
+    monkeypatch.delenv(CPU_LANES_ENV, raising=False)
+    assert cpu_lanes(runner) == 1  # the default: one lane (two cost memory, docs/limits.md)
+    monkeypatch.setenv(CPU_LANES_ENV, "2")
+    assert cpu_lanes(runner) == 2
     monkeypatch.setenv(CPU_LANES_ENV, "8")
     assert cpu_lanes(runner) == 2  # never more lanes than threads
-    monkeypatch.delenv(CPU_LANES_ENV)
     torch.set_num_threads(1)
     assert cpu_lanes(runner) == 1
 

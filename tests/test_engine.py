@@ -4,6 +4,7 @@ resume after an injected failure; spilling; bad input."""
 from __future__ import annotations
 
 import itertools
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -177,20 +178,22 @@ def test_normalisation_from_the_card_is_applied(tmp_path):
 
 
 class CountingModel(torch.nn.Module):
-    """Wraps a net; counts tiles; raises after ``fail_after`` forward calls (an injected crash)."""
+    """Wraps a net; counts tiles; raises once ``fail_after`` tiles have run (an injected crash).
+    Counts under a lock: on a CPU with two lanes (``TILEWISE_CPU_LANES``) it is called from two
+    threads, each with part of a batch."""
 
     def __init__(self, net, fail_after: int | None = None):
         super().__init__()
         self.net = net
         self.fail_after = fail_after
-        self.forwards = 0
         self.tiles = 0
+        self._lock = threading.Lock()
 
     def forward(self, x):
-        if self.fail_after is not None and self.forwards >= self.fail_after:
-            raise RuntimeError("injected crash")
-        self.forwards += 1
-        self.tiles += x.shape[0]
+        with self._lock:
+            if self.fail_after is not None and self.tiles >= self.fail_after:
+                raise RuntimeError("injected crash")
+            self.tiles += x.shape[0]
         return self.net(x)
 
 
@@ -203,7 +206,7 @@ def test_resume_skips_finished_chunks_and_matches_uninterrupted_run(tmp_path):
     full = infer_scan(reference, LoadedModel(CountingModel(net), ModelCard(), "m"), config)
 
     store = make_scan(tmp_path, array, (8, 16, 16), "crashy")
-    crashing = CountingModel(net, fail_after=12)
+    crashing = CountingModel(net, fail_after=24)  # 12 batches of 2
     with pytest.raises(RuntimeError, match="injected crash"):
         infer_scan(store, LoadedModel(crashing, ModelCard(), "m"), config)
     assert not storage.is_complete(f"{store}/prediction")

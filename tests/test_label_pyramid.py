@@ -68,8 +68,8 @@ def test_a_resumed_run_writes_the_same_pyramid_after_the_run(tmp_path):
     infer_scan(reference, LoadedModel(net, ModelCard(), "m"), EngineConfig(tile=tile))
 
     store = make_scan(tmp_path, array, chunks, "crashy")
-    with pytest.raises(RuntimeError, match="injected crash"):
-        infer_scan(store, LoadedModel(CountingModel(net, fail_after=20), ModelCard(), "m"), EngineConfig(tile=tile))
+    with pytest.raises(RuntimeError, match="injected crash"):  # after 20 batches of 4 tiles
+        infer_scan(store, LoadedModel(CountingModel(net, fail_after=80), ModelCard(), "m"), EngineConfig(tile=tile))
     listed = zarr.open_group(store, mode="r").get("labels")
     assert listed is None or "prediction" not in listed.attrs.get("ome", {}).get("labels", []), \
         "a half-written label image is never listed"

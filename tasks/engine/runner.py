@@ -116,14 +116,15 @@ CPU_LANES_ENV = "TILEWISE_CPU_LANES"
 
 def cpu_lanes(runner: ModelRunner) -> int:
     """How many lanes a batch is split over (``Lanes``): on a CPU, with the eager backend and two or
-    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 2, at most the threads); else 1 (a GPU
-    queues its own work; ONNX Runtime and OpenVINO size their own threads)."""
+    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 1: two lanes are faster but their memory
+    is higher, not yet explained; at most the threads); else 1 (a GPU queues its own work; ONNX
+    Runtime and OpenVINO size their own threads)."""
     if runner.device.type != "cpu" or runner.backend != "eager" or runner.torch.get_num_threads() < 2:
         return 1
     try:
-        wanted = int(os.environ.get(CPU_LANES_ENV, "2"))
+        wanted = int(os.environ.get(CPU_LANES_ENV, "1"))
     except ValueError:
-        wanted = 2
+        wanted = 1
     return max(1, min(wanted, runner.torch.get_num_threads()))
 
 
@@ -137,8 +138,8 @@ class Lanes:
     Halves of the batch on one thread each wait for each other once, at the end: on 2 cores the
     engine ran the 2D U-Net over 4096^2 in 6.45-6.58 s against 7.2-7.95 s, the 3D U-Net over 256^3
     in 17.0 s against 18.4-19.0 s, but its working memory rose (2D 160 -> 226-253 MB, 3D 0.7 -> 1.3
-    GB; docs/limits.md). A batch of one tile, or ``n`` = 1, runs in the calling thread on every
-    thread.
+    GB; docs/limits.md), so one lane stays the default. A batch of one tile, or ``n`` = 1, runs in
+    the calling thread on every thread.
     """
 
     def __init__(self, runner: ModelRunner, n: int):
@@ -151,7 +152,8 @@ class Lanes:
             torch = self.runner.torch
             self._threads = torch.get_num_threads()
             # per thread (OpenMP): each lane sets its own count when it starts
-            self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="tilewise-lane", initializer=torch.set_num_threads,
+            self._pool = ThreadPoolExecutor(self.n, thread_name_prefix="tilewise-lane",
+                                            initializer=torch.set_num_threads,
                                             initargs=(max(1, self._threads // self.n),))
         return self
 
@@ -178,6 +180,7 @@ class Lanes:
                 done.set_exception(failed)
             else:
                 done.set_result(np.concatenate([p.result() for p in parts]))
+            parts.clear()  # the parts refer to this callback: no cycle keeps their logits for the GC
 
         for part in parts:
             part.add_done_callback(gather)
