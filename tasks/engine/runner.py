@@ -116,15 +116,14 @@ CPU_LANES_ENV = "TILEWISE_CPU_LANES"
 
 def cpu_lanes(runner: ModelRunner) -> int:
     """How many lanes a batch is split over (``Lanes``): on a CPU, with the eager backend and two or
-    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 1: two lanes are faster but their memory
-    is higher, not yet explained; at most the threads); else 1 (a GPU queues its own work; ONNX
-    Runtime and OpenVINO size their own threads)."""
+    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 2, at most the threads); else 1 (a GPU
+    queues its own work; ONNX Runtime and OpenVINO size their own threads)."""
     if runner.device.type != "cpu" or runner.backend != "eager" or runner.torch.get_num_threads() < 2:
         return 1
     try:
-        wanted = int(os.environ.get(CPU_LANES_ENV, "1"))
+        wanted = int(os.environ.get(CPU_LANES_ENV, "2"))
     except ValueError:
-        wanted = 1
+        wanted = 2
     return max(1, min(wanted, runner.torch.get_num_threads()))
 
 
@@ -137,9 +136,8 @@ class Lanes:
     thread of the engine (reads, blending, encodes) that takes a core for a moment stalls them all.
     Halves of the batch on one thread each wait for each other once, at the end: on 2 cores the
     engine ran the 2D U-Net over 4096^2 in 6.45-6.58 s against 7.2-7.95 s, the 3D U-Net over 256^3
-    in 17.0 s against 18.4-19.0 s, but its working memory rose (2D 160 -> 226-253 MB, 3D 0.7 -> 1.3
-    GB; docs/limits.md), so one lane stays the default. A batch of one tile, or ``n`` = 1, runs in
-    the calling thread on every thread.
+    in 17.7-17.9 s against 18.8-20.0 s, its working memory 5-14 % higher (docs/limits.md). A batch
+    of one tile, or ``n`` = 1, runs in the calling thread on every thread.
     """
 
     def __init__(self, runner: ModelRunner, n: int):
