@@ -49,7 +49,7 @@ def test_two_lanes_split_a_batch_over_half_the_threads_each_and_keep_its_order(t
     batches = [np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)
                for n in (4, 3, 1)]
     with Lanes(runner, 2) as lanes:
-        results = [lanes.submit(b).result() for b in batches]
+        results = [lanes.run(b) for b in batches]
     for b, out in zip(batches, results):  # each tile's own logits, in the batch's order
         assert out.shape == (len(b), 2, 4, 4)
         np.testing.assert_array_equal(out[:, 1], 2 * b[:, 0])
@@ -69,11 +69,10 @@ def test_one_lane_runs_in_the_calling_thread_and_a_failure_reaches_the_result(tw
     net = _Recorder()
     runner = ModelRunner(net, device="cpu")
     with Lanes(runner, 1) as lanes:
-        lanes.submit(np.zeros((3, 1, 4, 4), np.float32)).result()
-        bad = lanes.submit(np.full((3, 1, 4, 4), np.nan, np.float32))
+        lanes.run(np.zeros((3, 1, 4, 4), np.float32))
+        with pytest.raises(Exception, match="NaN or Inf"):
+            lanes.run(np.full((3, 1, 4, 4), np.nan, np.float32))
     assert {ident for _, _, ident, _ in net.calls} == {threading.get_ident()}
-    with pytest.raises(Exception, match="NaN or Inf"):
-        bad.result()
 
 
 def test_lanes_only_where_they_help(two_threads, monkeypatch):

@@ -559,7 +559,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 following = next(batches, None)
                 nxt = readers.submit(read, following) if following else None
                 try:  # on a CPU, the batch split over two lanes (see Lanes)
-                    logits = lanes.submit(x, where=f" (tiles from {batch[1][0]})").result()
+                    logits = lanes.run(x, where=f" (tiles from {batch[1][0]})")
                 except ModelOutputError as exc:
                     raise _fail(prep.store, str(exc)) from None
                 if logits.shape[1] != len(prep.classes):

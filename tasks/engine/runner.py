@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from typing import Literal
 
 import numpy as np
@@ -129,8 +130,8 @@ def cpu_lanes(runner: ModelRunner) -> int:
 
 class Lanes:
     """Runs each batch of the model split over ``n`` lanes at once, each lane a thread with
-    ``threads // n`` of torch's intra-op threads (restored on exit); ``submit`` gives the whole
-    batch's logits, in its order, as a Future.
+    ``threads // n`` of torch's intra-op threads (restored on exit); ``run`` gives the whole
+    batch's logits, in its order.
 
     On a CPU one forward over every core synchronises its threads at each operator, and any other
     thread of the engine (reads, blending, encodes) that takes a core for a moment stalls them all.
@@ -155,34 +156,14 @@ class Lanes:
                                             initargs=(max(1, self._threads // self.n),))
         return self
 
-    def submit(self, batch: np.ndarray, where: str = "") -> Future:
-        done: Future = Future()
+    def run(self, batch: np.ndarray, where: str = "") -> np.ndarray:
+        """The batch's logits, in its order (a lane's error is raised here)."""
         if self._pool is None or len(batch) < 2:
-            try:
-                done.set_result(self.runner(batch, where=where))
-            except Exception as exc:  # raised where the caller takes the result, as from a lane
-                done.set_exception(exc)
-            return done
+            return self.runner(batch, where=where)
         parts = [self._pool.submit(self.runner, part, where=where)
                  for part in np.array_split(batch, min(self.n, len(batch)))]
-        left = [len(parts)]
-        lock = threading.Lock()
-
-        def gather(_) -> None:
-            with lock:
-                left[0] -= 1
-                if left[0]:
-                    return
-            failed = next((p.exception() for p in parts if p.exception() is not None), None)
-            if failed is not None:
-                done.set_exception(failed)
-            else:
-                done.set_result(np.concatenate([p.result() for p in parts]))
-            parts.clear()  # the parts refer to this callback: no cycle keeps their logits for the GC
-
-        for part in parts:
-            part.add_done_callback(gather)
-        return done
+        wait_futures(parts)  # every part done, even after one failed: no lane is left running
+        return np.concatenate([p.result() for p in parts])
 
     def __exit__(self, *exc) -> None:
         if self._pool is not None:
