@@ -78,9 +78,9 @@ def test_one_lane_runs_in_the_calling_thread_and_a_failure_reaches_the_result(tw
 def test_lanes_only_where_they_help(two_threads, monkeypatch):
     runner = ModelRunner(torch.nn.Identity(), device="cpu")
     monkeypatch.delenv(CPU_LANES_ENV, raising=False)
-    assert cpu_lanes(runner) == 2  # the default on a CPU with two threads or more
-    monkeypatch.setenv(CPU_LANES_ENV, "1")
-    assert cpu_lanes(runner) == 1
+    assert cpu_lanes(runner) == 1  # the default: results independent of the batches (docs/limits.md)
+    monkeypatch.setenv(CPU_LANES_ENV, "2")
+    assert cpu_lanes(runner) == 2
     monkeypatch.setenv(CPU_LANES_ENV, "8")
     assert cpu_lanes(runner) == 2  # never more lanes than threads
     monkeypatch.delenv(CPU_LANES_ENV)

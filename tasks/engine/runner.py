@@ -117,14 +117,15 @@ CPU_LANES_ENV = "TILEWISE_CPU_LANES"
 
 def cpu_lanes(runner: ModelRunner) -> int:
     """How many lanes a batch is split over (``Lanes``): on a CPU, with the eager backend and two or
-    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 2, at most the threads); else 1 (a GPU
-    queues its own work; ONNX Runtime and OpenVINO size their own threads)."""
+    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 1, at most the threads: a tile's logits
+    then depend by ~1e-6 on the batch it fell in, one thread against two); else 1 (a GPU queues its
+    own work; ONNX Runtime and OpenVINO size their own threads)."""
     if runner.device.type != "cpu" or runner.backend != "eager" or runner.torch.get_num_threads() < 2:
         return 1
     try:
-        wanted = int(os.environ.get(CPU_LANES_ENV, "2"))
+        wanted = int(os.environ.get(CPU_LANES_ENV, "1"))
     except ValueError:
-        wanted = 2
+        wanted = 1
     return max(1, min(wanted, runner.torch.get_num_threads()))
 
 
