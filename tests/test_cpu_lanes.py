@@ -1,5 +1,6 @@
-"""A batch split over two lanes on a CPU (``tasks.engine.runner.Lanes``): the halves run at once, each
-on half of torch's threads, come back in order, and the engine writes what one lane writes."""
+"""A batch split over two lanes on a CPU (``tasks.engine.runner.Lanes``): the parts run at once, each
+on half of torch's threads, always of the same size (a tile's logits do not depend on its batch),
+come back in order, and the engine writes what one lane writes."""
 
 from __future__ import annotations
 
@@ -18,12 +19,12 @@ from tests.test_engine import conv_net, make_scan
 
 
 class _Recorder(torch.nn.Module):
-    """Scales its input by 2; records when each call ran, in which thread, with how many threads,
-    and holds the call 0.2 s (a sleep releases the GIL, as a forward's kernels do)."""
+    """Scales its input by 2; records when each call ran, in which thread, with how many threads and
+    tiles, and holds the call 0.2 s (a sleep releases the GIL, as a forward's kernels do)."""
 
     def __init__(self):
         super().__init__()
-        self.calls: list[tuple[float, float, int, int]] = []
+        self.calls: list[tuple[float, float, int, int, int]] = []
         self._lock = threading.Lock()
 
     def forward(self, x):
@@ -31,7 +32,7 @@ class _Recorder(torch.nn.Module):
         threads = torch.get_num_threads()
         time.sleep(0.2)
         with self._lock:
-            self.calls.append((t0, time.perf_counter(), threading.get_ident(), threads))
+            self.calls.append((t0, time.perf_counter(), threading.get_ident(), threads, len(x)))
         return torch.cat([x, 2 * x], 1)
 
 
@@ -43,49 +44,62 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_two_lanes_split_a_batch_over_half_the_threads_each_and_keep_its_order(two_threads):
+def test_two_lanes_split_a_batch_into_equal_parts_over_half_the_threads_each_and_keep_its_order(two_threads):
     net = _Recorder()
     runner = ModelRunner(net, device="cpu")
     batches = [np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 1, 4, 4), np.float32)
                for n in (4, 3, 1)]
-    with Lanes(runner, 2) as lanes:
+    with Lanes(runner, 2, batch=4) as lanes:
         results = [lanes.run(b) for b in batches]
-    for b, out in zip(batches, results):  # each tile's own logits, in the batch's order
+    for b, out in zip(batches, results):  # each tile's own logits, in the batch's order, no filler
         assert out.shape == (len(b), 2, 4, 4)
         np.testing.assert_array_equal(out[:, 1], 2 * b[:, 0])
-    lane_calls = [c for c in net.calls if c[2] != threading.get_ident()]
-    assert len(lane_calls) == 4  # the two batches of several tiles, in halves; the single tile here
-    intervals = sorted((a, b) for a, b, _, _ in lane_calls)
-    assert all(y[0] < x[1] for x, y in zip(intervals[::2], intervals[1::2])), intervals  # halves at once
-    assert len({ident for _, _, ident, _ in lane_calls}) == 2
-    assert {threads for *_, threads in lane_calls} == {1}  # 2 threads shared by 2 lanes
-    assert [c[3] for c in net.calls if c[2] == threading.get_ident()] == [2]  # a lone tile: every thread
+    assert threading.get_ident() not in {c[2] for c in net.calls}  # every part in a lane
+    assert [c[4] for c in net.calls] == [2] * 5  # 4 = 2 + 2, 3 = 2 + (1 and a copy), 1 = (1 and a copy)
+    intervals = sorted((a, b) for a, b, *_ in net.calls)[:4]  # the two batches of several tiles
+    assert all(y[0] < x[1] for x, y in zip(intervals[::2], intervals[1::2])), intervals  # parts at once
+    assert len({c[2] for c in net.calls}) == 2
+    assert {c[3] for c in net.calls} == {1}  # 2 threads shared by 2 lanes
     assert torch.get_num_threads() == 2  # restored
-    assert runner.calls == 8
+    assert runner.calls == 8  # the copies are not counted
+
+
+def test_a_tiles_logits_do_not_depend_on_the_batch_it_fell_in(two_threads):
+    """Nodata tiles skipped, a region or a stripe's end change which tiles share a batch and how many
+    there are: the tile's logits stay the same to the bit (a one-thread forward rounds by the batch's
+    size; lanes of a fixed size are filled with copies)."""
+    net = conv_net(3, 1, 2)
+    tiles = np.random.default_rng(0).random((5, 1, 16, 24, 24), dtype=np.float32)
+    runner = ModelRunner(net, device="cpu")
+    with Lanes(runner, 2, batch=4) as lanes:
+        full = lanes.run(tiles[:4])
+        for batch in ([tiles[0]], [tiles[4], tiles[0]], [tiles[2], tiles[4], tiles[0]]):
+            np.testing.assert_array_equal(lanes.run(np.stack(batch))[-1], full[0])
 
 
 def test_one_lane_runs_in_the_calling_thread_and_a_failure_reaches_the_result(two_threads):
     """(With two lanes the NaN check runs in a lane: the engine's bad-output tests cover it.)"""
     net = _Recorder()
     runner = ModelRunner(net, device="cpu")
-    with Lanes(runner, 1) as lanes:
+    with Lanes(runner, 1, batch=4) as lanes:
         lanes.run(np.zeros((3, 1, 4, 4), np.float32))
         with pytest.raises(Exception, match="NaN or Inf"):
             lanes.run(np.full((3, 1, 4, 4), np.nan, np.float32))
-    assert {ident for _, _, ident, _ in net.calls} == {threading.get_ident()}
+    assert {c[2] for c in net.calls} == {threading.get_ident()}
 
 
 def test_lanes_only_where_they_help(two_threads, monkeypatch):
     runner = ModelRunner(torch.nn.Identity(), device="cpu")
     monkeypatch.delenv(CPU_LANES_ENV, raising=False)
-    assert cpu_lanes(runner) == 1  # the default: results independent of the batches (docs/limits.md)
-    monkeypatch.setenv(CPU_LANES_ENV, "2")
-    assert cpu_lanes(runner) == 2
+    assert cpu_lanes(runner, 4) == 2  # the default on two or more threads
+    assert cpu_lanes(runner, 1) == 1  # a batch of one tile: nothing to split
+    monkeypatch.setenv(CPU_LANES_ENV, "1")
+    assert cpu_lanes(runner, 4) == 1
     monkeypatch.setenv(CPU_LANES_ENV, "8")
-    assert cpu_lanes(runner) == 2  # never more lanes than threads
+    assert cpu_lanes(runner, 8) == 2  # never more lanes than threads
     monkeypatch.delenv(CPU_LANES_ENV)
     torch.set_num_threads(1)
-    assert cpu_lanes(runner) == 1
+    assert cpu_lanes(runner, 4) == 1
 
 
 @pytest.mark.parametrize("shape, chunks, tile", [

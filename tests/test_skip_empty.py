@@ -169,7 +169,9 @@ def test_satellite_nodata_is_skipped_by_default_and_a_lone_pixel_the_pyramid_rou
     result = infer_scan(store, LoadedModel(net, CARD, "pw"),
                         EngineConfig(tile=tile, placement="monai", output_dtype="float32"))
     assert result.tiles == must_run and result.tiles_skipped == planned - must_run > 0
-    assert np.abs(predicted(store) - want).max() <= 1e-6
+    # raw values up to 50: logits of that size round differently on one thread (a lane) than over the
+    # whole image on two, by up to ~1.2e-6 in probability
+    assert np.abs(predicted(store) - want).max() <= 2e-6
     assert storage.read_record(f"{store}/prediction")["skip_empty"] == {"source": "nodata", "values": [0.0] * 3}
 
 

@@ -546,7 +546,7 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
     with ThreadPoolExecutor(1, thread_name_prefix="tilewise-read") as readers, \
             ThreadPoolExecutor(1, thread_name_prefix="tilewise-blend") as blender, \
             ThreadPoolExecutor(WRITERS, thread_name_prefix="tilewise-write") as writers, \
-            Lanes(runner, cpu_lanes(runner)) as lanes:
+            Lanes(runner, cpu_lanes(runner, config.batch), config.batch) as lanes:
         try:
             for index in sorted(c for c in wanted if not count(c)):  # only empty tiles over it
                 pending.append(writers.submit(writer.write, index, None))

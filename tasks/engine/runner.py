@@ -70,7 +70,9 @@ class ModelRunner:
             raise ModelOutputError(f"model returned {type(out).__name__}, expected a tensor (B, K, ...)")
         return out
 
-    def __call__(self, batch: np.ndarray, where: str = "") -> np.ndarray:
+    def __call__(self, batch: np.ndarray, where: str = "", *, pad: int = 0) -> np.ndarray:
+        """The batch's logits; its last ``pad`` tiles are copies that fill a lane's part (``Lanes``):
+        run, but neither counted nor returned."""
         torch = self.torch
         x = torch.from_numpy(np.ascontiguousarray(batch))
         if self.squeeze_axis is not None:
@@ -101,8 +103,9 @@ class ModelRunner:
         if self.squeeze_axis is not None:
             logits = logits.unsqueeze(self.squeeze_axis)
         with self._lock:
-            self.calls += batch.shape[0]
-        return logits.cpu().numpy()
+            self.calls += batch.shape[0] - pad
+        out = logits.cpu().numpy()
+        return out[:len(out) - pad] if pad else out
 
     def _check(self, out, x, where: str) -> None:
         if not out.is_floating_point():
@@ -115,18 +118,17 @@ class ModelRunner:
 CPU_LANES_ENV = "TILEWISE_CPU_LANES"
 
 
-def cpu_lanes(runner: ModelRunner) -> int:
+def cpu_lanes(runner: ModelRunner, batch: int) -> int:
     """How many lanes a batch is split over (``Lanes``): on a CPU, with the eager backend and two or
-    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 1, at most the threads: a tile's logits
-    then depend by ~1e-6 on the batch it fell in, one thread against two); else 1 (a GPU queues its
-    own work; ONNX Runtime and OpenVINO size their own threads)."""
+    more intra-op threads, ``TILEWISE_CPU_LANES`` (default 2; at most the threads and the batch);
+    else 1 (a GPU queues its own work; ONNX Runtime and OpenVINO size their own threads)."""
     if runner.device.type != "cpu" or runner.backend != "eager" or runner.torch.get_num_threads() < 2:
         return 1
     try:
-        wanted = int(os.environ.get(CPU_LANES_ENV, "1"))
+        wanted = int(os.environ.get(CPU_LANES_ENV, "2"))
     except ValueError:
-        wanted = 1
-    return max(1, min(wanted, runner.torch.get_num_threads()))
+        wanted = 2
+    return max(1, min(wanted, runner.torch.get_num_threads(), batch))
 
 
 class Lanes:
@@ -136,14 +138,19 @@ class Lanes:
 
     On a CPU one forward over every core synchronises its threads at each operator, and any other
     thread of the engine (reads, blending, encodes) that takes a core for a moment stalls them all.
-    Halves of the batch on one thread each wait for each other once, at the end: on 2 cores the
+    Parts of the batch on one thread each wait for each other once, at the end: on 2 cores the
     engine ran the 2D U-Net over 4096^2 in 6.45-6.58 s against 7.2-7.95 s, the 3D U-Net over 256^3
-    in 17.7-17.9 s against 18.8-20.0 s, its working memory 5-14 % higher (docs/limits.md). A batch
-    of one tile, or ``n`` = 1, runs in the calling thread on every thread.
+    in 17.7-17.9 s against 18.8-20.0 s (docs/limits.md).
+
+    Every part has the same size, ``ceil(batch / n)`` tiles, a short one filled with copies of its
+    last tile: a forward's rounding depends on the batch's size, so a tile's logits are then the
+    same whatever batch it fell in (nodata tiles skipped, a region, a stripe's last batch).
+    ``n`` = 1 runs in the calling thread on every thread.
     """
 
-    def __init__(self, runner: ModelRunner, n: int):
+    def __init__(self, runner: ModelRunner, n: int, batch: int):
         self.runner, self.n = runner, max(1, n)
+        self.part = -(-max(1, batch) // self.n)
         self._pool: ThreadPoolExecutor | None = None
         self._threads = 0
 
@@ -159,10 +166,15 @@ class Lanes:
 
     def run(self, batch: np.ndarray, where: str = "") -> np.ndarray:
         """The batch's logits, in its order (a lane's error is raised here)."""
-        if self._pool is None or len(batch) < 2:
+        if self._pool is None:
             return self.runner(batch, where=where)
-        parts = [self._pool.submit(self.runner, part, where=where)
-                 for part in np.array_split(batch, min(self.n, len(batch)))]
+        parts = []
+        for start in range(0, len(batch), self.part):
+            part = batch[start:start + self.part]
+            pad = self.part - len(part)
+            if pad:
+                part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+            parts.append(self._pool.submit(self.runner, part, where=where, pad=pad))
         wait_futures(parts)  # every part done, even after one failed: no lane is left running
         return np.concatenate([p.result() for p in parts])
 
