@@ -33,6 +33,18 @@ def one_thread():
     torch.set_num_threads(old)
 
 
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def torch_threads(request):
+    """torch on one thread, then on two (where the engine splits each batch over two lanes on a
+    CPU: ``tasks.engine.runner.Lanes``), then as it was."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES

@@ -81,7 +81,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("shape, chunks, tile, overlap, pad", CASES)
-def test_equals_monai_sliding_window_inference(tmp_path, shape, chunks, tile, overlap, pad):
+def test_equals_monai_sliding_window_inference(tmp_path, torch_threads, shape, chunks, tile, overlap, pad):
+    """(On two threads each batch of 3 runs as two lanes' parts of 2, one filled with a copy.)"""
     rng = np.random.default_rng(1)
     array = rng.random(shape, dtype=np.float32)
     net = conv_net(len(shape) - 1, shape[0], 3)
@@ -309,7 +310,7 @@ class BadModel(torch.nn.Module):
     ("nan", "NaN or Inf"),
     ("type", "expected a tensor"),
 ])
-def test_bad_model_output(tmp_path, kind, message):
+def test_bad_model_output(tmp_path, torch_threads, kind, message):  # on two threads raised in a lane
     store = make_scan(tmp_path, np.ones((1, 20, 20), np.float32), (16, 16))
     with pytest.raises(ScanError) as info:
         infer_scan(store, LoadedModel(BadModel(kind), ModelCard(), "bad"), EngineConfig(tile=(8, 8)))
