@@ -226,6 +226,20 @@ def client_env(servers, home: Path) -> dict[str, str]:
                      PREFECT_HOME=str(home / "prefect-client"))
 
 
+def started_runs(pc, flow: str, limit: int = 50) -> list:
+    """``flow``'s runs that have started or ended, the latest start first: never the future runs a
+    deployment's cron schedule queues (their start time is null, which Postgres sorts first)."""
+    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
+                                                FlowRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    return pc.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
+                             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                                 type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))),
+                             limit=limit, sort=FlowRunSort.START_TIME_DESC)
+
+
 def prefect_client(servers):
     """A sync Prefect client bound to the test server (not the session's embedded one)."""
     from prefect import get_client
@@ -317,16 +331,11 @@ def test_nightly_against_the_servers_is_read_back_from_them(servers, em_model):
         "the client fell back to the embedded MLflow"
 
     # Prefect: the nightly flow run, Completed, on the server (not an embedded API).
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
     with prefect_client(servers) as pc:
-        runs = pc.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["nightly"])),
-                                 limit=10, sort=FlowRunSort.START_TIME_DESC)
+        runs = started_runs(pc, "nightly", limit=10)
         assert runs, "the server has no nightly flow run"
         assert runs[0].state.is_completed(), (runs[0].state.name, runs[0].state.message)
-        trained = pc.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["train"])),
-                                    limit=10, sort=FlowRunSort.START_TIME_DESC)
+        trained = started_runs(pc, "train", limit=10)
         assert trained and trained[0].parent_task_run_id is not None  # a subflow of the nightly run
     print(f"nightly against the servers: {finished:.0f} s")
 
@@ -367,7 +376,7 @@ def test_gpu_limit_holds_across_concurrent_flow_runs(servers, em_model, tmp_path
     with 1 slot their inferences never overlap although their tasks waited side by side; with 2 they do.
     Measured from the server: the slot events (acquired -> released) and the task runs' times."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter
+    from prefect.client.schemas.filters import TaskRunFilter
     from prefect.client.schemas.filters import TaskRunFilterName
     from prefect.client.schemas.sorting import TaskRunSort
 
@@ -489,12 +498,8 @@ def test_serve_restart_reactivates_schedules_and_backfill_runs_on_demand(servers
                            "--watch", "--watch-timeout", "240"], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + log_tail(first)
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
-
     with prefect_client(servers) as pc:
-        runs = pc.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["backfill"])), limit=5,
-                                 sort=FlowRunSort.START_TIME_DESC)
+        runs = started_runs(pc, "backfill", limit=5)
         assert len(runs) == 1 and runs[0].state.is_completed(), [(r.state_name, r.state.message) for r in runs]
         assert runs[0].parameters["dataset"] == "served"
     assert list(home.rglob("isbi_b.zarr")), "the backfill ingested nothing under the serving TILEWISE_HOME"
@@ -519,10 +524,7 @@ def test_prefect_yaml_deploys_to_a_tilewise_work_pool(servers, em_model, tmp_pat
     module: these deployments share their names with the served ones)."""
     from data_catalog import DEFAULT_CATALOG_DIR, load_catalog
     from mlflow import MlflowClient
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
-    from prefect.client.schemas.objects import StateType
-    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from tasks import storage
 
@@ -581,11 +583,7 @@ def test_prefect_yaml_deploys_to_a_tilewise_work_pool(servers, em_model, tmp_pat
         procs.stop(worker)
     with prefect_client(servers) as pc:
         for flow, key in (("backfill", "backfill-summary"), ("nightly", "nightly-summary")):
-            # the deployments' schedules have queued future runs of these flows: leave those out
-            runs = pc.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow])),
-                                     flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                                         type=FlowRunFilterStateType(not_any_=[StateType.SCHEDULED]))),
-                                     limit=50, sort=FlowRunSort.START_TIME_DESC)
+            runs = started_runs(pc, flow)  # not the future runs the deployments' schedules queued
             pooled = [r for r in runs if r.parameters.get("dataset") == "pooled"
                       or r.parameters.get("datasets") == ["pooled"]]
             assert len(pooled) == 1, [(r.name, r.parameters) for r in runs]
