@@ -64,6 +64,41 @@ def test_two_lanes_split_a_batch_into_equal_parts_over_half_the_threads_each_and
     assert runner.calls == 8  # the copies are not counted
 
 
+class _Sleeper(torch.nn.Module):
+    """Holds each call as many seconds as its first tile's first value; records (start, end, value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[float, float, float]] = []
+        self._lock = threading.Lock()
+
+    def forward(self, x):
+        t0 = time.perf_counter()
+        time.sleep(float(x[0, 0, 0, 0]))
+        with self._lock:
+            self.calls.append((t0, time.perf_counter(), float(x[0, 0, 0, 0])))
+        return torch.cat([x, -x], 1)
+
+
+def test_a_lane_goes_on_with_the_next_batch_while_the_other_finishes_this_one(two_threads):
+    """Batches queued behind each other: a part slowed down (here held 0.6 s) does not idle the
+    other lane until the batch's end; it runs the next batch's parts meanwhile."""
+    net = _Sleeper()
+    runner = ModelRunner(net, device="cpu")
+    first = np.array([0.6, 0.6, 0.05, 0.05], np.float32).reshape(4, 1, 1, 1) * np.ones((1, 1, 2, 2), np.float32)
+    second = np.full((4, 1, 2, 2), 0.05, np.float32)
+    with Lanes(runner, 2, batch=4) as lanes:
+        assert lanes.depth == 2
+        queued = [lanes.submit(first), lanes.submit(second)]
+        out = [q.result() for q in queued]
+    np.testing.assert_array_equal(out[0][:, 1], -first[:, 0])
+    np.testing.assert_array_equal(out[1][:, 1], -second[:, 0])
+    slow = next(c for c in net.calls if c[2] > 0.5)
+    others = [c for c in net.calls if c is not slow]
+    # the slow part's partner and both of the next batch's parts ran beside it, on the other lane
+    assert len(others) == 3 and all(c[1] <= slow[1] for c in others), net.calls
+
+
 def test_a_tiles_logits_do_not_depend_on_the_batch_it_fell_in(two_threads):
     """Nodata tiles skipped, a region or a stripe's end change which tiles share a batch and how many
     there are: the tile's logits stay the same to the bit (a one-thread forward rounds by the batch's

@@ -552,14 +552,13 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 pending.append(writers.submit(writer.write, index, None))
                 empty_chunks += 1
                 drain_writes(WRITES_PENDING)
-            batch = next(batches, None)
-            nxt = readers.submit(read, batch) if batch else None
-            while batch:
-                x = nxt.result()
-                following = next(batches, None)
-                nxt = readers.submit(read, following) if following else None
-                try:  # on a CPU, the batch split over two lanes (see Lanes)
-                    logits = lanes.run(x, where=f" (tiles from {batch[1][0]})")
+            inflight: deque[tuple[tuple[int, list], object]] = deque()  # batches in the lanes, in order
+
+            def finish_oldest() -> None:
+                nonlocal ran
+                done, queued = inflight.popleft()
+                try:
+                    logits = queued.result()
                 except ModelOutputError as exc:
                     raise _fail(prep.store, str(exc)) from None
                 if logits.shape[1] != len(prep.classes):
@@ -567,13 +566,27 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                                             f"{len(prep.classes)}")
                 # the model goes on with the next batch while this one is blended (on a GPU the
                 # device never waits for the CPU's blending); one batch waits at most
-                blends.append(blender.submit(blend, batch, logits))
+                blends.append(blender.submit(blend, done, logits))
                 while len(blends) > BLENDS_PENDING:
                     blends.popleft().result()
-                ran += len(batch[1])
+                ran += len(done[1])
                 if progress is not None:
                     progress(ran, total)
+
+            batch = next(batches, None)
+            nxt = readers.submit(read, batch) if batch else None
+            while batch:
+                x = nxt.result()
+                following = next(batches, None)
+                nxt = readers.submit(read, following) if following else None
+                # on a CPU, the batch split over two lanes and the next one queued behind it (Lanes)
+                inflight.append((batch, lanes.submit(x, where=f" (tiles from {batch[1][0]})")))
+                del x
+                if len(inflight) >= lanes.depth:
+                    finish_oldest()
                 batch = following
+            while inflight:
+                finish_oldest()
             while blends:
                 blends.popleft().result()
         finally:
