@@ -581,7 +581,6 @@ def run_chunks(prep: Prepared, model: LoadedModel, chunks: set[Chunk] | None = N
                 nxt = readers.submit(read, following) if following else None
                 # on a CPU, the batch split over two lanes and the next one queued behind it (Lanes)
                 inflight.append((batch, lanes.submit(x, where=f" (tiles from {batch[1][0]})")))
-                del x
                 if len(inflight) >= lanes.depth:
                     finish_oldest()
                 batch = following

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Literal
 
@@ -170,10 +170,12 @@ class Lanes:
     def submit(self, batch: np.ndarray, where: str = "") -> "_Logits":
         """The batch queued over the lanes (with one lane: run now)."""
         if self._pool is None:
+            done: Future = Future()
             try:
-                return _Logits(done=self.runner(batch, where=where))
+                done.set_result(self.runner(batch, where=where))
             except Exception as exc:  # raised by result(), as a lane's is
-                return _Logits(error=exc)
+                done.set_exception(exc)
+            return _Logits([done])
         parts = []
         for start in range(0, len(batch), self.part):
             part = batch[start:start + self.part]
@@ -181,7 +183,7 @@ class Lanes:
             if pad:
                 part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
             parts.append(self._pool.submit(self.runner, part, where=where, pad=pad))
-        return _Logits(parts=parts)
+        return _Logits(parts)
 
     def run(self, batch: np.ndarray, where: str = "") -> np.ndarray:
         """The batch's logits, in its order (a lane's error is raised here)."""
@@ -194,19 +196,12 @@ class Lanes:
 
 
 class _Logits:
-    """A batch's logits: computed (``done``), failed (``error``) or in its lanes' ``parts``."""
+    """A batch's logits, in order, from the futures of its parts (one part with one lane)."""
 
-    def __init__(self, done: np.ndarray | None = None, error: Exception | None = None, parts=None):
-        self._done, self._error, self._parts = done, error, parts
+    def __init__(self, parts: list[Future]):
+        self.parts = parts
 
     def result(self) -> np.ndarray:
-        if self._parts is not None:
-            wait_futures(self._parts)  # every part done, even after one failed: no lane left on it
-            parts, self._parts = self._parts, None
-            try:
-                self._done = np.concatenate([p.result() for p in parts])
-            except Exception as exc:
-                self._error = exc
-        if self._error is not None:
-            raise self._error
-        return self._done
+        wait_futures(self.parts)  # every part done, even after one failed: no lane left on it
+        out = [p.result() for p in self.parts]
+        return out[0] if len(out) == 1 else np.concatenate(out)
