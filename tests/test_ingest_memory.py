@@ -172,15 +172,14 @@ def test_raster_pyramid_holds_one_unfinished_chunk_per_level_however_wide(tmp_pa
 
 def test_rows_only_raster_holds_its_slab_packed_and_parks_the_pyramid_chunks(tmp_path, monkeypatch):
     """A striped raster is read in whole rows: a slab (one chunk row) at a time, handed out in
-    windows. Held as read, the slab alone is 1x; levels 1.. finish a chunk only over the next slabs,
-    so each kept a chunk row of buffers as wide as the scene (traced peak 2.27x the slab here).
-    Parking the chunks a window leaves unfinished (LZ4) brought it to 1.74x; holding the slab
-    packed too (read and packed in pieces, unpacked a window at a time) and building levels 2..
-    from level 1, to 1.02x: what is left is mostly level 1's chunk row and the second pass."""
+    windows. Held as read, the slab alone is 1x, and levels 1.. finish a chunk only over the next
+    slabs: with their unfinished chunks parked (LZ4), the traced peak was 1.97x the slab here.
+    Holding the slab packed too (packed piece by piece as read, unpacked a window at a time) and
+    building levels 2.. from level 1 brought it to 0.96x: mostly level 1's row of parked chunks and
+    the next slab, read meanwhile."""
     from tasks.ingest import to_zarr
 
-    monkeypatch.setattr(to_zarr, "WINDOW_BYTES", 64 << 10)  # read as rows: windows of 64 x 512
-    monkeypatch.setattr(to_zarr, "PACKED_PIECE_BYTES", 256 << 10, raising=False)  # packed: pieces of 8 rows
+    monkeypatch.setattr(to_zarr, "WINDOW_BYTES", 256 << 10)  # read in pieces of 8 rows; 8+ windows a slab
     _warm_up("geotiff", tmp_path / "warm-up")
     height, width = 1024, 16384
     path = tmp_path / "striped.tif"

@@ -42,12 +42,12 @@ def _windows(reader, step: int, width: int, pack: bool) -> list:
 
 
 @pytest.mark.parametrize("shape, step, width, piece", [
-    ((3, 70, 50), 16, 8, 96),   # last slab short (6 rows), last window short (2 columns), pieces of 2 rows
+    ((3, 70, 50), 16, 8, 600),  # last slab short (6 rows), last window short (2 columns), pieces of 2 rows
     ((1, 64, 64), 32, 16, 4096),  # pieces as large as a slab
-    ((2, 33, 40), 8, 20, 256),  # pieces that do not divide the slab (3 + 3 + 2 rows)
+    ((2, 33, 40), 8, 20, 480),  # pieces that do not divide the slab (3 + 3 + 2 rows)
 ])
 def test_packed_windows_are_the_plain_streams_windows_in_its_order(monkeypatch, shape, step, width, piece):
-    monkeypatch.setattr(to_zarr, "PACKED_PIECE_BYTES", piece)
+    monkeypatch.setattr(to_zarr, "WINDOW_BYTES", piece)  # bytes of a piece of rows (uint16)
     data = np.random.default_rng(0).integers(0, 4000, shape, dtype=np.uint16)
     packed = _windows(RowsReader(data), step, width, pack=True)
     plain = _windows(RowsReader(data), step, width, pack=False)
@@ -67,7 +67,7 @@ def test_the_next_slab_is_read_while_this_one_is_written_and_no_faster(monkeypat
     next slab, so some of it is read before this slab's last window."""
     height, width = 32, 16
     data = np.arange(height * width, dtype=np.uint16).reshape(1, height, width)
-    monkeypatch.setattr(to_zarr, "PACKED_PIECE_BYTES", width * 2)  # one row per piece
+    monkeypatch.setattr(to_zarr, "WINDOW_BYTES", width * 2)  # one row per piece
     log: list = []
     lock = threading.Lock()
     reader = RowsReader(data, log)

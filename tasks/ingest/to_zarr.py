@@ -287,10 +287,6 @@ def _slabs(length: int, step: int):
 
 WINDOW_BYTES = 4 << 20
 READ_AHEAD = 1  # windows (or pieces of a slab) read ahead
-# Pieces of a packed slab (``_stream_packed``): read, split into windows and packed at once, so
-# smaller than a window-reading reader's windows (a 1 GiB striped scene: 2 MiB pieces peaked at
-# 88.0-88.6 MB, 1 MiB ones at 86.4, in the same time).
-PACKED_PIECE_BYTES = 1 << 20
 
 
 def window_width(shape: tuple[int, ...], rows: int, itemsize: int, multiple: int) -> int:
@@ -309,7 +305,9 @@ def _stream_packed(reader: ScanReader, slabs: list[tuple[int, int]], windows: li
     """:func:`_stream` of a reader read in whole rows, holding each slab packed (see there)."""
     shape = tuple(reader.shape)
     per_row = shape[0] * math.prod(shape[2:]) * np.dtype(reader.dtype).itemsize
-    step = max(1, PACKED_PIECE_BYTES // max(per_row, 1))
+    # pieces as a window-reading reader's windows: 1 MiB ones (parts of ~11 KB a band) took 2-3 CPU-s
+    # more on a 1 GiB striped scene, for 2 MB less
+    step = max(1, WINDOW_BYTES // max(per_row, 1))
     pieces = [[(a, min(a + step, stop)) for a in range(start, stop, step)] for start, stop in slabs]
     jobs = [job for slab in pieces for job in slab]
     ends = list(itertools.accumulate(len(slab) for slab in pieces))  # a slab's jobs end here
@@ -364,7 +362,7 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int
     is handed out window by window: one slab and a piece ahead, not two slabs.
 
     With ``pack``, such a slab of several windows is held packed instead: the read-ahead thread
-    reads pieces of ~``PACKED_PIECE_BYTES`` and packs each piece's windows LZ4-compressed, and
+    packs each piece's windows LZ4-compressed, band by band, as it reads them, and
     each window is unpacked into one reused buffer when the slab is whole (``consume`` must be
     done with ``block`` when it returns). A packed window's bytes are freed once it is written,
     and the next slab is read meanwhile at that pace, so reading and writing overlap.
