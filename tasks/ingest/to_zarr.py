@@ -16,7 +16,8 @@ Where the reader reads windows on their own (plain .nii, uncompressed TIFF pages
 GeoTIFF) peak memory is a few windows plus the pyramid chunks not yet whole (those no window is
 filling now kept LZ4-compressed); a source that can only be read front to back or in whole rows
 (.nii.gz, compressed pages, slice folders, striped GeoTIFF) also holds one slab, gathered from
-~4 MB pieces. Neither depends on the number of slices or rows.
+~4 MB pieces -- LZ4-packed where it is a raster of integer samples (a striped GeoTIFF). Neither
+depends on the number of slices or rows.
 """
 
 from __future__ import annotations
