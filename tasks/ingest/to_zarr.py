@@ -301,15 +301,12 @@ def window_width(shape: tuple[int, ...], rows: int, itemsize: int, multiple: int
     return min(width, shape[2])
 
 
-def _stream_packed(reader: ScanReader, slabs: list[tuple[int, int]], windows: list[tuple[int, int]],
-                   consume: Callable[[int, int, int, int, np.ndarray], None]) -> None:
-    """:func:`_stream` of a reader read in whole rows, holding each slab packed (see there)."""
+def _stream_packed(reader: ScanReader, slabs: list[tuple[int, int]], pieces: list[list[tuple[int, int]]],
+                   windows: list[tuple[int, int]], consume: Callable[[int, int, int, int, np.ndarray], None]) -> None:
+    """:func:`_stream` of a reader read in whole rows, holding each slab packed (see there); ``pieces``
+    are each slab's reads (rows [a, b)). Pieces of ~``WINDOW_BYTES``, as unpacked slabs read them:
+    1 MiB ones (parts of ~11 KB a band) took 2-3 CPU-s more on a 1 GiB striped scene, for 2 MB less."""
     shape = tuple(reader.shape)
-    per_row = shape[0] * math.prod(shape[2:]) * np.dtype(reader.dtype).itemsize
-    # pieces as a window-reading reader's windows: 1 MiB ones (parts of ~11 KB a band) took 2-3 CPU-s
-    # more on a 1 GiB striped scene, for 2 MB less
-    step = max(1, WINDOW_BYTES // max(per_row, 1))
-    pieces = [[(a, min(a + step, stop)) for a in range(start, stop, step)] for start, stop in slabs]
     jobs = [job for slab in pieces for job in slab]
     ends = list(itertools.accumulate(len(slab) for slab in pieces))  # a slab's jobs end here
 
@@ -382,11 +379,12 @@ def _stream(reader: ScanReader, step: int, consume: Callable[[int, int, int, int
     else:
         per_row = shape[0] * math.prod(shape[2:]) * np.dtype(reader.dtype).itemsize
         piece = max(1, WINDOW_BYTES // max(per_row, 1))
-        jobs = [(a, min(a + piece, stop)) for start, stop in slabs for a in range(start, stop, piece)]
+        pieces = [[(a, min(a + piece, stop)) for a in range(start, stop, piece)] for start, stop in slabs]
+        if pack and len(windows) > 1:
+            _stream_packed(reader, slabs, pieces, windows, consume)
+            return
+        jobs = [job for slab in pieces for job in slab]
         read = reader.read_slab
-    if pack and not by_window and len(windows) > 1:
-        _stream_packed(reader, slabs, windows, consume)
-        return
     slab_of = {start: (start, stop) for start, stop in slabs}  # a slab's first piece -> the slab
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilewise-read") as pool:
         pending: deque[Future] = deque(pool.submit(read, *job) for job in jobs[:READ_AHEAD])
