@@ -21,7 +21,6 @@ becomes ``champion`` only if its validation metric beats the current champion's;
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from models.card import LoadedModel, ModelCard
+from models.quiet import quiet
 from models.transient import is_transient
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def register_and_promote(name: str, model_uri: str, run_id: str, metric: str, va
 
     c = client()
     said = io.StringIO()
-    with contextlib.redirect_stderr(said):  # MLflow prints "Successfully registered ..." itself: to the log
+    with quiet("stderr", into=said):  # MLflow prints "Successfully registered ..." itself: to the log
         version = mlflow.register_model(model_uri, name).version
     for line in said.getvalue().splitlines():
         if line.strip():

@@ -119,17 +119,17 @@ def export_onnx(module, example, path: str) -> None:
     """Export ``module`` to ONNX at ``path`` with a dynamic batch axis. An ``nn.Module`` goes
     through the dynamo exporter; a TorchScript module (``torch.jit.load``) through the TorchScript
     exporter, the only one that takes it."""
-    import contextlib
-    import io
     import warnings
 
     import torch
+
+    from models.quiet import quiet
 
     scripted = isinstance(module, torch.jit.ScriptModule)
     wrapped = module if scripted else _FirstOutput(module)
     x = example[:1].contiguous()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), quiet():
             warnings.simplefilter("ignore")
             if scripted:
                 torch.onnx.export(wrapped, (x,), path, input_names=["x"], output_names=["y"], dynamo=False,

@@ -26,13 +26,12 @@ others are not.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from models.quiet import quiet
 from tasks import storage
 
 
@@ -111,7 +110,7 @@ def coco_from_contingency(table: Contingency, scores: dict[int, float] | None = 
             dts = [dts[i] for i in order][: self.params.maxDets[-1]]
             return np.array([[table.iou(img_id, gt_ids[g["id"]][1], dt_ids[d["id"]][1]) for g in gts] for d in dts])
 
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+    with quiet():  # pycocotools prints its progress
         gt, dt = COCO(), COCO()
         gt.dataset = {**info, "annotations": gt_anns}
         dt.dataset = {**info, "annotations": dt_anns}

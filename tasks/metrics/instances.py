@@ -18,12 +18,12 @@ references but no predictions -> AP 0, F1 0.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from typing import Sequence
 
 import numpy as np
+
+from models.quiet import quiet
 
 
 def masks_from_labels(labels: np.ndarray) -> list[np.ndarray]:
@@ -72,7 +72,7 @@ def coco_ap(reference: Sequence[Sequence[np.ndarray]], predicted: Sequence[Seque
         return {"ap": math.nan, "ap50": math.nan, "ap75": math.nan}
     if not dets:
         return {"ap": 0.0, "ap50": 0.0, "ap75": 0.0}
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+    with quiet():  # pycocotools prints its progress
         gt = COCO()
         gt.dataset = {"images": images, "annotations": gt_anns, "categories": [{"id": 1, "name": "instance"}]}
         gt.createIndex()

@@ -105,12 +105,12 @@ def mask_ap50(predictions: list[dict], truths: list[dict]) -> float:
     ``predictions``: per image ``masks`` (N, H, W) bool, ``scores`` (N,), ``labels`` (N,);
     ``truths``: per image ``masks`` and ``labels``. Returns 0.0 when no image has a true instance.
     """
-    import contextlib
-    import io
 
     from pycocotools import mask as rle
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
+
+    from models.quiet import quiet
 
     images, gts, dts, cats = [], [], [], set()
     for i, (pred, truth) in enumerate(zip(predictions, truths)):
@@ -130,7 +130,7 @@ def mask_ap50(predictions: list[dict], truths: list[dict]) -> float:
         return 0.0
     gt = COCO()
     gt.dataset = {"images": images, "annotations": gts, "categories": [{"id": c} for c in sorted(cats)]}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet():
         gt.createIndex()
         if not dts:
             return 0.0
