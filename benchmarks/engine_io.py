@@ -157,14 +157,17 @@ def _set_aside(path: str | Path, job: dict) -> None:
     """Move ``path`` into the job's trash folder, removed when the benchmark ends: deleting
     thousands of chunk files makes ext4 skip the inodes it just freed when the next run creates
     its files (seconds per run in a kernel profile), a cost of the benchmark's own clean-up that
-    would land on whichever run came next."""
+    would land on whichever run came next. Its pages are written back and dropped from the page
+    cache (``measure.settle``), so every run starts with the same free memory."""
     import uuid
 
     path = Path(path)
     if path.exists():
         trash = Path(job["trash"])
         trash.mkdir(parents=True, exist_ok=True)
-        path.rename(trash / uuid.uuid4().hex)
+        aside = trash / uuid.uuid4().hex
+        path.rename(aside)
+        measure.settle(aside)
 
 
 def run_tilewise(job: dict) -> dict:

@@ -30,7 +30,12 @@ disk; the stores are written to the work folder and removed at the end, not afte
 thousands of chunk files makes ext4 skip those freshly freed inodes when the next run creates its
 files (``recently_deleted`` in the kernel's profile), which slowed whichever run came next by up to
 4 s at 1 GiB -- a cost of the benchmark's own clean-up that a nightly ingest of new scans does not
-pay. Where the disk cannot hold every store, each is removed after its run (and the output says so).
+pay. After each run its store is written back and its pages dropped from the page cache
+(``measure.settle``; the files stay): otherwise every kept store left ~1 GiB of cache behind, the
+later runs paid the kernel's reclaim (writing 1 GiB of chunk files took 0.3 s of system time with
+free memory, up to 2.3 s with the cache full), and which side it hit most depended on the order:
+the plain NIfTI ratio read 0.86-0.89 in two such runs, 1.12-1.20 settled. Where the disk cannot
+hold every store, each is removed after its run (and the output says so).
 
 Inputs (realistic shapes; their size scales with --size-gb):
 
@@ -88,7 +93,7 @@ EM_UNIT = "nanometer"
 
 # --------------------------------------------------------------------------------------------
 # memory helpers
-from measure import maxrss as _maxrss, proc_status as _vm, reset_peak as _reset_peak, rss as _rss  # noqa: E402
+from measure import maxrss as _maxrss, proc_status as _vm, reset_peak as _reset_peak, rss as _rss, settle as _settle  # noqa: E402
 
 
 def _peak(reset: bool) -> int:
@@ -690,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
                     finally:
                         if not keep_stores:
                             shutil.rmtree(store, ignore_errors=True)
+                        else:
+                            _settle(store)  # outside the timed run: the next starts with free memory
                     runs.append(r)
                     print(f"  run {n:2d}: {kind:9s} {mode:9s} {r['seconds']:7.2f} s  working "
                           f"{_mb(r['working']):6.0f} MB" + (f"  check {'ok' if r['check']['ok'] else 'MISMATCH'}"

@@ -77,3 +77,25 @@ def run_worker(script: str, job: dict, timeout: float) -> dict:
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
     raise RuntimeError(f"worker {job} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}")
+
+
+def settle(folder) -> None:
+    """Write back what the last run left dirty and drop those files' pages from the page cache, so
+    the next run starts with the same free memory and no writeback of someone else's bytes in
+    flight (without it, each kept 1 GiB store pushed the next runs into page-cache reclaim: writing
+    1 GiB of chunk files took 0.3 s with free memory, up to 2.3 s of system time once the cache
+    was full). The files stay (see the callers on why stores are not deleted between runs)."""
+    import os
+    from pathlib import Path
+
+    os.sync()
+    for path in Path(folder).rglob("*"):
+        if path.is_file():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
