@@ -13,6 +13,12 @@ thread inside a ``quiet`` block writes to its own sink, every other write goes t
 router replaced. Nothing is restored on exit, so nothing can be restored wrongly. Prints made by C
 code straight to file descriptor 1 are not caught (neither were they before).
 
+:func:`ignore_warnings` is the same care for ``warnings``: ``warnings.catch_warnings`` swaps the
+process-wide filter list and puts back on exit the list it found on entry, so two threads that
+enter and leave it in turn leave the inner block's filters -- a blanket "ignore" -- in place for
+the rest of the run. A filter added by :func:`ignore_warnings` names one library warning and is
+never taken back.
+
 It lives in ``models`` (the lowest layer) because the model registry needs it as well as tasks.
 """
 
@@ -20,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import sys
 import threading
+import warnings
 from typing import Any, Iterator, TextIO
 
 _local = threading.local()  # per thread: {"stdout": [sink, ...], "stderr": [...]}
@@ -70,3 +78,17 @@ def quiet(stream: str = "stdout", into: TextIO | None = None) -> Iterator[TextIO
         yield sink
     finally:
         sinks.pop()
+
+
+def ignore_warnings(category: type[Warning] = Warning, message: str = "", module: str = "") -> None:
+    """From now on, for the whole process, ignore the warnings of ``category`` whose text starts
+    with the regex ``message`` (case-insensitive) raised from modules matching ``module``.
+
+    Call it where the warning would come from, every time (it is a no-op once the filter is there):
+    another thread's ``catch_warnings`` may drop it on exit, and the next call puts it back (the
+    worst case is one such warning shown)."""
+    entry = ("ignore", re.compile(message, re.I) if message else None, category,
+             re.compile(module) if module else None, 0)
+    with _install:
+        if entry not in warnings.filters:
+            warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -111,3 +111,86 @@ def test_coco_ap_in_task_threads_prints_nothing_and_the_caller_still_prints(caps
     assert out == "summary\n"
     # IoU of a 6x6 square and the same square one pixel over: 30 / 42 = 0.714: a hit at 0.5, a miss at 0.75
     assert len(results) == 6 and all(r["ap50"] == pytest.approx(1.0) and r["ap75"] == 0.0 for r in results)
+
+
+def _non_georeferenced_geotiff(path):
+    import tifffile
+
+    tifffile.imwrite(path, np.full((8, 8), 7, np.uint8))  # a TIFF without geotags
+    return path
+
+
+def test_library_warnings_ignored_by_two_threads_in_turn_leave_other_warnings_shown(tmp_path, monkeypatch):
+    """Surface metrics (MONAI warns on an empty mask) on one thread and a GeoTIFF without
+    georeferencing (rasterio warns) on another, in the order A in, B in, A out, B out: neither
+    library warning is shown, the reader's own warning is, and so is any later warning (under
+    ``catch_warnings`` this order left a blanket "ignore" in place for the rest of the run)."""
+    import warnings
+
+    import monai.metrics
+    import rasterio
+
+    from tasks.ingest.readers import GeoTiffReader
+    from tasks.metrics.surface import surface_scores
+
+    path = _non_georeferenced_geotiff(tmp_path / "plain.tif")
+    a_in, b_in, a_done = threading.Event(), threading.Event(), threading.Event()
+    real_hd, real_open = monai.metrics.compute_hausdorff_distance, rasterio.open
+
+    def hd(*args, **kwargs):
+        a_in.set()
+        b_in.wait(10)
+        return real_hd(*args, **kwargs)
+
+    def open_(*args, **kwargs):
+        b_in.set()
+        a_done.wait(10)
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(monai.metrics, "compute_hausdorff_distance", hd)
+    monkeypatch.setattr(rasterio, "open", open_)
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[2:5, 2:5, 2:5] = 1
+    prediction = np.zeros_like(reference)  # class 1 missing: MONAI warns
+    scores, readers = [], []
+
+    def a():
+        scores.append(surface_scores(reference, prediction, [1]))
+        a_done.set()
+
+    def b():
+        a_in.wait(10)
+        with GeoTiffReader(path) as r:
+            readers.append(r.shape)
+
+    with warnings.catch_warnings(record=True) as shown:
+        threads = [threading.Thread(target=a), threading.Thread(target=b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        warnings.warn("a later warning of the run", UserWarning)
+    texts = [str(w.message) for w in shown]
+    assert scores and readers == [(1, 8, 8)]
+    assert not any("is all 0" in t or "always_return_as_numpy" in t for t in texts), texts
+    assert not any(issubclass(w.category, rasterio.errors.NotGeoreferencedWarning) for w in shown), texts
+    assert any(t.endswith("GeoTIFF has no CRS; stored with crs: null") for t in texts), texts
+    assert "a later warning of the run" in texts
+
+
+def test_ignore_warnings_adds_one_filter_once():
+    import warnings
+
+    from models.quiet import ignore_warnings
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        before = len(warnings.filters)
+        for _ in range(3):
+            ignore_warnings(RuntimeWarning, r"tilewise test: ignored")
+        assert len(warnings.filters) == before + 1
+        warnings.warn("tilewise test: ignored here", RuntimeWarning)
+        warnings.warn("tilewise test: not this one", RuntimeWarning)
+        warnings.warn("tilewise test: ignored, but another category", UserWarning)
+    assert [str(w.message) for w in shown] == ["tilewise test: not this one",
+                                               "tilewise test: ignored, but another category"]

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.quiet import ignore_warnings
 from tasks.errors import ScanError
 
 if TYPE_CHECKING:
@@ -494,10 +495,11 @@ class GeoTiffReader(ScanReader):
         # GDAL caches decoded blocks up to 5% of RAM by default: a streamed scene would fill it.
         self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB << 20)
         self._env.__enter__()
+        # rasterio's own warning for a file without georeferencing: this reader says it itself
+        # (_warn below), once per file. Not under catch_warnings: see models.quiet.
+        ignore_warnings(NotGeoreferencedWarning)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
-                self._src = rasterio.open(str(path))
+            self._src = rasterio.open(str(path))
         except Exception as exc:
             self._env.__exit__(None, None, None)
             raise ScanError(path, f"not a readable GeoTIFF ({_describe(exc)})") from None

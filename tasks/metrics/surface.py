@@ -27,10 +27,11 @@ so (``surface_level``, ``surface_spacing``).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Sequence
 
 import numpy as np
+
+from models.quiet import ignore_warnings
 
 # MONAI's surface distances hold a few float arrays of the whole volume plus KD-trees of the
 # surfaces: measured 1.7 GB of working memory at 64 Mi voxels, so 16 Mi (a whole 240 x 240 x 155
@@ -76,6 +77,11 @@ def surface_scores(reference: np.ndarray, prediction: np.ndarray, class_indices:
     import torch
     from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 
+    # MONAI warns on an empty mask (NaN here, as documented) and on an argument its own helper
+    # passes (deprecated since 1.5): those two ignored for good, not under catch_warnings (see
+    # models.quiet: two task threads in it in turn leave every warning ignored).
+    ignore_warnings(UserWarning, r"the (ground truth|prediction) of class \d+ is all 0", r"monai\.metrics")
+    ignore_warnings(FutureWarning, r".*always_return_as_numpy", r"monai\.")
     reference, prediction = np.asarray(reference), np.asarray(prediction)
     if reference.shape != prediction.shape:
         raise ValueError(f"reference shape {reference.shape} != prediction shape {prediction.shape}")
@@ -88,11 +94,9 @@ def surface_scores(reference: np.ndarray, prediction: np.ndarray, class_indices:
         if not ref.any() and not pred.any():
             results[int(k)] = {"hd95": math.nan, "surface_dice": math.nan}
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # MONAI warns on empty masks and on a deprecated argument
-            hd = compute_hausdorff_distance(pred, ref, include_background=True, percentile=95, spacing=spacing)
-            sd = compute_surface_dice(pred, ref, class_thresholds=[float(tolerance)], include_background=True,
-                                      spacing=spacing)
+        hd = compute_hausdorff_distance(pred, ref, include_background=True, percentile=95, spacing=spacing)
+        sd = compute_surface_dice(pred, ref, class_thresholds=[float(tolerance)], include_background=True,
+                                  spacing=spacing)
         hd95 = float(hd.item())
         results[int(k)] = {"hd95": hd95 if math.isfinite(hd95) else math.nan, "surface_dice": float(sd.item())}
     return results
