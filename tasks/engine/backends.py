@@ -119,18 +119,19 @@ def export_onnx(module, example, path: str) -> None:
     """Export ``module`` to ONNX at ``path`` with a dynamic batch axis. An ``nn.Module`` goes
     through the dynamo exporter; a TorchScript module (``torch.jit.load``) through the TorchScript
     exporter, the only one that takes it."""
-    import warnings
-
     import torch
 
-    from models.quiet import quiet
+    from models.quiet import ignore_warnings, quiet
 
     scripted = isinstance(module, torch.jit.ScriptModule)
     wrapped = module if scripted else _FirstOutput(module)
     x = example[:1].contiguous()
+    # The exporters' own warnings (their passes, the legacy exporter's deprecation) ignored by
+    # named filters, not under catch_warnings: see models.quiet.
+    ignore_warnings(Warning, module=r"torch\.onnx")
+    ignore_warnings(DeprecationWarning, r"You are using the legacy TorchScript-based ONNX export")
     try:
-        with warnings.catch_warnings(), quiet():
-            warnings.simplefilter("ignore")
+        with quiet():
             if scripted:
                 torch.onnx.export(wrapped, (x,), path, input_names=["x"], output_names=["y"], dynamo=False,
                                   dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
