@@ -23,6 +23,10 @@ Working memory = peak - baseline: the memory the ingest itself needs, not the im
 (``getrusage().ru_maxrss`` is not used where the mark can be reset: clear_refs does not lower it and
 on Linux it keeps the spawning driver's resident set, so every kind read the same ~334 MB.)
 
+Each run also reports its CPU seconds over all threads (``os.times``), user and system: the
+system share is the kernel's (page faults, copies into the page cache, its reclaim) and moves with
+the machine's state more than the code's.
+
 The runs alternate (tilewise first in odd repeats, reference first in even ones) and the table
 reports the best (minimum) time over ``--repeats`` runs and the largest working memory seen. The
 inputs sit in the page cache after generation (24 GiB machine), so both sides read from RAM, not
@@ -525,16 +529,19 @@ def worker(job: dict) -> dict:
     baseline = _rss()
     peak_reset = _reset_peak()
     peak_before = _peak(peak_reset)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), os.times()
     if mode == "tilewise":
         result = ingest_scan(_spec(kind, path), store, force=True)
         detail = {"status": result.status, "shape": list(result.shape)}
     else:
         detail = _reference(kind, path, store)
-    seconds = time.perf_counter() - t0
+    seconds, cpu1 = time.perf_counter() - t0, os.times()
     peak = _peak(peak_reset)
     out = {
         "kind": kind, "mode": mode, "seconds": seconds, "baseline_rss": baseline,
+        # every thread's CPU over the run: user (the process's own work) and system (the kernel's:
+        # page faults, the page cache's copies and reclaim, which vary with the machine's state)
+        "user_s": cpu1.user - cpu0.user, "system_s": cpu1.system - cpu0.system,
         "rss_after_tilewise_imports": rss_tilewise_imports, "peak_rss": peak,
         "peak_before": peak_before, "peak_reset": peak_reset, "working": peak - baseline,
         "import_seconds": import_s, "detail": detail,
@@ -622,10 +629,11 @@ def print_table(kinds: list[str], infos: dict, runs: list[dict], repeats: int) -
 
 
 def print_runs(runs: list[dict]) -> None:
-    print("\nAll runs (s, working MB, baseline RSS MB):")
+    print("\nAll runs (s, CPU-s user + system, working MB, baseline RSS MB):")
     for r in runs:
         extra = "" if r["peak_reset"] else " (peak not resettable: working includes import peak)"
-        print(f"  {r['kind']:9s} {r['mode']:9s} {r['seconds']:7.2f} s {_mb(r['working']):7.0f} MB "
+        print(f"  {r['kind']:9s} {r['mode']:9s} {r['seconds']:7.2f} s {r['user_s']:6.2f} + {r['system_s']:5.2f} CPU-s "
+              f"{_mb(r['working']):7.0f} MB "
               f"baseline {_mb(r['baseline_rss']):5.0f} MB (tilewise imports alone {_mb(r['rss_after_tilewise_imports']):4.0f} MB)"
               f"{extra}")
 
@@ -698,8 +706,8 @@ def main(argv: list[str] | None = None) -> int:
                         else:
                             _settle(store)  # outside the timed run: the next starts with free memory
                     runs.append(r)
-                    print(f"  run {n:2d}: {kind:9s} {mode:9s} {r['seconds']:7.2f} s  working "
-                          f"{_mb(r['working']):6.0f} MB" + (f"  check {'ok' if r['check']['ok'] else 'MISMATCH'}"
+                    print(f"  run {n:2d}: {kind:9s} {mode:9s} {r['seconds']:7.2f} s  CPU {r['user_s']:5.2f} user "
+                          f"+ {r['system_s']:5.2f} sys  working {_mb(r['working']):6.0f} MB" + (f"  check {'ok' if r['check']['ok'] else 'MISMATCH'}"
                                                              if "check" in r else ""), flush=True)
         breakdowns = {}
         if args.breakdown:
