@@ -4,8 +4,10 @@ after."""
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
+from pathlib import Path
 
 
 def proc_status(field: str) -> int:
@@ -63,9 +65,7 @@ def run_worker(script: str, job: dict, timeout: float) -> dict:
     """Run ``script --worker JOB`` in a fresh interpreter (the repository first on its path, stderr
     shown live) and return the JSON the worker printed after ``RESULT_MARK``."""
     import json
-    import os
     import subprocess
-    from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, str(script), "--worker", json.dumps(job)]
@@ -85,9 +85,6 @@ def settle(folder) -> None:
     flight (without it, each kept 1 GiB store pushed the next runs into page-cache reclaim: writing
     1 GiB of chunk files took 0.3 s with free memory, up to 2.3 s of system time once the cache
     was full). The files stay (see the callers on why stores are not deleted between runs)."""
-    import os
-    from pathlib import Path
-
     os.sync()
     for path in Path(folder).rglob("*"):
         if path.is_file():

@@ -7,6 +7,7 @@ import contextlib
 import io
 import sys
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -125,8 +126,6 @@ def test_library_warnings_ignored_by_two_threads_in_turn_leave_other_warnings_sh
     georeferencing (rasterio warns) on another, in the order A in, B in, A out, B out: neither
     library warning is shown, the reader's own warning is, and so is any later warning (under
     ``catch_warnings`` this order left a blanket "ignore" in place for the rest of the run)."""
-    import warnings
-
     import monai.metrics
     import rasterio
 
@@ -179,8 +178,6 @@ def test_library_warnings_ignored_by_two_threads_in_turn_leave_other_warnings_sh
 
 
 def test_ignore_warnings_adds_one_filter_once():
-    import warnings
-
     from models.quiet import ignore_warnings
 
     with warnings.catch_warnings(record=True) as shown:
