@@ -28,8 +28,9 @@ overlap 0.25. ``3d``: a smooth float32 n³ volume (``benchmarks/engine.py``'s, i
 chunks 32×64×64), 96³ tiles, overlap 0.5 (each voxel blended 8 times). Inputs are built once and
 cached under ``--workdir``. Printed: seconds, MB/s read and written, tilewise ÷ I/O limit (targets
 2D ≤ 1.5, 3D ≤ 2.5), tilewise ÷ MONAI (target ≤ 0.8), working memory (peak RSS above the
-worker's RSS after imports), and input chunks decoded ÷ the distinct chunks the tiles need (aim
-≤ 1.1; 1.00 when each is decoded once).
+worker's RSS after imports), input chunks decoded ÷ the distinct chunks the tiles need (aim
+≤ 1.1; 1.00 when each is decoded once), and each side's CPU seconds over all threads, user +
+system (``getrusage``): on two cores, a side that needs more CPU than the other cannot hide it.
 
 ``--repeats N``: tilewise and the I/O limit run in turns, N times each, and their medians count
 (a shared machine's speed drifts by tens of percent within minutes); each pair's ratio is printed.
@@ -136,10 +137,10 @@ def _measure(job: dict, run) -> dict:
     detail = run()
     seconds = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
+    user, system = ru1.ru_utime - ru0.ru_utime, ru1.ru_stime - ru0.ru_stime
     peak = proc_status("VmHWM") or maxrss()
-    return {"mode": job["mode"], "case": job["case"], "seconds": seconds, "cpu_seconds": cpu, "working": peak - base,
-            "detail": detail}
+    return {"mode": job["mode"], "case": job["case"], "seconds": seconds, "cpu_seconds": user + system,
+            "user_s": user, "system_s": system, "working": peak - base, "detail": detail}
 
 
 def _output_arrays(store: str) -> list[str]:
@@ -418,6 +419,8 @@ def _json_rows(rows: list) -> list[dict]:
             "read_bytes": d["read_bytes"], "written_bytes": tw["detail"]["written_bytes"],
             "io_written_bytes": d["written_bytes"], "arrays": tw["detail"]["arrays"],
             "working_bytes": tw["working"], "decoded_ratio": tw["detail"].get("decoded_ratio"),
+            "cpu": {name: {"user_s": r["user_s"], "system_s": r["system_s"]}
+                    for name, r in (("tilewise", tw), ("io", io), ("monai", mo)) if r},
         })
     return out
 
@@ -442,6 +445,9 @@ def _print_table(rows: list) -> None:
         if len(tw.get("runs", [])) > 1:
             pairs = ", ".join(f"{t / i:.2f}" for t, i in zip(tw["runs"], io["runs"]))
             print(f"{'':10s} medians of {len(tw['runs'])} alternating runs each; tilewise ÷ I/O per pair: {pairs}")
+        cpu = ", ".join(f"{label} {r['user_s']:.1f} + {r['system_s']:.1f}"
+                        for label, r in (("tilewise", tw), ("I/O limit", io), ("MONAI", mo)) if r)
+        print(f"{'':10s} CPU-s over all threads, user + system (of the median run): {cpu}")
         dd = io["direct"]
         print(f"{'':10s} I/O limit with each chunk coded in the calling thread (tasks.chunk_io, as the engine "
               f"does): {dd['seconds']:.1f} s, tilewise ÷ it {tw['seconds'] / dd['seconds']:.2f}")

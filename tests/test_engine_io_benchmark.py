@@ -33,3 +33,6 @@ def test_engine_io_benchmark_runs_and_compares_like_with_like(tmp_path):
     assert r["arrays"][:3] == ["prediction/probabilities", "prediction/labels", "labels/prediction/0"], r
     assert r["decoded_ratio"] == 1.0, r  # every input chunk decoded once
     assert r["monai_seconds"] is None
+    # CPU seconds of each side, from the kernel (getrusage), not the code: the runs did real work
+    assert set(r["cpu"]) == {"tilewise", "io"}, r
+    assert all(v["user_s"] > 0 and v["system_s"] >= 0 for v in r["cpu"].values()), r
