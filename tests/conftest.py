@@ -21,6 +21,27 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 
+def _torch_threads_kept():
+    """Fail what leaves torch on another thread count than it found: the count is process-wide, so
+    a leak would make every later test depend on the order the tests ran in. (Checked only where
+    torch was imported before; importing it here would cost every test 2 s.)"""
+    import sys
+
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    if before is not None and torch.get_num_threads() != before:
+        after = torch.get_num_threads()
+        torch.set_num_threads(before)
+        pytest.fail(f"torch was left on {after} thread(s), not {before}: use the one_thread or "
+                    f"torch_threads fixture, or restore the count", pytrace=False)
+
+
+# A test's own change, and a module fixture's (which a test-level check would record as "before").
+torch_threads_kept_by_test = pytest.fixture(autouse=True)(_torch_threads_kept)
+torch_threads_kept_by_module = pytest.fixture(autouse=True, scope="module")(_torch_threads_kept)
+
+
 @pytest.fixture
 def one_thread():
     """torch on one thread for the test, then as it was: on a shared 2-core machine one thread is

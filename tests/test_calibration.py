@@ -389,6 +389,7 @@ def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(mlflow.models, "infer_pip_requirements",
                         lambda model_uri, flavor, fallback=None, **kw: list(fallback or []))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         loaded = find_entry("spacenet_rio", DEFAULT_CATALOG_DIR)
@@ -437,6 +438,7 @@ def test_training_stores_a_calibrator_with_the_version(tmp_path, monkeypatch):
         assert storage.read_record(f"{store}/prediction")["calibrator"] == {
             "method": "cubic", "sha256": cal.sha256, "uri": uri}
     finally:
+        torch.set_num_threads(threads)
         monkeypatch.undo()
         mlflow.set_tracking_uri(original_uri)
 

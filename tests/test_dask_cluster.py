@@ -331,8 +331,12 @@ class _Env:
         if key not in self._refs:
             local = self.root / f"ref-{model}-{len(self._refs)}.zarr"
             shutil.copytree(self.scan, local)
+            threads = torch.get_num_threads()
             torch.set_num_threads(1)
-            infer_scan(str(local), load_model(str(self.models[model])), config)
+            try:
+                infer_scan(str(local), load_model(str(self.models[model])), config)
+            finally:
+                torch.set_num_threads(threads)
             self._refs[key] = (zarr.open_array(f"{local}/prediction/probabilities")[:],
                                zarr.open_array(f"{local}/prediction/labels")[:])
         return self._refs[key]

@@ -44,8 +44,10 @@ def registry_home(tmp_path_factory):
     # requirements (15-25 s each here); the fallback is MLflow's own default list.
     mp.setattr(mlflow.models, "infer_pip_requirements",
                lambda model_uri, flavor, fallback=None, **kw: list(fallback or []))
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a shared 2-core machine: one thread is fastest
     yield home
+    torch.set_num_threads(threads)
     mp.undo()
     # mlflow.set_tracking_uri (called by registry.client) also exports MLFLOW_TRACKING_URI: undo that too
     mlflow.set_tracking_uri(original_uri)
