@@ -59,7 +59,9 @@ Inputs (realistic shapes; their size scales with --size-gb):
 
 ``--breakdown`` adds one instrumented tilewise run per kind (not part of the table) that wall-
 clocks the pieces of the ingest (slab reads in the read-ahead thread, stats, downsampling, Zarr
-writes per level, source hashing in its thread). Threads overlap, so the pieces need not add up.
+writes per level, source hashing in its thread) and prints each thread's CPU seconds (the main
+thread, the encoders, the hash, the read-ahead; zarr's own threads outlive the run and are left
+out). Threads overlap, so the pieces need not add up.
 """
 
 from __future__ import annotations
@@ -448,6 +450,12 @@ class _Clock:
         self.lock = threading.Lock()
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.cpu: dict[str, float] = {}  # thread CPU-s (user + system) by thread name, pools' suffixes cut
+
+    def thread_cpu(self, name: str, seconds: float) -> None:
+        name = name.rstrip("0123456789").rstrip("_") or name
+        with self.lock:
+            self.cpu[name] = self.cpu.get(name, 0.0) + seconds
 
     def wrap(self, name: str, fn):
         import functools
@@ -467,8 +475,21 @@ class _Clock:
 
 
 def _instrument(clock: _Clock) -> None:
-    """Monkeypatch (in this worker only) the pieces of the ingest so their wall time is known."""
+    """Monkeypatch (in this worker only) the pieces of the ingest so their wall time is known, and
+    every thread started from now on so its CPU time is (tilewise's pools end with the ingest)."""
+    import threading
+
     import zarr
+
+    run = threading.Thread.run
+
+    def counted_run(self):
+        try:
+            run(self)
+        finally:
+            clock.thread_cpu(self.name, time.thread_time())
+
+    threading.Thread.run = counted_run
 
     import tasks.ingest.readers as readers
     import tasks.ingest.to_zarr as tz
@@ -529,13 +550,13 @@ def worker(job: dict) -> dict:
     baseline = _rss()
     peak_reset = _reset_peak()
     peak_before = _peak(peak_reset)
-    t0, cpu0 = time.perf_counter(), os.times()
+    t0, cpu0, main0 = time.perf_counter(), os.times(), time.thread_time()
     if mode == "tilewise":
         result = ingest_scan(_spec(kind, path), store, force=True)
         detail = {"status": result.status, "shape": list(result.shape)}
     else:
         detail = _reference(kind, path, store)
-    seconds, cpu1 = time.perf_counter() - t0, os.times()
+    seconds, cpu1, main1 = time.perf_counter() - t0, os.times(), time.thread_time()
     peak = _peak(peak_reset)
     out = {
         "kind": kind, "mode": mode, "seconds": seconds, "baseline_rss": baseline,
@@ -557,6 +578,7 @@ def worker(job: dict) -> dict:
         out["level0_bytes"] = _dir_bytes(store)
     if clock is not None:
         out["breakdown"] = {k: [v, clock.calls[k]] for k, v in sorted(clock.seconds.items())}
+        out["thread_cpu"] = {"main thread": main1 - main0, **clock.cpu}
     return out
 
 
@@ -642,6 +664,9 @@ def print_breakdown(kind: str, r: dict) -> None:
     print(f"\nBreakdown, instrumented tilewise run on {kind} (total {r['seconds']:.2f} s; threads overlap):")
     for name, (sec, calls) in sorted(r["breakdown"].items(), key=lambda kv: -kv[1][0]):
         print(f"  {name:36s} {sec:7.2f} s  {calls:5d} calls")
+    cpu = r.get("thread_cpu") or {}
+    print(f"  CPU-s by thread (user + system; of {r['user_s'] + r['system_s']:.2f} over all threads): "
+          + ", ".join(f"{name} {sec:.2f}" for name, sec in sorted(cpu.items(), key=lambda kv: -kv[1])))
 
 
 def main(argv: list[str] | None = None) -> int:
