@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/ingest.py [--size-gb 1.0] [--workdir DIR] [--keep]
                                           [--kinds nifti,nifti-gz,tiff,geotiff,geotiff-striped]
                                           [--repeats 2]
-                                          [--breakdown]
+                                          [--breakdown] [--same-work]
 
 For every input kind it builds a synthetic scan of about ``--size-gb`` GiB (uncompressed voxel
 bytes; 1 GiB = 2**30 bytes) in a work folder, then measures in fresh subprocesses, one run each:
@@ -15,6 +15,12 @@ bytes; 1 GiB = 2**30 bytes) in a work folder, then measures in fresh subprocesse
              ``np.asarray(img.dataobj)``, ``tifffile.imread``, rasterio ``src.read()``), then
              ``zarr.create_array`` + one assignment writes it channel-first with the same chunks
              and the same codec (``tasks.ingest.to_zarr.COMPRESSOR``). Level 0 only.
+* same-work (``--same-work``): the reference plus the rest of tilewise's work done the plain
+             way: the source's sha256 on a thread beside it, the value range, each pyramid level
+             computed whole in memory (tilewise's plan and means) and written with the pyramid's
+             codec. It holds the whole scan, so it says what the work itself costs on this
+             machine, apart from tilewise's streaming: "same/ref" is the ratio no pipeline doing
+             that work beats here by much, "tw/same" what tilewise's pipeline adds or saves.
 
 Memory: each worker imports everything both paths need (tilewise modules, numpy, zarr, nibabel,
 tifffile, rasterio, ome_zarr), records VmRSS as its baseline, resets the kernel's peak-RSS mark
@@ -321,6 +327,11 @@ def _spec(kind: str, path: Path):
 
 
 def _reference(kind: str, path: Path, store: Path) -> dict:
+    return _read_and_write_level0(kind, path, store)[1]
+
+
+def _read_and_write_level0(kind: str, path: Path, store: Path):
+    """The reference: the whole array read with the native library, then written as level 0."""
     import numpy as np
     import zarr
 
@@ -352,7 +363,48 @@ def _reference(kind: str, path: Path, store: Path) -> dict:
     z = zarr.create_array(store=str(store), shape=arr.shape, dtype=arr.dtype, chunks=(1, *chunks),
                           compressors=COMPRESSOR, fill_value=0, dimension_names=dims, zarr_format=3)
     z[...] = arr
-    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": [1, *chunks]}
+    return arr, {"shape": list(arr.shape), "dtype": str(arr.dtype), "chunks": [1, *chunks], "dims": dims}
+
+
+def _same_work(kind: str, path: Path, store: Path) -> dict:
+    """The reference plus the rest of what tilewise's ingest does, the plain in-memory way: the
+    source's sha256 on a thread beside the read and write (as tilewise hashes), the value range,
+    and each pyramid level computed from the level before, whole, in memory (tilewise's
+    ``plan_pyramid`` and ``downsample_mean``, so the same levels and the same means) and written
+    with the pyramid's codec. No streaming, no memory bound (it holds the scan and its level 1):
+    what the same work costs on this machine without tilewise's pipeline around it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import zarr
+
+    from tasks.ingest.pyramid import downsample_mean, plan_pyramid
+    from tasks.ingest.readers import default_reader_kind, open_reader
+    from tasks.ingest.to_zarr import PYRAMID_COMPRESSOR, sha256_file
+
+    spec = _spec(kind, path)
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        digest = hasher.submit(sha256_file, path)
+        arr, detail = _read_and_write_level0(kind, path, store / "0")
+        detail["range"] = [float(arr.min()), float(arr.max())]
+        spacing = spec.spacing
+        if spacing is None:
+            with open_reader([path], default_reader_kind(spec.modality, [path])) as reader:
+                spacing = reader.spacing
+        chunks = tuple(detail["chunks"][1:])
+        plan = plan_pyramid(tuple(arr.shape[1:]), spacing, chunks)
+        level = arr
+        for i, factors in enumerate(plan.factors, start=1):
+            step = chunks[0] * factors[0]  # rows of the level before per piece: one output chunk row
+            level = np.concatenate([downsample_mean(level[:, r:r + step], factors)
+                                    for r in range(0, level.shape[1], step)], axis=1)
+            z = zarr.create_array(store=str(store / str(i)), shape=level.shape, dtype=level.dtype,
+                                  chunks=(1, *chunks), compressors=PYRAMID_COMPRESSOR, fill_value=0,
+                                  dimension_names=detail["dims"], zarr_format=3)
+            z[...] = level
+        detail["levels"] = plan.levels
+        detail["sha256"] = digest.result()
+    return detail
 
 
 def _spot_check(kind: str, path: Path, store: Path, seed: int = 7, regions: int = 4) -> dict:
@@ -554,6 +606,8 @@ def worker(job: dict) -> dict:
     if mode == "tilewise":
         result = ingest_scan(_spec(kind, path), store, force=True)
         detail = {"status": result.status, "shape": list(result.shape)}
+    elif mode == "same-work":
+        detail = _same_work(kind, path, store)
     else:
         detail = _reference(kind, path, store)
     seconds, cpu1, main1 = time.perf_counter() - t0, os.times(), time.thread_time()
@@ -574,6 +628,9 @@ def worker(job: dict) -> dict:
         out["slab_bytes"] = _slab_bytes(store)
         if job.get("check"):
             out["check"] = _spot_check(kind, path, store)
+    elif mode == "same-work":
+        out["level0_bytes"] = _dir_bytes(store / "0")
+        out["store_bytes"] = _dir_bytes(store)
     else:
         out["level0_bytes"] = _dir_bytes(store)
     if clock is not None:
@@ -660,6 +717,24 @@ def print_runs(runs: list[dict]) -> None:
               f"{extra}")
 
 
+def print_same_work(kinds: list[str], runs: list[dict]) -> None:
+    print("\nThe same work without tilewise's pipeline (--same-work: the reference, plus the sha256 beside it, "
+          "the value range and the pyramid computed whole in memory; best times):")
+    print(f"  {'kind':9s} {'same s':>7s} {'same/ref':>8s} {'tw/same':>7s} {'same MB':>8s} {'CPU-s tw / same / ref (user + system)':>40s}")
+    for kind in kinds:
+        best = {}
+        for mode in ("tilewise", "reference", "same-work"):
+            rs = [r for r in runs if r["kind"] == kind and r["mode"] == mode]
+            if rs:
+                best[mode] = min(rs, key=lambda r: r["seconds"])
+        if len(best) < 3:
+            continue
+        tw, ref, same = best["tilewise"], best["reference"], best["same-work"]
+        cpu = " / ".join(f"{r['user_s'] + r['system_s']:.2f}" for r in (tw, same, ref))
+        print(f"  {kind:9s} {same['seconds']:7.2f} {same['seconds'] / ref['seconds']:8.2f} "
+              f"{tw['seconds'] / same['seconds']:7.2f} {_mb(same['working']):8.0f} {cpu:>40s}")
+
+
 def print_breakdown(kind: str, r: dict) -> None:
     print(f"\nBreakdown, instrumented tilewise run on {kind} (total {r['seconds']:.2f} s; threads overlap):")
     for name, (sec, calls) in sorted(r["breakdown"].items(), key=lambda kv: -kv[1][0]):
@@ -682,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2, help="runs per side and kind; the best time counts (default 2)")
     ap.add_argument("--breakdown", action="store_true",
                     help="one extra instrumented tilewise run per kind: where the ingest time goes")
+    ap.add_argument("--same-work", action="store_true",
+                    help="a third side: the reference plus tilewise's other work (sha256, range, pyramid) done in memory")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per worker run")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -718,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for kind in kinds:
                 order = ("tilewise", "reference") if rep % 2 == 0 else ("reference", "tilewise")
+                if args.same_work:
+                    order = order + ("same-work",) if rep % 2 == 0 else ("same-work",) + order
                 for mode in order:
                     n += 1
                     store = stores / f"{kind}-{mode}-{n}.zarr"
@@ -748,6 +827,8 @@ def main(argv: list[str] | None = None) -> int:
         for kind, r in breakdowns.items():
             print_breakdown(kind, r)
         all_ok = print_table(kinds, infos, runs, args.repeats)
+        if args.same_work:
+            print_same_work(kinds, runs)
         print(f"\nTotal benchmark wall time {time.perf_counter() - t_all:.0f} s.")
     finally:
         if args.keep:
