@@ -18,9 +18,10 @@ bytes; 1 GiB = 2**30 bytes) in a work folder, then measures in fresh subprocesse
 * same-work (``--same-work``): the reference plus the rest of tilewise's work done the plain
              way: the source's sha256 on a thread beside it, the value range, each pyramid level
              computed whole in memory (tilewise's plan and means) and written with the pyramid's
-             codec. It holds the whole scan, so it says what the work itself costs on this
-             machine, apart from tilewise's streaming: "same/ref" is the ratio no pipeline doing
-             that work beats here by much, "tw/same" what tilewise's pipeline adds or saves.
+             codec. It holds the whole scan and does one thing after another, so "same/ref" is
+             what the work itself costs on this machine, done plainly, and "tw/same" what
+             tilewise's pipeline (streaming, hashing and encoding beside the reads) gains or loses
+             against that.
 
 Memory: each worker imports everything both paths need (tilewise modules, numpy, zarr, nibabel,
 tifffile, rasterio, ome_zarr), records VmRSS as its baseline, resets the kernel's peak-RSS mark
@@ -788,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
         stores = Path(tempfile.mkdtemp(prefix="stores-", dir=workdir))  # a kept work folder may hold older ones
         n = 0
         # every store kept to the end (see the docstring): at most ~1.2x the input's bytes each
-        need = 1.2 * size * len(kinds) * 2 * args.repeats + 2 * GIB
+        need = 1.2 * size * len(kinds) * (3 if args.same_work else 2) * args.repeats + 2 * GIB
         keep_stores = shutil.disk_usage(stores).free > need
         if not keep_stores:
             print(f"  (less than {need / GIB:.0f} GiB free: each store is removed right after its run)", flush=True)
