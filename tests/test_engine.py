@@ -198,7 +198,7 @@ class CountingModel(torch.nn.Module):
         return self.net(x)
 
 
-def test_resume_skips_finished_chunks_and_matches_uninterrupted_run(tmp_path):
+def test_resume_skips_finished_chunks_and_matches_uninterrupted_run(tmp_path, torch_threads):
     rng = np.random.default_rng(6)
     array = rng.random((1, 24, 40, 40), dtype=np.float32)
     net = conv_net(3, 1, 2)
@@ -207,7 +207,11 @@ def test_resume_skips_finished_chunks_and_matches_uninterrupted_run(tmp_path):
     full = infer_scan(reference, LoadedModel(CountingModel(net), ModelCard(), "m"), config)
 
     store = make_scan(tmp_path, array, (8, 16, 16), "crashy")
-    crashing = CountingModel(net, fail_after=24)  # 12 batches of 2
+    # The crash comes once 28 tiles ran (a one-tile probe, then batches of 2): in the 15th batch on
+    # one thread. On two lanes (one tile each) the lane that reaches the model first may hold the
+    # next batch's tile, so it comes in the 14th or the 15th; either way the first 12 batches,
+    # which finish the first row of chunks, ran and were blended.
+    crashing = CountingModel(net, fail_after=28)
     with pytest.raises(RuntimeError, match="injected crash"):
         infer_scan(store, LoadedModel(crashing, ModelCard(), "m"), config)
     assert not storage.is_complete(f"{store}/prediction")
