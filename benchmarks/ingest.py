@@ -327,12 +327,9 @@ def _spec(kind: str, path: Path):
     return ScanSpec(scan_id=kind, modality=modality, sources=(path,))
 
 
-def _reference(kind: str, path: Path, store: Path) -> dict:
-    return _read_and_write_level0(kind, path, store)[1]
-
-
-def _read_and_write_level0(kind: str, path: Path, store: Path):
-    """The reference: the whole array read with the native library, then written as level 0."""
+def _reference(kind: str, path: Path, store: Path):
+    """The reference: the whole array read with the native library, then written as level 0.
+    Returns the array and what the run reports of it."""
     import numpy as np
     import zarr
 
@@ -386,7 +383,7 @@ def _same_work(kind: str, path: Path, store: Path) -> dict:
     spec = _spec(kind, path)
     with ThreadPoolExecutor(max_workers=1) as hasher:
         digest = hasher.submit(sha256_file, path)
-        arr, detail = _read_and_write_level0(kind, path, store / "0")
+        arr, detail = _reference(kind, path, store / "0")
         detail["range"] = [float(arr.min()), float(arr.max())]
         spacing = spec.spacing
         if spacing is None:
@@ -610,7 +607,7 @@ def worker(job: dict) -> dict:
     elif mode == "same-work":
         detail = _same_work(kind, path, store)
     else:
-        detail = _reference(kind, path, store)
+        detail = _reference(kind, path, store)[1]
     seconds, cpu1, main1 = time.perf_counter() - t0, os.times(), time.thread_time()
     peak = _peak(peak_reset)
     out = {
